@@ -1,0 +1,96 @@
+#pragma once
+// asteria::PinnedPool — page-locked, 4 KiB-aligned host memory under a byte budget, handed out
+// as Leases (snapshots of statistics, refresh results, the host tier of optimizer state).
+//
+// Thread safety: acquire() and stats() may be called from any thread; a Lease may be released
+// on any thread. acquire() allocates (mmap) unless a cached mapping of the same size is free;
+// nothing blocks on I/O. Memory is locked with mlock while the locked total stays within
+// max_locked_bytes (RLIMIT_MEMLOCK by default); beyond it, or when mlock fails, memory is
+// unlocked and PoolStats::warning says so once, with the fix.
+// Lifetime: a Lease keeps the pool's arena alive, so a lease may outlive its PinnedPool object.
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+
+namespace asteria {
+
+inline constexpr std::size_t kPageSize = 4096;
+
+struct PinnedPoolOptions {
+  // Most bytes the pool may hold mapped at once (leased + cached), > 0. A request beyond it throws
+  // ErrorCategory::kBudgetExhausted naming the budget, the bytes in use and the request.
+  std::size_t budget_bytes = std::size_t{1} << 30;
+  // Try to page-lock memory (mlock) so DMA and O_DIRECT never fault.
+  bool lock = true;
+  // Most bytes to lock; unset means the RLIMIT_MEMLOCK soft limit (unlimited for privileged users).
+  std::optional<std::size_t> max_locked_bytes;
+  // Keep released mappings for reuse by a later lease of the same size (bounded by the budget).
+  bool cache_released = true;
+};
+
+struct PoolStats {
+  std::size_t budget = 0;       // budget_bytes
+  std::size_t reserved = 0;     // bytes mapped (leased + cached)
+  std::size_t in_use = 0;       // bytes leased now (page-rounded)
+  std::size_t peak_in_use = 0;  // high-water mark of in_use
+  std::size_t locked = 0;       // bytes page-locked now
+  std::size_t leases = 0;       // live leases
+  std::size_t lock_failures = 0;
+  bool all_locked = true;       // every live lease is page-locked
+  std::string warning;          // non-empty once memory could not be locked, with the fix
+};
+
+namespace host_memory_detail {
+struct Arena;
+}
+
+// A block of pool memory. Move-only; returns its memory to the pool when destroyed or released.
+class Lease {
+ public:
+  Lease() = default;
+  ~Lease() { release(); }
+  Lease(Lease&& other) noexcept;
+  Lease& operator=(Lease&& other) noexcept;
+  // Not copyable: exactly one owner returns the memory.
+  Lease(const Lease&) = delete;
+  Lease& operator=(const Lease&) = delete;
+
+  void* data() const noexcept { return data_; }
+  std::size_t size() const noexcept { return size_; }          // bytes requested
+  std::size_t capacity() const noexcept { return capacity_; }  // bytes mapped (page multiple)
+  bool locked() const noexcept { return locked_; }
+  bool valid() const noexcept { return data_ != nullptr; }
+  void release() noexcept;
+
+ private:
+  friend class PinnedPool;
+  std::shared_ptr<host_memory_detail::Arena> arena_;
+  void* data_ = nullptr;
+  std::size_t size_ = 0;
+  std::size_t capacity_ = 0;
+  bool locked_ = false;
+};
+
+class PinnedPool {
+ public:
+  explicit PinnedPool(const PinnedPoolOptions& opts = {});
+  ~PinnedPool();
+  // Not copyable or movable: leases refer to the arena, which the pool shares with them.
+  PinnedPool(const PinnedPool&) = delete;
+  PinnedPool& operator=(const PinnedPool&) = delete;
+
+  // A lease of at least `bytes` bytes (> 0), 4 KiB-aligned. Contents are unspecified (zero for
+  // fresh mappings). Throws kBudgetExhausted when the budget cannot hold it, kInvalidArgument for 0.
+  Lease acquire(std::size_t bytes);
+  PoolStats stats() const;
+  // Unmaps cached (released) mappings; leased memory is untouched. Returns the bytes freed.
+  std::size_t trim();
+
+ private:
+  std::shared_ptr<host_memory_detail::Arena> arena_;
+};
+
+}  // namespace asteria

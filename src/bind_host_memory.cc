@@ -1,0 +1,59 @@
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <optional>
+
+#include "asteria/host_memory.h"
+
+namespace py = pybind11;
+using asteria::Lease;
+using asteria::PinnedPool;
+
+void init_host_memory(py::module_& m) {
+  // A Lease is exposed as a writable 1-D byte buffer. Every view of it (memoryview, numpy,
+  // torch.frombuffer) holds a reference to the Lease object, so the memory cannot be returned to
+  // the pool while a view exists; there is deliberately no explicit release().
+  py::class_<Lease, std::shared_ptr<Lease>>(m, "Lease", py::buffer_protocol(),
+                                            "Page-aligned pinned host memory from a PinnedPool.")
+      .def_buffer([](Lease& l) -> py::buffer_info {
+        return py::buffer_info(l.data(), 1, py::format_descriptor<std::uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(l.size())}, {1}, /*readonly=*/false);
+      })
+      .def_property_readonly("nbytes", &Lease::size)
+      .def_property_readonly("capacity", &Lease::capacity)
+      .def_property_readonly("locked", &Lease::locked)
+      .def_property_readonly("address", [](const Lease& l) { return reinterpret_cast<std::uintptr_t>(l.data()); })
+      .def("__len__", &Lease::size);
+
+  py::class_<PinnedPool, std::shared_ptr<PinnedPool>>(m, "PinnedPool",
+                                                      "Page-locked host memory under a byte budget.")
+      .def(py::init([](std::size_t budget_bytes, bool lock, std::optional<std::size_t> max_locked_bytes,
+                       bool cache_released) {
+             asteria::PinnedPoolOptions o;
+             o.budget_bytes = budget_bytes;
+             o.lock = lock;
+             o.max_locked_bytes = max_locked_bytes;
+             o.cache_released = cache_released;
+             return std::make_shared<PinnedPool>(o);
+           }),
+           py::kw_only(), py::arg("budget_bytes"), py::arg("lock") = true, py::arg("max_locked_bytes") = py::none(),
+           py::arg("cache_released") = true)
+      .def("acquire", [](PinnedPool& p, std::size_t nbytes) { return std::make_shared<Lease>(p.acquire(nbytes)); },
+           py::arg("nbytes"), "A Lease of at least nbytes bytes, 4 KiB-aligned.")
+      .def("trim", &PinnedPool::trim, "Unmap cached mappings; returns the bytes freed.")
+      .def("stats", [](const PinnedPool& p) {
+        auto s = p.stats();
+        py::dict d;
+        d["budget"] = s.budget;
+        d["reserved"] = s.reserved;
+        d["in_use"] = s.in_use;
+        d["peak_in_use"] = s.peak_in_use;
+        d["locked"] = s.locked;
+        d["leases"] = s.leases;
+        d["lock_failures"] = s.lock_failures;
+        d["all_locked"] = s.all_locked;
+        d["warning"] = s.warning;
+        return d;
+      });
+}

@@ -1,0 +1,151 @@
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <chrono>
+#include <thread>
+
+#include "asteria/scheduler.h"
+#include "convert.h"
+
+namespace py = pybind11;
+using asteria::JobKind;
+using asteria::JobSpec;
+using asteria::RefreshScheduler;
+using asteria_py::square_from_numpy;
+using asteria_py::to_numpy;
+
+namespace {
+
+py::dict result_outputs(const asteria::JobResult& r) {
+  py::dict d;
+  for (const auto& [name, t] : r.outputs) d[py::str(name)] = to_numpy(t);
+  return d;
+}
+
+JobSpec base_spec(JobKind kind, std::uint64_t block_id, std::int64_t version, std::int64_t deadline) {
+  JobSpec s;
+  s.kind = kind;
+  s.block_id = block_id;
+  s.version = version;
+  s.deadline = deadline;
+  return s;
+}
+
+}  // namespace
+
+void init_scheduler(py::module_& m) {
+  py::class_<asteria::JobResult>(m, "JobResult", "The outcome of one refresh job.")
+      .def_readonly("job_id", &asteria::JobResult::id)
+      .def_readonly("block_id", &asteria::JobResult::block_id)
+      .def_readonly("version", &asteria::JobResult::version)
+      .def_readonly("deadline", &asteria::JobResult::deadline)
+      .def_property_readonly("ok", [](const asteria::JobResult& r) { return r.status == asteria::JobStatus::kOk; })
+      .def_property_readonly("status", [](const asteria::JobResult& r) { return asteria::job_status_name(r.status); })
+      .def_readonly("message", &asteria::JobResult::message)
+      .def_property_readonly("outputs", &result_outputs)
+      .def_readonly("queued_s", &asteria::JobResult::queued_seconds)
+      .def_readonly("run_s", &asteria::JobResult::run_seconds)
+      .def_property_readonly("latency_s", [](const asteria::JobResult& r) { return r.queued_seconds + r.run_seconds; })
+      .def("__repr__", [](const asteria::JobResult& r) {
+        return "<JobResult id=" + std::to_string(r.id) + " block=" + std::to_string(r.block_id) +
+               " version=" + std::to_string(r.version) + " status=" + asteria::job_status_name(r.status) + ">";
+      });
+
+  py::class_<RefreshScheduler>(m, "RefreshScheduler",
+                               "Worker threads running refresh jobs earliest-deadline-first (see asteria/scheduler.h).")
+      .def(py::init([](int workers, std::size_t queue_capacity, int blas_threads, bool flush_denormals) {
+             asteria::SchedulerOptions o;
+             o.workers = workers;
+             o.queue_capacity = queue_capacity;
+             o.blas_threads = blas_threads;
+             o.flush_denormals = flush_denormals;
+             return std::make_unique<RefreshScheduler>(o);
+           }),
+           py::kw_only(), py::arg("workers") = 1, py::arg("queue_capacity") = 4096, py::arg("blas_threads") = 1,
+           py::arg("flush_denormals") = true)
+      .def(
+          "submit_eigh",
+          [](RefreshScheduler& s, std::uint64_t block_id, std::int64_t version, std::int64_t deadline,
+             const py::array& a, double ridge, bool descending) {
+            auto spec = base_spec(JobKind::kEigh, block_id, version, deadline);
+            spec.inputs.push_back(square_from_numpy(a, "RefreshScheduler.submit_eigh"));
+            spec.eigh.ridge = ridge;
+            spec.eigh.descending = descending;
+            return s.submit(std::move(spec));
+          },
+          py::arg("block_id"), py::arg("version"), py::arg("deadline"), py::arg("a"), py::kw_only(),
+          py::arg("ridge") = 0.0, py::arg("descending") = false,
+          "Queue a symmetric eigendecomposition; outputs 'eigenvalues' and 'eigenvectors' (in columns).")
+      .def(
+          "submit_inverse_root",
+          [](RefreshScheduler& s, std::uint64_t block_id, std::int64_t version, std::int64_t deadline,
+             const py::array& a, double root, double epsilon, const std::string& method, int max_iterations,
+             double tolerance) {
+            auto spec = base_spec(JobKind::kInverseRoot, block_id, version, deadline);
+            spec.inputs.push_back(square_from_numpy(a, "RefreshScheduler.submit_inverse_root"));
+            spec.root = root;
+            spec.epsilon = epsilon;
+            ASTERIA_CHECK(method == "eigh" || method == "newton", kInvalidArgument,
+                          "[RefreshScheduler.submit_inverse_root] method must be 'eigh' or 'newton', got '" << method
+                                                                                                     << "'");
+            spec.use_newton = method == "newton";
+            spec.newton.max_iterations = max_iterations;
+            spec.newton.tolerance = tolerance;
+            return s.submit(std::move(spec));
+          },
+          py::arg("block_id"), py::arg("version"), py::arg("deadline"), py::arg("a"), py::kw_only(), py::arg("root"),
+          py::arg("epsilon"), py::arg("method") = "eigh", py::arg("max_iterations") = 100,
+          py::arg("tolerance") = 1e-6, "Queue X = (A + eps·I)^(-1/root); output 'root'.")
+      .def(
+          "submit_eigenbasis_refresh",
+          [](RefreshScheduler& s, std::uint64_t block_id, std::int64_t version, std::int64_t deadline,
+             const py::array& a, const py::array& q, bool sort) {
+            auto spec = base_spec(JobKind::kEigenbasisRefresh, block_id, version, deadline);
+            spec.inputs.push_back(square_from_numpy(a, "RefreshScheduler.submit_eigenbasis_refresh"));
+            spec.inputs.push_back(square_from_numpy(q, "RefreshScheduler.submit_eigenbasis_refresh"));
+            spec.sort = sort;
+            return s.submit(std::move(spec));
+          },
+          py::arg("block_id"), py::arg("version"), py::arg("deadline"), py::arg("a"), py::arg("q"), py::kw_only(),
+          py::arg("sort") = true,
+          "Queue a SOAP (sort=True) or KL (sort=False) eigenbasis refresh; outputs 'basis' and 'permutation'.")
+      .def(
+          "submit_sleep",
+          [](RefreshScheduler& s, std::uint64_t block_id, std::int64_t version, std::int64_t deadline,
+             double seconds) {
+            auto spec = base_spec(JobKind::kTask, block_id, version, deadline);
+            spec.task = [seconds] { std::this_thread::sleep_for(std::chrono::duration<double>(seconds)); };
+            return s.submit(std::move(spec));
+          },
+          py::arg("block_id"), py::arg("version"), py::arg("deadline"), py::arg("seconds"),
+          "Queue a job that only sleeps (for tests of ordering, cancellation and overlap).")
+      .def("poll", &RefreshScheduler::poll, "Completed jobs not yet collected (never blocks).")
+      .def("wait", &RefreshScheduler::wait, py::arg("job_id"), py::call_guard<py::gil_scoped_release>(),
+           "Block until the job completes (the GIL is released) and return its JobResult.")
+      .def("cancel", &RefreshScheduler::cancel, py::arg("job_id"), "Cancel a job that has not started.")
+      .def("stats", [](const RefreshScheduler& s) {
+        auto st = s.stats();
+        py::dict d;
+        d["submitted"] = st.submitted;
+        d["completed"] = st.completed;
+        d["failed"] = st.failed;
+        d["cancelled"] = st.cancelled;
+        d["queued"] = st.queued;
+        d["running"] = st.running;
+        d["uncollected"] = st.uncollected;
+        d["worker_busy_s"] = st.worker_busy_seconds;
+        d["max_run_s"] = st.max_run_seconds;
+        d["total_run_s"] = st.total_run_seconds;
+        d["max_queued_s"] = st.max_queued_seconds;
+        return d;
+      })
+      .def_property_readonly("workers", &RefreshScheduler::workers)
+      .def("close", &RefreshScheduler::shutdown, py::call_guard<py::gil_scoped_release>(),
+           "Cancel queued jobs, finish running ones and stop the workers (idempotent).")
+      .def("__enter__", [](RefreshScheduler& s) -> RefreshScheduler& { return s; }, py::return_value_policy::reference)
+      .def("__exit__", [](RefreshScheduler& s, py::args) {
+        py::gil_scoped_release nogil;
+        s.shutdown();
+      });
+}
