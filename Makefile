@@ -1,0 +1,77 @@
+# asteria — the two commands a user needs:
+#   make demo   installs what is missing, builds asteria and runs the asteria-train comparison
+#   make test   installs what is missing, builds once, and runs every C++ and Python test
+# Everything lands in .venv/ and build/ inside the checkout.
+
+PYTHON        ?= python3
+VENV          := .venv
+PY            := $(VENV)/bin/python
+PIP           := $(PY) -m pip --disable-pip-version-check
+TORCH_VERSION ?= 2.13.0
+BUILD_DIR     := build/py
+TSAN_DIR      := build/tsan
+WHEEL_DIR     := build/wheel
+JOBS          ?= $(shell nproc 2>/dev/null || echo 2)
+STAGE         := scripts/stage
+CMAKE         := $(VENV)/bin/cmake
+CTEST         := $(VENV)/bin/ctest
+APT_PACKAGES  := g++ libgtest-dev libbenchmark-dev liburing-dev ccache pkg-config
+
+.PHONY: all demo test deps venv build ctest tsan pytest wheel-check bench clean help
+all: build
+
+help:
+	@echo "make demo   - build and run the asteria-train comparison on the embedded corpus"
+	@echo "make test   - build once and run all tests (ctest, TSan ctest, pytest, wheel check)"
+	@echo "make bench  - run the microbenchmarks and asteria-bench (slow)"
+
+# Debian packages: installed when missing and we are root (CI and fresh machines); otherwise
+# we say what is missing and carry on (C++ unit tests are then skipped by CMake with a message).
+deps:
+	@$(STAGE) deps -- scripts/install-deps $(APT_PACKAGES)
+
+$(VENV)/.ready: pyproject.toml
+	@$(STAGE) venv -- scripts/make-venv $(PYTHON) $(VENV) $(TORCH_VERSION)
+	@touch $@
+
+venv: $(VENV)/.ready
+
+# One build: the editable install compiles asteria._core, the C++ unit tests and the benchmarks
+# into $(BUILD_DIR); ctest runs from there. ccache makes rebuilds and the other builds cheap.
+build: deps venv
+	@$(STAGE) build -- $(PIP) install --no-build-isolation --no-deps -q -e . \
+	    -Cbuild-dir=$(BUILD_DIR) \
+	    -Ccmake.define.ASTERIA_BUILD_TESTS=ON \
+	    -Ccmake.define.ASTERIA_BUILD_BENCHMARKS=ON
+
+ctest: build
+	@$(STAGE) ctest -- $(CTEST) --test-dir $(BUILD_DIR) -LE bench -j$(JOBS) --output-on-failure
+
+# ThreadSanitizer build of the C++ core tests (queue and scheduler; the core only, no Python).
+tsan: deps venv
+	@$(STAGE) tsan-build -- sh -c '$(CMAKE) -S . -B $(TSAN_DIR) -G Ninja -DCMAKE_MAKE_PROGRAM=$(CURDIR)/$(VENV)/bin/ninja \
+	    -DCMAKE_BUILD_TYPE=RelWithDebInfo -DASTERIA_USE_TSAN=ON -DASTERIA_BUILD_TESTS=ON -DASTERIA_BUILD_PYTHON=OFF \
+	    -DPython_EXECUTABLE=$(CURDIR)/$(PY) >/dev/null && $(CMAKE) --build $(TSAN_DIR) --target mpmc_queue_test scheduler_test'
+	@$(STAGE) tsan-test -- env TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
+	    $(CTEST) --test-dir $(TSAN_DIR) -R "MpmcQueue|Scheduler" -j$(JOBS) --output-on-failure
+
+pytest: build
+	@$(STAGE) pytest -- $(PY) -m pytest -q tests
+
+# The wheel installs and imports in a fresh virtualenv away from the build tree.
+wheel-check: deps venv
+	@$(STAGE) wheel-check -- scripts/wheel-check $(PY) $(WHEEL_DIR) $(TORCH_VERSION)
+
+test: deps venv build ctest tsan pytest wheel-check
+	@$(STAGE) --summary
+
+demo: deps venv build
+	@$(STAGE) demo -- $(VENV)/bin/asteria-train
+
+bench: build
+	$(CTEST) --test-dir $(BUILD_DIR) -L bench --output-on-failure
+	$(VENV)/bin/asteria-bench linalg
+	$(VENV)/bin/asteria-bench optimizer
+
+clean:
+	rm -rf build dist $(VENV)

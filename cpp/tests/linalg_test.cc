@@ -1,0 +1,179 @@
+#include "asteria/linalg.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "asteria/errors.h"
+
+namespace {
+
+using Mat = std::vector<double>;
+
+Mat matmul(int n, const Mat& a, const Mat& b) {
+  Mat c(static_cast<std::size_t>(n) * n, 0.0);
+  for (int i = 0; i < n; ++i)
+    for (int k = 0; k < n; ++k)
+      for (int j = 0; j < n; ++j) c[i * n + j] += a[i * n + k] * b[k * n + j];
+  return c;
+}
+Mat transpose(int n, const Mat& a) {
+  Mat t(a.size());
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) t[j * n + i] = a[i * n + j];
+  return t;
+}
+// G·Gᵀ + shift·I for a random G: symmetric positive (semi)definite.
+Mat random_spd(int n, int rank, double shift, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> nd;
+  Mat g(static_cast<std::size_t>(n) * rank);
+  for (auto& x : g) x = nd(rng);
+  Mat a(static_cast<std::size_t>(n) * n, 0.0);
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j)
+      for (int k = 0; k < rank; ++k) a[i * n + j] += g[i * rank + k] * g[j * rank + k];
+  for (int i = 0; i < n; ++i) a[i * n + i] += shift;
+  return a;
+}
+double max_abs_diff(const Mat& a, const Mat& b) {
+  double m = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) m = std::max(m, std::abs(a[i] - b[i]));
+  return m;
+}
+double max_abs(const Mat& a) {
+  double m = 0;
+  for (double x : a) m = std::max(m, std::abs(x));
+  return m;
+}
+
+TEST(Linalg, EighReconstructsAndIsOrthonormal) {
+  const int n = 24;
+  Mat a = random_spd(n, n, 0.1, 1), w(n), v(a.size());
+  asteria::linalg::eigh<double>(n, a.data(), w.data(), v.data());
+  for (int i = 1; i < n; ++i) EXPECT_LE(w[i - 1], w[i]);
+  Mat vd(a.size(), 0.0);  // V·diag(w)
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) vd[i * n + j] = v[i * n + j] * w[j];
+  EXPECT_LT(max_abs_diff(matmul(n, vd, transpose(n, v)), a), 1e-10 * max_abs(a));
+  Mat vtv = matmul(n, transpose(n, v), v);
+  for (int i = 0; i < n; ++i) vtv[i * n + i] -= 1.0;
+  EXPECT_LT(max_abs(vtv), 1e-12);
+}
+
+TEST(Linalg, EighDescendingReversesOrder) {
+  const int n = 8;
+  Mat a = random_spd(n, n, 0.0, 2), w(n), v(a.size()), wd(n), vd(a.size());
+  asteria::linalg::eigh<double>(n, a.data(), w.data(), v.data());
+  asteria::linalg::EighOptions o;
+  o.descending = true;
+  asteria::linalg::eigh<double>(n, a.data(), wd.data(), vd.data(), o);
+  for (int j = 0; j < n; ++j) {
+    EXPECT_DOUBLE_EQ(wd[j], w[n - 1 - j]);
+    for (int i = 0; i < n; ++i) EXPECT_DOUBLE_EQ(vd[i * n + j], v[i * n + n - 1 - j]);
+  }
+}
+
+TEST(Linalg, InverseRootMatchesDefinition) {
+  const int n = 16;
+  Mat a = random_spd(n, n, 0.5, 3), x(a.size());
+  asteria::linalg::inverse_root<double>(n, a.data(), x.data(), 4.0, 0.0);
+  // X^4 · A = I
+  Mat x2 = matmul(n, x, x), x4 = matmul(n, x2, x2), p = matmul(n, x4, a);
+  for (int i = 0; i < n; ++i) p[i * n + i] -= 1.0;
+  EXPECT_LT(max_abs(p), 1e-10);
+}
+
+TEST(Linalg, InverseRootShiftsRankDeficientInput) {
+  const int n = 12;
+  Mat a = random_spd(n, 2, 0.0, 4), x(a.size());  // rank 2
+  const double eps = 1e-6;
+  asteria::linalg::inverse_root<double>(n, a.data(), x.data(), 2.0, eps);
+  for (double v : x) ASSERT_TRUE(std::isfinite(v));
+  // In the null space the eigenvalue is about eps, so X has a value of order eps^(-1/2) there.
+  EXPECT_GT(max_abs(x), 0.1 / std::sqrt(eps));
+}
+
+TEST(Linalg, NewtonAgreesWithEigh) {
+  const int n = 16;
+  Mat a = random_spd(n, n, 1.0, 5), xe(a.size()), xn(a.size());
+  asteria::linalg::inverse_root<double>(n, a.data(), xe.data(), 4.0, 1e-12);
+  auto rep = asteria::linalg::newton_inverse_root<double>(n, a.data(), xn.data(), 4, 1e-12, {200, 1e-12});
+  EXPECT_TRUE(rep.converged);
+  EXPECT_LT(max_abs_diff(xe, xn), 1e-8 * max_abs(xe));
+}
+
+TEST(Linalg, EigenbasisRefreshSortsAndOrthonormalises) {
+  const int n = 10;
+  Mat l = random_spd(n, n, 0.0, 6), q(l.size(), 0.0), qn(l.size());
+  for (int i = 0; i < n; ++i) q[i * n + i] = 1.0;
+  std::vector<std::int64_t> perm(n);
+  asteria::linalg::eigenbasis_refresh<double>(n, l.data(), q.data(), qn.data(), perm.data(), true);
+  // With Q = I the Rayleigh quotients are the diagonal: π sorts it descending.
+  for (int j = 1; j < n; ++j) EXPECT_GE(l[perm[j - 1] * n + perm[j - 1]], l[perm[j] * n + perm[j]]);
+  Mat qtq = matmul(n, transpose(n, qn), qn);
+  for (int i = 0; i < n; ++i) qtq[i * n + i] -= 1.0;
+  EXPECT_LT(max_abs(qtq), 1e-12);
+  // Without sort the permutation is the identity.
+  asteria::linalg::eigenbasis_refresh<double>(n, l.data(), q.data(), qn.data(), perm.data(), false);
+  for (int j = 0; j < n; ++j) EXPECT_EQ(perm[j], j);
+}
+
+TEST(Linalg, RepeatedRefreshConvergesToEigenvectors) {
+  const int n = 6;
+  Mat l = random_spd(n, n, 0.0, 7), q(l.size(), 0.0), qn(l.size()), w(n), v(l.size());
+  for (int i = 0; i < n; ++i) q[i * n + i] = 1.0;
+  std::vector<std::int64_t> perm(n);
+  for (int it = 0; it < 400; ++it) {
+    asteria::linalg::eigenbasis_refresh<double>(n, l.data(), q.data(), qn.data(), perm.data(), true);
+    q = qn;
+  }
+  asteria::linalg::EighOptions o;
+  o.descending = true;
+  asteria::linalg::eigh<double>(n, l.data(), w.data(), v.data(), o);
+  for (int j = 0; j < n; ++j) {
+    double dot = 0;
+    for (int i = 0; i < n; ++i) dot += q[i * n + j] * v[i * n + j];
+    EXPECT_NEAR(std::abs(dot), 1.0, 1e-6) << "column " << j;
+  }
+}
+
+TEST(Linalg, Float32WorksAndRejectsNonFinite) {
+  const int n = 8;
+  Mat ad = random_spd(n, n, 0.1, 8);
+  std::vector<float> a(ad.begin(), ad.end()), w(n), v(a.size());
+  EXPECT_NO_THROW(asteria::linalg::eigh<float>(n, a.data(), w.data(), v.data()));
+  a[3] = std::numeric_limits<float>::quiet_NaN();
+  try {
+    asteria::linalg::eigh<float>(n, a.data(), w.data(), v.data());
+    FAIL();
+  } catch (const asteria::Error& e) {
+    EXPECT_EQ(e.category(), asteria::ErrorCategory::kNumerical);
+  }
+  std::vector<float> x(a.size());
+  EXPECT_THROW(asteria::linalg::inverse_root<float>(n, a.data(), x.data(), 2.0, 1e-6), asteria::Error);
+}
+
+TEST(Linalg, BadArgumentsAreInvalidArgument) {
+  Mat a(4, 1.0), x(4);
+  EXPECT_THROW(asteria::linalg::inverse_root<double>(2, a.data(), x.data(), 0.0, 1e-6), asteria::Error);
+  EXPECT_THROW(asteria::linalg::inverse_root<double>(0, a.data(), x.data(), 2.0, 1e-6), asteria::Error);
+  EXPECT_THROW(asteria::linalg::set_num_threads(0), asteria::Error);
+  EXPECT_THROW(asteria::linalg::load_provider("nonsense"), asteria::Error);
+}
+
+TEST(Linalg, MissingMklIsUnavailableAndKeepsOpenBlas) {
+  try {
+    asteria::linalg::load_provider("mkl", "/nonexistent/libmkl_rt.so.2");
+    FAIL();
+  } catch (const asteria::Error& e) {
+    EXPECT_EQ(e.category(), asteria::ErrorCategory::kUnavailable);
+    EXPECT_NE(std::string(e.what()).find("pip install"), std::string::npos);
+  }
+  EXPECT_EQ(asteria::linalg::provider().name, "openblas");
+}
+
+}  // namespace
