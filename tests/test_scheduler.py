@@ -1,0 +1,120 @@
+"""asteria._core.RefreshScheduler from Python: results, failures, cancellation, overlap, GIL."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from asteria import _core
+
+
+def spd(n, seed=0):
+    g = np.random.default_rng(seed).standard_normal((n, n))
+    return g @ g.T + np.eye(n)
+
+
+def test_submit_wait_roundtrip_and_snapshot_semantics():
+    with _core.RefreshScheduler(workers=1) as s:
+        a = spd(16)
+        expected = np.linalg.eigvalsh(a)
+        jid = s.submit_eigh(7, 3, 4, a)
+        a[:] = 0.0  # the job owns a copy taken at submit
+        r = s.wait(jid)
+        assert r.ok and r.status == "ok" and r.message == ""
+        assert (r.block_id, r.version, r.deadline) == (7, 3, 4)
+        np.testing.assert_allclose(r.outputs["eigenvalues"], expected, rtol=1e-12)
+        assert r.latency_s >= r.run_s >= 0
+
+
+def test_outputs_are_zero_copy_and_usable_from_torch():
+    with _core.RefreshScheduler() as s:
+        r = s.wait(s.submit_inverse_root(0, 0, 0, spd(8).astype(np.float32), root=4, epsilon=1e-6))
+        x = r.outputs["root"]
+        t = torch.from_numpy(x)
+        assert t.dtype == torch.float32 and t.shape == (8, 8)
+        del r, x
+        assert torch.isfinite(t).all()  # the array keeps the storage alive
+
+
+def test_failed_job_reports_instead_of_raising():
+    with _core.RefreshScheduler() as s:
+        bad = spd(4)
+        bad[0, 0] = np.nan
+        r = s.wait(s.submit_eigenbasis_refresh(11, 5, 6, bad, np.eye(4)))
+        assert not r.ok and r.status == "failed"
+        assert "block 11" in r.message and "NaN or Inf" in r.message
+        assert s.stats()["failed"] == 1
+
+
+def test_invalid_submissions_raise_value_error():
+    with _core.RefreshScheduler() as s:
+        with pytest.raises(ValueError):
+            s.submit_eigh(0, 0, 0, np.zeros((2, 3)))
+        with pytest.raises(ValueError, match="method"):
+            s.submit_inverse_root(0, 0, 0, spd(3), root=2, epsilon=0.0, method="magic")
+        with pytest.raises(ValueError, match="integer root"):
+            s.submit_inverse_root(0, 0, 0, spd(3), root=2.5, epsilon=0.0, method="newton")
+        with pytest.raises(ValueError, match="unknown job id"):
+            s.wait(12345)
+    with pytest.raises(ValueError, match="workers"):
+        _core.RefreshScheduler(workers=0)
+
+
+def test_cancel_and_poll():
+    with _core.RefreshScheduler(workers=1) as s:
+        gate = s.submit_sleep(0, 0, 0, 0.2)
+        victim = s.submit_sleep(1, 0, 1, 5.0)
+        assert s.cancel(victim)
+        assert s.wait(gate).ok
+        seen = {}
+        deadline = time.time() + 5
+        while victim not in seen and time.time() < deadline:
+            seen.update({r.job_id: r for r in s.poll()})
+        assert seen[victim].status == "cancelled"
+        assert s.poll() == []
+
+
+def test_close_with_queued_jobs_returns_promptly():
+    s = _core.RefreshScheduler(workers=1)
+    for i in range(50):
+        s.submit_sleep(i, 0, i, 0.05)
+    start = time.perf_counter()
+    s.close()
+    assert time.perf_counter() - start < 1.0
+    with pytest.raises(RuntimeError, match="shut down"):
+        s.submit_sleep(0, 0, 0, 0.0)
+
+
+def test_wait_releases_the_gil():
+    with _core.RefreshScheduler(workers=1) as s:
+        jid = s.submit_sleep(0, 0, 0, 0.3)
+        counter = [0]
+        stop = threading.Event()
+
+        def spin():
+            while not stop.is_set():
+                counter[0] += 1
+
+        t = threading.Thread(target=spin)
+        t.start()
+        s.wait(jid)
+        stop.set()
+        t.join()
+        assert counter[0] > 1000
+
+
+def test_refresh_work_overlaps_python():
+    """Worker busy time accrues while the caller does other work (no wait until the end)."""
+    with _core.RefreshScheduler(workers=1) as s:
+        ids = [s.submit_sleep(i, 0, i, 0.05) for i in range(4)]
+        t0 = time.perf_counter()
+        x = torch.randn(256, 256)
+        while s.stats()["completed"] < 4 and time.perf_counter() - t0 < 5:
+            x = x @ x.T / 256
+        stats = s.stats()
+        assert stats["completed"] == 4
+        assert stats["worker_busy_s"][0] >= 0.19
+        assert len(s.poll()) == 4
+        assert ids
