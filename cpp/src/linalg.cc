@@ -228,7 +228,7 @@ void load_provider(const std::string& name, const std::string& library) {
   }
   ASTERIA_CHECK(name == "mkl", kInvalidArgument,
                 "[linalg::load_provider] unknown LAPACK provider '" << name << "'; choose 'openblas' or 'mkl'");
-  const std::string lib = library.empty() ? std::string("libmkl_rt.so.2") : library;
+  const std::string lib = library.empty() ? std::string("libmkl_rt.so") : library;
   void* h = dlopen(lib.c_str(), RTLD_NOW | RTLD_LOCAL);
   ASTERIA_CHECK(h != nullptr, kUnavailable,
                 "[linalg::load_provider] cannot load MKL from '" << lib << "': " << dlerror()

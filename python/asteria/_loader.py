@@ -31,13 +31,12 @@ def _preload_openblas() -> str:
 
 def find_mkl_runtime() -> str | None:
     """Path of MKL's single dynamic library (``libmkl_rt``) from the PyPI package ``mkl``, if any."""
-    prefixes = [sys.prefix, sys.base_prefix]
-    for prefix in prefixes:
-        libdir = os.path.join(prefix, "lib")
-        for name in ("libmkl_rt.so.2", "libmkl_rt.so"):
-            candidate = os.path.join(libdir, name)
-            if os.path.exists(candidate):
-                return candidate
+    import glob
+
+    for prefix in dict.fromkeys([sys.prefix, sys.base_prefix]):
+        found = sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*")), reverse=True)
+        if found:
+            return found[0]
     return None
 
 

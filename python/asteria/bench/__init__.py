@@ -1,0 +1,50 @@
+"""``asteria-bench``: speed measurements with a baseline measured side by side in the same run.
+
+Subcommands:
+    linalg     eigh / inverse root / eigenbasis refresh against torch.linalg and scipy.linalg
+    scheduler  refresh-job throughput with 1 and 2 workers
+    optimizer  per-step optimizer time against torch.optim.AdamW on GPT layer shapes
+
+Each prints ratios against its baseline; absolute times drift on shared machines, ratios hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Single-threaded BLAS everywhere unless asked otherwise, set before numpy/scipy load.
+    threads = os.environ.get("ASTERIA_BENCH_THREADS", "1")
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
+        os.environ.setdefault(var, threads)
+    parser = argparse.ArgumentParser(prog="asteria-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("linalg", help="matrix functions vs torch.linalg and scipy.linalg")
+    p.add_argument("--sizes", default="256,512,1024,2048", help="comma-separated n (default: %(default)s)")
+    p.add_argument("--dtypes", default="float32,float64", help="default: %(default)s")
+    p.add_argument("--providers", default="auto", help="openblas,mkl or auto (every installed one)")
+    p.add_argument("--repeats", type=int, default=7, help="median of this many runs (default: %(default)s)")
+    p = sub.add_parser("scheduler", help="refresh throughput with 1 and 2 workers")
+    p.add_argument("--n", type=int, default=512)
+    p.add_argument("--batch", type=int, default=32)
+    p = sub.add_parser("optimizer", help="per-step optimizer time vs torch.optim.AdamW")
+    p.add_argument("--d-model", default="256,512,1024", help="comma-separated widths (default: %(default)s)")
+    p.add_argument("--optimizers", default="shampoo,soap,kl-shampoo,kl-soap")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per optimizer (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.command == "linalg":
+        from .linalg import run
+    elif args.command == "scheduler":
+        from .scheduler import run
+    else:
+        from .optimizer import run
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
