@@ -1,4 +1,14 @@
-"""asteria: second-order optimizers for PyTorch with an asynchronous C++ refresh runtime."""
+"""asteria: second-order optimizers for PyTorch with an asynchronous C++ refresh runtime.
+
+Swap ``torch.optim.AdamW`` for one of the optimizers below::
+
+    import asteria
+    opt = asteria.SOAP(model.parameters(), lr=3e-3)
+
+Public names: the optimizers ``Shampoo``, ``SOAP``, ``KLShampoo`` and ``KLSOAP``; their
+runtime settings ``RuntimeConfig``; ``config()`` (build and provider report);
+``select_provider()`` (LAPACK provider); ``AsteriaError`` (errors of the native core).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +19,16 @@ __version__ = _core.__version__
 
 select_provider(None)
 
+from .optim import KLSOAP, SOAP, KLShampoo, RefreshFailureError, Shampoo  # noqa: E402
+from .runtime import RuntimeConfig  # noqa: E402
+
 
 def config() -> dict:
     """How this asteria was built and what it runs with.
 
     Returns:
         A dict with the version, the LAPACK provider in use (``{"name", "library", "threads"}``),
-        whether the CUDA backend was built, and the OpenBLAS library path.
+        the OpenBLAS library path, and whether the CUDA backend was built.
     """
     from ._loader import OPENBLAS_PATH
 
@@ -27,4 +40,15 @@ def config() -> dict:
     }
 
 
-__all__ = ["AsteriaError", "config", "select_provider", "__version__"]
+__all__ = [
+    "AsteriaError",
+    "KLSOAP",
+    "KLShampoo",
+    "RefreshFailureError",
+    "RuntimeConfig",
+    "SOAP",
+    "Shampoo",
+    "__version__",
+    "config",
+    "select_provider",
+]
