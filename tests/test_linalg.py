@@ -163,3 +163,22 @@ def test_gil_released_during_long_call():
     t.join()
     assert elapsed > 0.02, "the call was too fast to tell"
     assert during >= 5, f"Python thread made {during} ticks in {elapsed:.3f}s: the GIL was held"
+
+
+@pytest.mark.parametrize("kind", ["rank_deficient", "ill_conditioned"])
+def test_eigh_eigenvalues_on_hard_inputs(kind):
+    a = spd(40, rank=4) if kind == "rank_deficient" else spd(40, cond=1e12)
+    w, v = _core.linalg.eigh(a)
+    wt = torch.linalg.eigvalsh(torch.from_numpy(a)).numpy()
+    assert np.abs(w - wt).max() < 1e-10 * np.abs(wt).max()
+    # Whatever basis the solver picks in a degenerate eigenspace, it is orthonormal and exact.
+    np.testing.assert_allclose(v.T @ v, np.eye(40), atol=1e-12)
+    np.testing.assert_allclose((v * w) @ v.T, a, atol=1e-10 * np.abs(a).max())
+
+
+def test_eigenbasis_refresh_on_rank_deficient_statistic():
+    l = spd(24, rank=2)
+    q0, _ = np.linalg.qr(RNG.standard_normal((24, 24)))
+    qn, perm = _core.linalg.eigenbasis_refresh(l, q0, sort=True)
+    np.testing.assert_allclose(qn.T @ qn, np.eye(24), atol=1e-12)
+    assert sorted(perm.tolist()) == list(range(24))
