@@ -1,0 +1,461 @@
+"""The shared base of asteria's optimizers: parameters → blocks → buckets of same-shape blocks.
+
+The base class is a coordinator (STYLE.md pattern 15): it validates parameters, turns each parameter
+into blocks (`asteria.optim.blocking`), groups the blocks of a param group that share a shape and a
+device into *buckets* whose state is stored stacked (``(B, ...)`` tensors), and hands each bucket to the
+optimizer's pure per-step functions, so the per-step work is a handful of batched matmuls instead of a
+Python loop of tiny ones. The per-parameter state seen through ``optimizer.state[p]`` is a view of the
+bucket storage: ``{"step": int, ..., "blocks": [ {name: tensor view, ...} per block ]}``; checkpoints are
+param-keyed (`asteria.optim.state_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from asteria.optim import state_dict as _sd
+from asteria.optim.blocking import BlockSpec, ParamLayout, can_view
+from asteria.runtime.config import RuntimeConfig
+from asteria.runtime.pipeline import RefreshPipeline
+
+__all__ = ["BlockOptimizer", "Bucket", "Member", "RefreshFailureError", "check_range", "check_betas"]
+
+
+class RefreshFailureError(RuntimeError):
+    """Raised when a block's refresh failed more times in a row than the optimizer tolerates."""
+
+
+# --------------------------------------------------------------------------------------------------
+# validation helpers (ValueError naming the value and the allowed range)
+# --------------------------------------------------------------------------------------------------
+def check_range(
+    name: str,
+    value: Any,
+    low: float,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+    allow_inf: bool = False,
+) -> None:
+    """Raises ValueError unless ``value`` is a real number in the given interval.
+
+    Args:
+        name: Hyperparameter name used in the message.
+        value: The value to check.
+        low: Lower bound.
+        high: Upper bound.
+        low_open: Exclude ``low``.
+        high_open: Exclude ``high``.
+        integer: Require an int (``math.inf`` is accepted when ``allow_inf``).
+        allow_inf: Accept ``math.inf``.
+
+    Raises:
+        ValueError: With the value and the allowed range.
+    """
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    allowed = f"{lo}{low}, {high}{hi}" + (" (an int)" if integer else "") + (" or math.inf" if allow_inf else "")
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and allow_inf and value == math.inf:
+        return
+    if ok and integer and not isinstance(value, int):
+        ok = False
+    if ok:
+        v = float(value)
+        ok = not math.isnan(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value!r}; allowed range is {allowed}")
+
+
+def check_betas(name: str, betas: Any, *, beta2_one: bool = False) -> None:
+    """Checks a ``(beta1, beta2)`` pair: beta1 in [0, 1), beta2 in [0, 1) (or [0, 1] with ``beta2_one``)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid {name}: {betas!r}; expected a pair (beta1, beta2)")
+    check_range(f"{name}[0]", betas[0], 0.0, 1.0, high_open=True)
+    check_range(f"{name}[1]", betas[1], 0.0, 1.0, high_open=not beta2_one)
+
+
+def check_dtype(name: str, dtype: Any) -> None:
+    """Statistics/basis dtype: float32 or float64."""
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"Invalid {name}: {dtype!r}; allowed values are torch.float32 and torch.float64")
+
+
+def check_param(p: torch.Tensor, name: str) -> None:
+    """Refuses parameters asteria cannot precondition (complex, DTensor, FSDP flat parameters).
+
+    Raises:
+        TypeError: Naming the parameter and the reason.
+    """
+    if p.is_complex():
+        raise TypeError(f"{name}: complex parameters are not supported by asteria optimizers")
+    cls = type(p).__name__
+    if cls == "DTensor" or hasattr(p, "_spec") and hasattr(p, "to_local"):
+        raise TypeError(
+            f"{name}: DTensor parameters (FSDP2 / tensor parallel) are not supported yet; "
+            "asteria currently optimizes local tensors only"
+        )
+    if cls == "FlatParameter" or getattr(p, "_is_flat_param", False):
+        raise TypeError(
+            f"{name}: FSDP flat parameters are not supported (their 1-D flattening destroys the matrix "
+            "structure); wrap the model with use_orig_params=True or optimize unsharded parameters"
+        )
+    if not p.is_floating_point():
+        raise TypeError(f"{name}: only floating-point parameters can be optimized, got {p.dtype}")
+
+
+# --------------------------------------------------------------------------------------------------
+# buckets
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Member:
+    """One block of one parameter, as a row of a bucket."""
+
+    param: torch.Tensor
+    group_index: int
+    param_index: int
+    layout: ParamLayout
+    block: BlockSpec
+    name: str
+    block_id: int
+
+    @property
+    def label(self) -> str:
+        """Human-readable block name for errors."""
+        if len(self.layout.blocks) == 1:
+            return f"parameter {self.name} (shape {tuple(self.layout.param_shape)})"
+        return (
+            f"parameter {self.name} (shape {tuple(self.layout.param_shape)}), block {self.block.index} "
+            f"{self.block.shape} at {self.block.offsets}"
+        )
+
+
+@dataclasses.dataclass
+class Bucket:
+    """Same-shape blocks of one param group on one device, with their state stacked along dim 0."""
+
+    group_index: int
+    shape: tuple[int, ...]
+    factored: bool
+    device: torch.device
+    members: list[Member]
+    state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+
+class _Rows:
+    """A subset of a bucket's rows taking part in one step, with state gathered and scattered back."""
+
+    def __init__(self, bucket: Bucket, rows: list[int]) -> None:
+        self.bucket = bucket
+        self.rows = rows
+        self.full = rows == list(range(bucket.size))
+        self._index: dict[torch.device, torch.Tensor] = {}
+        self.state: dict[str, torch.Tensor] = {}
+        for key, value in bucket.state.items():
+            self.state[key] = value if self.full else value.index_select(0, self.index(value.device))
+
+    def index(self, device: torch.device) -> torch.Tensor:
+        if device not in self._index:
+            self._index[device] = torch.tensor(self.rows, dtype=torch.long, device=device)
+        return self._index[device]
+
+    @property
+    def members(self) -> list[Member]:
+        return [self.bucket.members[r] for r in self.rows]
+
+    def set(self, key: str, value: torch.Tensor) -> None:
+        """Replaces a state tensor of these rows (written back to the bucket by `commit`)."""
+        self.state[key] = value
+
+    def commit(self) -> None:
+        """Writes the rows' state back into the bucket storage (in place, keeping the views alive)."""
+        for key, value in self.state.items():
+            dest = self.bucket.state[key]
+            if self.full:
+                if value is not dest:
+                    dest.copy_(value)
+            else:
+                dest.index_copy_(0, self.index(dest.device), value.to(dest.dtype))
+
+
+class BlockOptimizer(torch.optim.Optimizer):
+    """Base of `Shampoo`, `SOAP`, `KLShampoo` and `KLSOAP` (not used directly).
+
+    Subclasses set ``_offset`` (install offset o) and implement `_layout`, `_init_bucket_state`,
+    `_new_param_state` and `_step_rows`.
+    """
+
+    _offset: int = 0
+    _param_state_keys: tuple[str, ...] = ("step",)
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], runtime: RuntimeConfig | None) -> None:
+        if runtime is not None and not isinstance(runtime, RuntimeConfig):
+            raise TypeError(f"runtime must be an asteria.RuntimeConfig or None, got {type(runtime).__name__}")
+        super().__init__(params, defaults)
+        self.runtime = RefreshPipeline(runtime, offset=self._offset)
+        me = weakref.ref(self)  # no reference cycle: the pipeline (and its worker threads) dies with the optimizer
+        self.runtime.add_stats_source("nonfinite_steps", lambda: me()._nonfinite_total() if me() is not None else 0)
+        self._buckets: list[Bucket] | None = None
+        self._next_block_id = 0
+
+    # -- torch.optim plumbing -----------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        gi = len(self.param_groups) - 1
+        for pi, p in enumerate(group["params"]):
+            check_param(p, self._param_name(group, gi, pi))
+        self._validate_group(group)
+        self._buckets = None  # rebuilt (keeping existing state) at the next step
+
+    def _validate_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - overridden
+        pass
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_buckets", None)
+        self.__dict__.setdefault("_next_block_id", 0)
+
+    @staticmethod
+    def _param_name(group: dict[str, Any], gi: int, pi: int) -> str:
+        names = group.get("param_names")
+        if names is not None:
+            return str(names[pi])
+        return f"param_groups[{gi}]['params'][{pi}]"
+
+    # -- hooks for subclasses ---------------------------------------------------------------------------
+    def _layout(self, param: torch.Tensor, group: dict[str, Any]) -> ParamLayout:
+        raise NotImplementedError
+
+    def _init_bucket_state(self, bucket: Bucket, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _new_param_state(self) -> dict[str, Any]:
+        return {"step": 0}
+
+    def _row_key(self, param_state: dict[str, Any]) -> Any:
+        return param_state["step"]
+
+    def _step_rows(self, groups: list[tuple[Bucket, _Rows, Any]]) -> None:
+        raise NotImplementedError
+
+    # -- bucket construction ------------------------------------------------------------------------------
+    def _ensure_buckets(self) -> list[Bucket]:
+        if self._buckets is not None:
+            return self._buckets
+        table: dict[tuple[Any, ...], Bucket] = {}
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                layout = self._layout(p, group)
+                name = self._param_name(group, gi, pi)
+                pstate = self.state[p]
+                for key, value in self._new_param_state().items():
+                    pstate.setdefault(key, value)
+                old_blocks = pstate.get("blocks")
+                pstate["blocks"] = [{} for _ in layout.blocks]
+                pstate["_restore"] = old_blocks
+                for blk in layout.blocks:
+                    key = (gi, blk.shape, p.device, layout.factored)
+                    bucket = table.get(key)
+                    if bucket is None:
+                        bucket = table[key] = Bucket(gi, blk.shape, layout.factored, p.device, [])
+                    bucket.members.append(Member(p, gi, pi, layout, blk, name, self._next_block_id))
+                    self._next_block_id += 1
+        buckets = list(table.values())
+        for bucket in buckets:
+            group = self.param_groups[bucket.group_index]
+            bucket.state = self._init_bucket_state(bucket, group)
+            for row, m in enumerate(bucket.members):
+                pstate = self.state[m.param]
+                restore = pstate.get("_restore")
+                if restore is not None and m.block.index < len(restore) and restore[m.block.index]:
+                    _sd.restore_block(bucket.state, row, restore[m.block.index], m.label)
+                pstate["blocks"][m.block.index] = {k: v[row] for k, v in bucket.state.items()}
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p].pop("_restore", None)
+        self._buckets = buckets
+        return buckets
+
+    # -- stepping ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Performs one optimization step.
+
+        Args:
+            closure: Optional callable that re-evaluates the model and returns the loss.
+
+        Returns:
+            The loss returned by ``closure``, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        buckets = self._ensure_buckets()
+        work: list[tuple[Bucket, _Rows, Any]] = []
+        touched: dict[int, torch.Tensor] = {}
+        for bucket in buckets:
+            by_key: dict[Any, list[int]] = defaultdict(list)
+            for row, m in enumerate(bucket.members):
+                g = m.param.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError(f"{m.label}: sparse gradients are not supported by asteria optimizers")
+                if g.shape != m.param.shape:
+                    raise RuntimeError(f"{m.label}: gradient shape {tuple(g.shape)} != parameter shape")
+                by_key[self._row_key(self.state[m.param])].append(row)
+                touched[id(m.param)] = m.param
+            for key in sorted(by_key, key=repr):
+                work.append((bucket, _Rows(bucket, by_key[key]), key))
+        if work:
+            with torch.profiler.record_function(f"asteria.{type(self).__name__}.step"):
+                self._step_rows(work)
+            for p in touched.values():
+                self._advance_param_state(self.state[p])
+        return loss
+
+    def _advance_param_state(self, pstate: dict[str, Any]) -> None:
+        pstate["step"] += 1
+
+    # -- helpers for subclasses ------------------------------------------------------------------------------
+    @staticmethod
+    def stacked_grads(rows: _Rows, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacks the rows' gradient blocks in ``dtype``; returns ``(G, finite)``.
+
+        Non-finite blocks are zeroed in ``G`` (so nothing downstream sees NaN/Inf); ``finite`` is a
+        ``(B,)`` bool mask used to discard that step's updates for those blocks (no host sync).
+        """
+        blocks = []
+        for m in rows.members:
+            g = m.param.grad.reshape(m.layout.merged_shape)[m.block.slices]
+            blocks.append(g.to(dtype))
+        G = torch.stack(blocks)
+        finite = torch.isfinite(G).flatten(1).all(dim=1)
+        G = torch.where(finite.reshape((-1,) + (1,) * (G.dim() - 1)), G, torch.zeros((), dtype=dtype, device=G.device))
+        return G, finite
+
+    @staticmethod
+    def stacked_params(rows: _Rows, dtype: torch.dtype) -> torch.Tensor:
+        """Stacks the rows' parameter blocks in ``dtype`` (a copy)."""
+        return torch.stack(
+            [m.param.detach().reshape(m.layout.merged_shape)[m.block.slices].to(dtype) for m in rows.members]
+        )
+
+    @staticmethod
+    def write_params(rows: _Rows, new: torch.Tensor) -> None:
+        """Writes stacked new values back into the rows' parameter blocks."""
+        for i, m in enumerate(rows.members):
+            p = m.param
+            if can_view(p, m.layout):
+                p.detach().view(m.layout.merged_shape)[m.block.slices].copy_(new[i])
+            else:
+                tmp = p.detach().reshape(m.layout.merged_shape).clone()
+                tmp[m.block.slices].copy_(new[i])
+                p.detach().copy_(tmp.view(p.shape))
+
+    # -- refresh plumbing -----------------------------------------------------------------------------------
+    @staticmethod
+    def host_matrices(x: torch.Tensor) -> np.ndarray:
+        """Copies stacked ``(B, n, n)`` matrices to a C-contiguous host array (one transfer)."""
+        return np.ascontiguousarray(x.detach().to("cpu").numpy())
+
+    def record_refresh_outcome(
+        self, bucket: Bucket, row_list: Sequence[int], ok: Sequence[bool], messages: Sequence[str], tolerance: int
+    ) -> None:
+        """Updates the per-block consecutive-failure counters; raises past the tolerance.
+
+        Args:
+            bucket: The bucket refreshed.
+            row_list: The bucket rows the refresh was for.
+            ok: Per row, whether every job of the row succeeded (and was installed).
+            messages: Per row, the failure message ("" when ok).
+            tolerance: Consecutive failures tolerated; one more raises.
+
+        Raises:
+            RefreshFailureError: Naming the parameter/block, the count and the last message.
+        """
+        counter = bucket.state["refresh_failures"]
+        for i, r in enumerate(row_list):
+            if ok[i]:
+                counter[r] = 0
+            else:
+                counter[r] += 1
+                if int(counter[r]) > tolerance:
+                    m = bucket.members[r]
+                    raise RefreshFailureError(
+                        f"{type(self).__name__}: refresh of {m.label} failed {int(counter[r])} times in a row "
+                        f"(tolerance {tolerance}); last error: {messages[i]}"
+                    )
+
+    def _nonfinite_total(self) -> int:
+        if not self._buckets:
+            return 0
+        return int(sum(int(b.state["nonfinite_steps"].sum()) for b in self._buckets if "nonfinite_steps" in b.state))
+
+    def nonfinite_steps(self) -> dict[str, int]:
+        """Per block, how many steps had a non-finite gradient and were skipped (synchronises the device)."""
+        out: dict[str, int] = {}
+        for bucket in self._buckets or []:
+            counts = bucket.state["nonfinite_steps"].tolist()
+            for m, c in zip(bucket.members, counts):
+                out[m.label] = int(c)
+        return out
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Returns the param-keyed state (torch.optim layout) plus an ``"asteria"`` header.
+
+        Per parameter: the scalar state (``step``, ...) and ``"blocks"``, one dict of tensors per block.
+        """
+        self._ensure_buckets()
+        out = super().state_dict()
+        out["asteria"] = _sd.header(self)
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a checkpoint from `state_dict`, refusing one from another optimizer or other shapes.
+
+        Tensors are moved to each parameter's device; statistics keep their dtype.
+
+        Raises:
+            ValueError: If the checkpoint does not match this optimizer (type, groups, shapes, keys).
+        """
+        new_state = _sd.convert_for_load(self, state_dict)
+        old = (self.state, self._buckets, [dict(g) for g in self.param_groups])
+        try:
+            for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+                for key, value in saved.items():
+                    if key not in ("params", "param_names"):
+                        group[key] = value
+                self._validate_group(group)
+            self.state = defaultdict(dict)
+            for p, pstate in new_state.items():
+                self.state[p] = pstate
+            self._buckets = None
+            self._ensure_buckets()
+        except Exception:
+            self.state, self._buckets = old[0], old[1]
+            for group, saved in zip(self.param_groups, old[2]):
+                group.clear()
+                group.update(saved)
+            raise
+
+    def close(self) -> None:
+        """Stops the refresh runtime (worker threads). The optimizer cannot refresh afterwards."""
+        self.runtime.close()

@@ -1,0 +1,199 @@
+"""Shared coordinator of the eigenbasis optimizers (`SOAP`, `KLShampoo`, `KLSOAP`).
+
+What the three share (ALGORITHMS.md "Decisions"): the first call only initialises the statistics and the
+basis (a full eigh per factor, installed before the next step whatever the staleness) and updates no
+parameter; a refresh computed from the statistics of step t is first used at step t+1 (offset o = 1);
+0-D and 1-D parameters get the AdamW fallback; a failed job keeps the previous basis and is counted.
+The optimizer-specific math (direction, statistics, install) is in pure functions in `soap.py`/`kl.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from asteria.optim.base import BlockOptimizer, Bucket, _Rows
+from asteria.optim.blocking import ParamLayout, soap_layout
+from asteria.runtime.pipeline import RefreshJob
+
+__all__ = ["EigenbasisOptimizer", "eigh_ridge_for"]
+
+
+def eigh_ridge_for(a: np.ndarray, ridge: float | None) -> float:
+    """Ridge added to the diagonal before the initial eigh.
+
+    Args:
+        a: The (n, n) host matrix.
+        ridge: A fixed ridge (1e-30 reproduces the SOAP/KL reference code), or None for the scale-aware
+            default ``1e-9 · trace(a)/n`` (at least 1e-30), which does not change the eigenvectors but keeps
+            LAPACK away from the exactly singular, tiny-eigenvalue factors of the first steps.
+
+    Returns:
+        The ridge.
+    """
+    if ridge is not None:
+        return float(ridge)
+    n = a.shape[0]
+    scale = float(np.trace(a)) / max(n, 1)
+    return max(1e-9 * scale, 1e-30) if np.isfinite(scale) else 1e-30
+
+
+class EigenbasisOptimizer(BlockOptimizer):
+    """Base of `SOAP`, `KLShampoo`, `KLSOAP`; see the module docstring."""
+
+    _offset = 1
+
+    # -- layout / param state ----------------------------------------------------------------------
+    def _layout(self, param: torch.Tensor, group: dict[str, Any]) -> ParamLayout:
+        return soap_layout(param.shape, group["max_preconditioner_dim"])
+
+    def _new_param_state(self) -> dict[str, Any]:
+        return {"step": 0, "initialized": False}
+
+    def _row_key(self, param_state: dict[str, Any]) -> Any:
+        return (bool(param_state["initialized"]), int(param_state["step"]))
+
+    def _advance_param_state(self, pstate: dict[str, Any]) -> None:
+        if not pstate["initialized"]:
+            pstate["initialized"] = True  # the first call does not count as a step (reference semantics)
+        else:
+            pstate["step"] += 1
+
+    def _common_state(self, bucket: Bucket, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        B, dev = bucket.size, bucket.device
+        st: dict[str, torch.Tensor] = {}
+        if bucket.factored:
+            for i, d in enumerate(bucket.shape):
+                st[f"factor_{i}"] = torch.zeros(B, d, d, dtype=group["state_dtype"], device=dev)
+                st[f"basis_{i}"] = torch.eye(d, dtype=group["state_dtype"], device=dev).expand(B, d, d).clone()
+            st["refresh_failures"] = torch.zeros(B, dtype=torch.int64)
+            st["basis_version"] = torch.full((B,), -1, dtype=torch.int64)
+        st["nonfinite_steps"] = torch.zeros(B, dtype=torch.int64, device=dev)
+        return st
+
+    # -- hooks for subclasses -------------------------------------------------------------------------
+    def _first_statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, finite: torch.Tensor, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _update_rows(self, bucket: Bucket, rows: _Rows, t: int, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _install_rows(
+        self,
+        state: dict[str, torch.Tensor],
+        new_bases: list[torch.Tensor],
+        perms: list[torch.Tensor],
+        ok: torch.Tensor,
+        group: dict[str, Any],
+    ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _refresh_options(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # -- step ----------------------------------------------------------------------------------------------------
+    def _step_rows(self, work: list[tuple[Bucket, _Rows, Any]]) -> None:
+        boundary = 1
+        for bucket, rows, (initialized, step) in work:
+            group = self.param_groups[bucket.group_index]
+            if not initialized:
+                if bucket.factored:
+                    G, finite = self.stacked_grads(rows, group["state_dtype"])
+                    self._first_statistics(bucket, rows, G, finite, group)
+                    rows.set("nonfinite_steps", rows.state["nonfinite_steps"] + (~finite).to(torch.int64))
+                    rows.commit()
+                    self._submit_initial_bases(bucket, rows, group)
+                continue
+            t = step + 1
+            boundary = max(boundary, t + 1)
+            self._update_rows(bucket, rows, t, group)
+        self.runtime.install_due(boundary)
+
+    def _submit_initial_bases(self, bucket: Bucket, rows: _Rows, group: dict[str, Any]) -> None:
+        jobs = []
+        for i in range(len(bucket.shape)):
+            host = self.host_matrices(rows.state[f"factor_{i}"])
+            for k, m in enumerate(rows.members):
+                jobs.append(
+                    RefreshJob(
+                        "eigh", m.block_id, i, 0, 1, host[k],
+                        options=dict(ridge=eigh_ridge_for(host[k], group["eigh_ridge"]), descending=True),
+                    )
+                )
+        self.runtime.submit(jobs, self._make_installer(bucket, list(rows.rows), "eigenvectors", 0, group))
+
+    def _submit_refresh(self, bucket: Bucket, rows: _Rows, t: int, group: dict[str, Any]) -> None:
+        """Snapshots the rows' factors and installed bases at step t and submits the refresh jobs."""
+        jobs = []
+        deadline = self.runtime.deadline(t)
+        for i in range(len(bucket.shape)):
+            a = self.host_matrices(rows.state[f"factor_{i}"])
+            q = self.host_matrices(rows.state[f"basis_{i}"])
+            for k, m in enumerate(rows.members):
+                jobs.append(RefreshJob("eigenbasis_refresh", m.block_id, i, t, deadline, a[k], q[k], self._refresh_options()))
+        self.runtime.submit(jobs, self._make_installer(bucket, list(rows.rows), "basis", t, group))
+
+    def _make_installer(self, bucket: Bucket, row_list: list[int], output: str, version: int, group: dict[str, Any]) -> Any:
+        k_dims = len(bucket.shape)
+        tolerance = group["num_tolerated_failures"]
+
+        def install(results: Sequence[Any]) -> None:
+            n = len(row_list)
+            ok = [True] * n
+            msgs = [""] * n
+            bases: list[list[np.ndarray | None]] = [[None] * n for _ in range(k_dims)]
+            perms: list[list[np.ndarray | None]] = [[None] * n for _ in range(k_dims)]
+            for j, res in enumerate(results):
+                i, k = j // n, j % n
+                q = res.outputs.get(output) if res.ok else None
+                if q is None or not np.isfinite(q).all():
+                    ok[k] = False
+                    msgs[k] = res.message if not res.ok else "non-finite basis"
+                    continue
+                bases[i][k] = q
+                perm = res.outputs.get("permutation")
+                perms[i][k] = perm
+            self._install(bucket, row_list, bases, perms, ok, version, group)
+            self.record_refresh_outcome(bucket, row_list, ok, msgs, tolerance)
+
+        return install
+
+    def _install(
+        self,
+        bucket: Bucket,
+        row_list: list[int],
+        bases: list[list[np.ndarray | None]],
+        perms: list[list[np.ndarray | None]],
+        ok: list[bool],
+        version: int,
+        group: dict[str, Any],
+    ) -> None:
+        if not any(ok):
+            return
+        rows = _Rows(bucket, row_list)
+        n = len(row_list)
+        new_bases, new_perms = [], []
+        for i, d in enumerate(bucket.shape):
+            cur = rows.state[f"basis_{i}"]
+            q = torch.stack(
+                [torch.from_numpy(np.asarray(b)) if b is not None else cur[k].cpu() for k, b in enumerate(bases[i])]
+            ).to(device=cur.device, dtype=cur.dtype)
+            ident = np.arange(d, dtype=np.int64)
+            p = torch.stack(
+                [torch.from_numpy(np.asarray(pp, dtype=np.int64)) if pp is not None else torch.from_numpy(ident) for pp in perms[i]]
+            ).to(cur.device)
+            new_bases.append(q)
+            new_perms.append(p)
+        okm = torch.tensor(ok, dtype=torch.bool, device=bucket.device)
+        updated = self._install_rows(rows.state, new_bases, new_perms, okm, group)
+        for key, value in updated.items():
+            rows.set(key, value)
+        version_t = rows.state["basis_version"].clone()
+        for k in range(n):
+            if ok[k]:
+                version_t[k] = version
+        rows.set("basis_version", version_t)
+        rows.commit()

@@ -1,0 +1,266 @@
+"""`asteria.SOAP`: SOAP with the semantics of the paper's reference code (ALGORITHMS.md §3, "VYAS")."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from asteria.optim import tensor_ops as ops
+from asteria.optim.base import Bucket, _Rows, check_betas, check_dtype, check_range
+from asteria.optim.eigenbasis import EigenbasisOptimizer
+from asteria.runtime.config import RuntimeConfig
+
+__all__ = [
+    "SOAP",
+    "adam_in_basis",
+    "apply_post_update_weight_decay",
+    "update_soap_factors",
+    "rotate_into_new_bases",
+    "install_soap_bases",
+]
+
+
+# ------------------------------------------------------------------------------------------------------
+# pure functions
+# ------------------------------------------------------------------------------------------------------
+def adam_in_basis(
+    G: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    bases: Sequence[torch.Tensor | None],
+    beta1: float,
+    beta2: float,
+    eps: float,
+    finite: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adam in the eigenbasis: ``g̃ = project_in(G)``, EMAs of ``g̃`` and ``g̃²``, ``U = project_out(m/(√v+ε))``.
+
+    Bias correction is not applied here (SOAP folds it into the step size, convention (B); KL-SOAP has
+    none). With every basis None this is the plain Adam direction (the AdamW fallback).
+
+    Args:
+        G: Stacked gradient blocks (finite).
+        m: First moment in basis coordinates.
+        v: Second moment in basis coordinates.
+        bases: One ``(B, d, d)`` basis per dim, or None.
+        beta1: First-moment coefficient.
+        beta2: Second-moment coefficient.
+        eps: Added after the square root.
+        finite: ``(B,)`` mask; False keeps m and v.
+
+    Returns:
+        ``(U, m, v)``: the direction in the original coordinates and the new moments.
+    """
+    g = ops.project_in(G, bases)
+    mask = ops.expand_mask(finite, g)
+    m = torch.where(mask, m.mul(beta1).add_(g, alpha=1.0 - beta1), m)
+    v = torch.where(mask, v.mul(beta2).add_(g.square(), alpha=1.0 - beta2), v)
+    U = ops.project_out(m / v.sqrt().add_(eps), bases)
+    return U, m, v
+
+
+def apply_post_update_weight_decay(
+    W: torch.Tensor, U: torch.Tensor, step_size: float, lr: float, weight_decay: float, finite: torch.Tensor
+) -> torch.Tensor:
+    """``W' = W − η·U``, then ``W ← W' − lr·λ·W'`` (convention (ii)); blocks with ``finite`` False unchanged."""
+    W_new = W.add(U, alpha=-step_size)
+    if weight_decay > 0.0:
+        W_new = W_new.add(W_new, alpha=-lr * weight_decay)
+    return torch.where(ops.expand_mask(finite, W), W_new, W)
+
+
+def update_soap_factors(
+    factors: Sequence[torch.Tensor], G: torch.Tensor, shampoo_beta: float, finite: torch.Tensor
+) -> list[torch.Tensor]:
+    """``L_i ← lerp(L_i, Γ_i(G), 1−β_s)`` for every dim, masked per block (no bias correction)."""
+    mask = finite.reshape(-1, 1, 1)
+    return [torch.where(mask, L.lerp(ops.mode_gram(G, i), 1.0 - shampoo_beta), L) for i, L in enumerate(factors)]
+
+
+def rotate_into_new_bases(
+    x: torch.Tensor, old: Sequence[torch.Tensor], new: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Re-expresses ``x`` (basis coordinates) in the new bases: ``Q_newᵀ (Q_old x Q_oldᵀ) Q_new`` in 2-D.
+
+    Computed as one contraction per dim with ``R_i = Q_old,iᵀ Q_new,i``.
+    """
+    for i, (qo, qn) in enumerate(zip(old, new)):
+        x = ops.contract(x, torch.matmul(qo.transpose(1, 2), qn), i)
+    return x
+
+
+def install_soap_bases(
+    bases: Sequence[torch.Tensor],
+    new_bases: Sequence[torch.Tensor],
+    perms: Sequence[torch.Tensor],
+    m: torch.Tensor,
+    v: torch.Tensor,
+    ok: torch.Tensor,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """SOAP install: permute v by π along every dim, rotate m exactly into the new basis, swap Q.
+
+    ``π_i`` is relative to the basis installed when the snapshot was taken (``new = qr(L·Q[:, π]).Q``).
+
+    Args:
+        bases: Installed bases (one per dim).
+        new_bases: Bases returned by the refresh.
+        perms: ``(B, d_i)`` permutations returned by the refresh.
+        m: First moment in the installed basis.
+        v: Second moment in the installed basis.
+        ok: ``(B,)`` rows to install (others keep everything).
+
+    Returns:
+        ``(bases, m, v)`` after the install.
+    """
+    m_new = rotate_into_new_bases(m, bases, new_bases)
+    v_new = v
+    for i, p in enumerate(perms):
+        v_new = ops.permute_along(v_new, p, i)
+    mask = ops.expand_mask(ok, m)
+    qmask = ok.reshape(-1, 1, 1)
+    out_bases = [torch.where(qmask, qn, q) for q, qn in zip(bases, new_bases)]
+    return out_bases, torch.where(mask, m_new, m), torch.where(mask, v_new, v)
+
+
+# ------------------------------------------------------------------------------------------------------
+# optimizer
+# ------------------------------------------------------------------------------------------------------
+class SOAP(EigenbasisOptimizer):
+    r"""SOAP (Adam in Shampoo's eigenbasis) with the semantics of the paper's reference code.
+
+    Per 2-D/3-D block (larger dims split into blocks of ``max_preconditioner_dim``; 4-D+ weights have their
+    trailing dims merged down to 3-D): the first call only sets ``L_i = (1−β_s)·Γ_i(G₀)`` and the basis
+    ``Q_i = eigh(L_i)`` (descending) and does not update the parameter. Later calls project the gradient
+    in, run Adam there, project out, step with ``η_t = lr·√(1−β2^t)/(1−β1^t)``, apply post-update decoupled
+    weight decay ``W ← W − lr·λ·W``, and then fold the gradient into the factors; every
+    ``precondition_frequency`` steps the basis is refreshed (Rayleigh-quotient sort of the old basis, the
+    second moment permuted the same way, one power step, QR) and the first moment rotated exactly into it,
+    for use from the next step. 0-D and 1-D parameters use the same Adam update with no rotation (AdamW
+    fallback, including the skipped first call).
+
+    Args:
+        params: Parameters or param groups.
+        lr: Learning rate (default: 3e-3).
+        betas: ``(β1, β2)`` of Adam in the eigenbasis (default: (0.95, 0.95)).
+        eps: Added after the square root (default: 1e-8).
+        weight_decay: Decoupled weight decay, applied after the update with the raw lr (default: 0.01).
+        precondition_frequency: Steps between basis refreshes (default: 10).
+        shampoo_beta: Factor EMA coefficient; None uses β2 (default: None).
+        max_preconditioner_dim: Largest factor side; larger dims are split into blocks (default: 2048).
+        correct_bias: Fold Adam's bias correction into the step size (default: True).
+        eigh_ridge: Ridge added before the initial eigh; None is scale-aware (``1e-9·trace/n``), 1e-30
+            reproduces the reference exactly (default: None).
+        num_tolerated_failures: Consecutive failed refreshes tolerated per block (default: 3).
+        state_dtype: dtype of factors, bases and moments (default: torch.float32).
+        runtime: An `asteria.RuntimeConfig` (default: None, the synchronous runtime).
+
+    Deviations from the reference, on purpose: dims above ``max_preconditioner_dim`` are blocked instead of
+    left unrotated; state is fp32 by default; the first moment is rotated only when the basis changes
+    (the reference does an identity rotation every step); non-finite gradients are skipped per block and
+    counted; failed refreshes keep the basis (up to ``num_tolerated_failures`` in a row).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 3e-3,
+        betas: tuple[float, float] = (0.95, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        *,
+        precondition_frequency: int = 10,
+        shampoo_beta: float | None = None,
+        max_preconditioner_dim: int | float = 2048,
+        correct_bias: bool = True,
+        eigh_ridge: float | None = None,
+        num_tolerated_failures: int = 3,
+        state_dtype: torch.dtype = torch.float32,
+        runtime: RuntimeConfig | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            precondition_frequency=precondition_frequency,
+            shampoo_beta=shampoo_beta,
+            max_preconditioner_dim=max_preconditioner_dim,
+            correct_bias=correct_bias,
+            eigh_ridge=eigh_ridge,
+            num_tolerated_failures=num_tolerated_failures,
+            state_dtype=state_dtype,
+        )
+        self._validate_group(defaults)
+        super().__init__(params, defaults, runtime)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_range("lr", group["lr"], 0.0)
+        check_betas("betas", group["betas"])
+        check_range("eps", group["eps"], 0.0)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_range("precondition_frequency", group["precondition_frequency"], 1, integer=True)
+        if group["shampoo_beta"] is not None:
+            check_range("shampoo_beta", group["shampoo_beta"], 0.0, 1.0, high_open=True)
+        check_range("max_preconditioner_dim", group["max_preconditioner_dim"], 1, integer=True, allow_inf=True)
+        if not isinstance(group["correct_bias"], bool):
+            raise ValueError(f"Invalid correct_bias: {group['correct_bias']!r}; expected a bool")
+        if group["eigh_ridge"] is not None:
+            check_range("eigh_ridge", group["eigh_ridge"], 0.0)
+        check_range("num_tolerated_failures", group["num_tolerated_failures"], 0, integer=True)
+        check_dtype("state_dtype", group["state_dtype"])
+
+    @staticmethod
+    def _shampoo_beta(group: dict[str, Any]) -> float:
+        sb = group["shampoo_beta"]
+        return group["betas"][1] if sb is None else sb
+
+    def _init_bucket_state(self, bucket: Bucket, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        st = self._common_state(bucket, group)
+        shape = (bucket.size,) + bucket.shape
+        st["exp_avg"] = torch.zeros(shape, dtype=group["state_dtype"], device=bucket.device)
+        st["exp_avg_sq"] = torch.zeros(shape, dtype=group["state_dtype"], device=bucket.device)
+        return st
+
+    def _refresh_options(self) -> dict[str, Any]:
+        return {"sort": True}
+
+    def _first_statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, finite: torch.Tensor, group: dict[str, Any]) -> None:
+        k = len(bucket.shape)
+        new = update_soap_factors([rows.state[f"factor_{i}"] for i in range(k)], G, self._shampoo_beta(group), finite)
+        for i, L in enumerate(new):
+            rows.set(f"factor_{i}", L)
+
+    def _update_rows(self, bucket: Bucket, rows: _Rows, t: int, group: dict[str, Any]) -> None:
+        st = rows.state
+        k = len(bucket.shape)
+        beta1, beta2 = group["betas"]
+        G, finite = self.stacked_grads(rows, group["state_dtype"])
+        bases = [st[f"basis_{i}"] for i in range(k)] if bucket.factored else [None] * k
+        U, m, v = adam_in_basis(G, st["exp_avg"], st["exp_avg_sq"], bases, beta1, beta2, group["eps"], finite)
+        rows.set("exp_avg", m)
+        rows.set("exp_avg_sq", v)
+        step_size = group["lr"]
+        if group["correct_bias"]:
+            step_size = step_size * (1.0 - beta2**t) ** 0.5 / (1.0 - beta1**t)
+        W = self.stacked_params(rows, group["state_dtype"])
+        self.write_params(rows, apply_post_update_weight_decay(W, U, step_size, group["lr"], group["weight_decay"], finite))
+        rows.set("nonfinite_steps", st["nonfinite_steps"] + (~finite).to(torch.int64))
+        if bucket.factored:
+            new = update_soap_factors([st[f"factor_{i}"] for i in range(k)], G, self._shampoo_beta(group), finite)
+            for i, L in enumerate(new):
+                rows.set(f"factor_{i}", L)
+        rows.commit()
+        if bucket.factored and t % group["precondition_frequency"] == 0:
+            self._submit_refresh(bucket, rows, t, group)
+
+    def _install_rows(self, state: dict[str, torch.Tensor], new_bases: list[torch.Tensor], perms: list[torch.Tensor], ok: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        k = len(new_bases)
+        bases, m, v = install_soap_bases(
+            [state[f"basis_{i}"] for i in range(k)], new_bases, perms, state["exp_avg"], state["exp_avg_sq"], ok
+        )
+        out = {f"basis_{i}": q for i, q in enumerate(bases)}
+        out["exp_avg"] = m
+        out["exp_avg_sq"] = v
+        return out

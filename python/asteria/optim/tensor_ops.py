@@ -1,0 +1,151 @@
+"""Batched Kronecker-factor algebra shared by the optimizers (pure functions, no state).
+
+Every tensor here is a *stack* of same-shape blocks: a block tensor has shape ``(B, d_1, ..., d_k)`` and
+a matrix acting on dim i has shape ``(B, d_i, e_i)``. Everything runs as batched matmuls on the blocks'
+device, with no host synchronisation.
+
+Conventions (ALGORITHMS.md §1): ``contract(x, M, i)`` contracts dim i of x with dim 0 of M, i.e. it
+applies ``Mᵀ`` along dim i. *project-in* applies ``Qᵀ`` along every dim (``Q_Lᵀ X Q_R`` in 2-D),
+*project-out* applies ``Q`` (``Q_L X Q_Rᵀ``), and a symmetric preconditioner ``P_i`` applied along every dim
+gives ``P_L X P_R``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "contract",
+    "project_in",
+    "project_out",
+    "mode_gram",
+    "permute_along",
+    "finite_mask",
+    "expand_mask",
+    "block_norm",
+    "outer_scale",
+]
+
+
+def contract(x: torch.Tensor, mat: torch.Tensor, dim: int) -> torch.Tensor:
+    """Contracts block dim ``dim`` of ``x`` with dim 0 of ``mat`` (applies ``matᵀ`` along ``dim``).
+
+    Args:
+        x: Stacked blocks ``(B, d_1, ..., d_k)``.
+        mat: Stacked matrices ``(B, d_dim, e)``.
+        dim: Block dim (0-based, not counting the batch dim).
+
+    Returns:
+        ``(B, ..., e, ...)`` with ``e`` in place of ``d_dim``.
+    """
+    k = x.dim() - 1
+    if k == 1:
+        return torch.matmul(x.unsqueeze(1), mat).squeeze(1)
+    if k == 2:
+        if dim == 0:
+            return torch.matmul(mat.transpose(1, 2), x)
+        return torch.matmul(x, mat)
+    xt = x.movedim(dim + 1, -1)
+    lead = xt.shape[:-1]
+    y = torch.matmul(xt.reshape(x.shape[0], -1, x.shape[dim + 1]), mat)
+    return y.reshape(*lead, mat.shape[-1]).movedim(-1, dim + 1)
+
+
+def project_in(x: torch.Tensor, bases: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """Applies ``Qᵀ`` along every dim that has a basis (``Q_Lᵀ X Q_R`` in 2-D).
+
+    Args:
+        x: Stacked blocks.
+        bases: One ``(B, d_i, d_i)`` basis per dim, or None for an unrotated dim.
+
+    Returns:
+        The blocks in eigenbasis coordinates.
+    """
+    for i, q in enumerate(bases):
+        if q is not None:
+            x = contract(x, q, i)
+    return x
+
+
+def project_out(x: torch.Tensor, bases: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """Applies ``Q`` along every dim that has a basis (``Q_L X Q_Rᵀ`` in 2-D).
+
+    Args:
+        x: Stacked blocks in eigenbasis coordinates.
+        bases: One ``(B, d_i, d_i)`` basis per dim, or None.
+
+    Returns:
+        The blocks in the original coordinates.
+    """
+    for i, q in enumerate(bases):
+        if q is not None:
+            x = contract(x, q.transpose(1, 2), i)
+    return x
+
+
+def mode_gram(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Mode-``dim`` Gram ``Γ_dim(X) = X_(dim) X_(dim)ᵀ`` of every block.
+
+    Args:
+        x: Stacked blocks ``(B, d_1, ..., d_k)``.
+        dim: Block dim.
+
+    Returns:
+        ``(B, d_dim, d_dim)``.
+    """
+    k = x.dim() - 1
+    if k == 1:
+        return x.unsqueeze(2) * x.unsqueeze(1)
+    if k == 2:
+        if dim == 0:
+            return torch.matmul(x, x.transpose(1, 2))
+        return torch.matmul(x.transpose(1, 2), x)
+    xm = x.movedim(dim + 1, 1).reshape(x.shape[0], x.shape[dim + 1], -1)
+    return torch.matmul(xm, xm.transpose(1, 2))
+
+
+def permute_along(x: torch.Tensor, perm: torch.Tensor, dim: int) -> torch.Tensor:
+    """Reorders block dim ``dim`` of every block: ``y[..., j, ...] = x[..., perm[j], ...]``.
+
+    Args:
+        x: Stacked blocks ``(B, d_1, ..., d_k)``.
+        perm: ``(B, d_dim)`` int64 permutations.
+        dim: Block dim.
+
+    Returns:
+        The permuted blocks.
+    """
+    shape = [x.shape[0]] + [1] * (x.dim() - 1)
+    shape[dim + 1] = x.shape[dim + 1]
+    index = perm.reshape(shape).expand_as(x)
+    return torch.gather(x, dim + 1, index)
+
+
+def finite_mask(x: torch.Tensor) -> torch.Tensor:
+    """Returns a ``(B,)`` bool tensor: whether every entry of each block is finite (no host sync)."""
+    return torch.isfinite(x).flatten(1).all(dim=1)
+
+
+def expand_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshapes a ``(B,)`` mask to broadcast against ``like`` of shape ``(B, ...)``."""
+    return mask.reshape((mask.shape[0],) + (1,) * (like.dim() - 1))
+
+
+def block_norm(x: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm of every block, shaped ``(B, 1, ..., 1)`` to broadcast against ``x``."""
+    return torch.linalg.vector_norm(x.flatten(1), dim=1).reshape((x.shape[0],) + (1,) * (x.dim() - 1))
+
+
+def outer_scale(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Outer product of one ``(B, d_i)`` vector per dim: ``(B, d_1, ..., d_k)``."""
+    out = None
+    k = len(vectors)
+    for i, v in enumerate(vectors):
+        shape = [v.shape[0]] + [1] * k
+        shape[i + 1] = v.shape[1]
+        term = v.reshape(shape)
+        out = term if out is None else out * term
+    assert out is not None
+    return out

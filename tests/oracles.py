@@ -1,0 +1,301 @@
+"""Float64 oracle implementations of asteria's optimizers, written from ALGORITHMS.md (not from the library).
+
+Each oracle updates ONE block (a numpy float64 array) with plain, unbatched numpy: Gram matrices with
+``np.tensordot``, projections by contracting dim 0 and moving the new axis to the back (the reference
+convention of ALGORITHMS.md §1), ``np.linalg.eigh`` / ``np.linalg.qr`` for the refresh math. Tests
+compare the library's trajectories against these step by step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+# ------------------------------------------------------------------------------------------------
+# tensor algebra (reference conventions)
+# ------------------------------------------------------------------------------------------------
+def gram(x: np.ndarray, i: int) -> np.ndarray:
+    """Mode-i Gram: contract x with itself over every dim but i."""
+    other = [j for j in range(x.ndim) if j != i]
+    return np.tensordot(x, x, axes=(other, other))
+
+
+def apply_dims(x: np.ndarray, mats: list[np.ndarray | None], transpose: bool) -> np.ndarray:
+    """Contract dim 0 with each matrix in turn (matrix dim 0, or dim 1 if ``transpose``), axes rotate back."""
+    for mat in mats:
+        if mat is None:
+            x = np.moveaxis(x, 0, -1)
+        else:
+            x = np.tensordot(x, mat, axes=([0], [1 if transpose else 0]))
+    return x
+
+
+def project(x, Q):
+    """Into the eigenbasis: Q_Lᵀ X Q_R in 2-D."""
+    return apply_dims(x, Q, transpose=False)
+
+
+def project_back(x, Q):
+    """Out of the eigenbasis: Q_L X Q_Rᵀ in 2-D."""
+    return apply_dims(x, Q, transpose=True)
+
+
+def inverse_root(A: np.ndarray, eps: float, root: float) -> np.ndarray:
+    """(A + εI)^{-1/root} with the DS perturb-before stabilisation (§2.4.1)."""
+    w, Q = np.linalg.eigh(A + eps * np.eye(A.shape[0]))
+    lmin = w.min()
+    if lmin < eps:
+        w = w - lmin + eps
+    return (Q * w ** (-1.0 / root)) @ Q.T
+
+
+def eigh_descending(A: np.ndarray) -> np.ndarray:
+    w, Q = np.linalg.eigh(A)
+    return Q[:, ::-1].copy()
+
+
+# ------------------------------------------------------------------------------------------------
+# Shampoo (Distributed Shampoo semantics, §2.3-2.4)
+# ------------------------------------------------------------------------------------------------
+class ShampooOracle:
+    def __init__(self, shape, lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12, weight_decay=0.0,
+                 precondition_frequency=10, start_preconditioning_step=10, grafting="adam",
+                 grafting_beta2=None, grafting_epsilon=1e-8, use_bias_correction=True, exponents=None):
+        self.shape = tuple(shape)
+        k = len(self.shape)
+        self.lr, self.betas, self.eps, self.wd = lr, betas, epsilon, weight_decay
+        self.f, self.s = precondition_frequency, start_preconditioning_step
+        self.grafting, self.geps, self.bc = grafting, grafting_epsilon, use_bias_correction
+        self.gb2 = grafting_beta2 if grafting_beta2 is not None else {"adam": 0.999, "rmsprop": 0.99}.get(grafting, 1.0)
+        self.exponents = exponents or [1.0 / (2 * k)] * k
+        self.L = [np.zeros((d, d)) if e != 0 else None for d, e in zip(self.shape, self.exponents)]
+        self.X = [np.eye(d) if e != 0 else None for d, e in zip(self.shape, self.exponents)]
+        self.M = np.zeros(self.shape)
+        self.V = np.zeros(self.shape)
+        self.t = 0
+
+    def _graft(self, gbar, bc2g):
+        if self.grafting == "sgd":
+            return gbar
+        return gbar / (np.sqrt(self.V / bc2g) + self.geps)
+
+    def step(self, W: np.ndarray, G: np.ndarray) -> np.ndarray:
+        self.t += 1
+        t = self.t
+        b1, b2 = self.betas
+        w = 1.0 if b2 == 1.0 else 1.0 - b2
+        for i, L in enumerate(self.L):
+            if L is not None:
+                self.L[i] = b2 * L + w * gram(G, i)
+        bc2 = 1.0 - b2**t if self.bc and b2 < 1.0 else 1.0
+        if (t % self.f == 0 and t > self.s) or t == self.s:
+            for i, L in enumerate(self.L):
+                if L is not None:
+                    self.X[i] = inverse_root(L / bc2, self.eps, 1.0 / self.exponents[i])
+        bc2g = 1.0
+        if self.grafting == "adagrad":
+            self.V = self.V + G * G
+        elif self.grafting in ("adam", "rmsprop"):
+            self.V = self.gb2 * self.V + (1.0 - self.gb2) * G * G
+            if self.grafting == "adam" and self.bc:
+                bc2g = 1.0 - self.gb2**t
+        if b1 != 0.0:
+            self.M = b1 * self.M + (1.0 - b1) * G
+            gbar = self.M / (1.0 - b1**t) if self.bc else self.M
+        else:
+            gbar = G
+        if t < self.s and self.grafting != "none":
+            P = self._graft(gbar, bc2g)
+        else:
+            P = project(gbar, self.X)  # X symmetric
+            if self.grafting != "none":
+                g = self._graft(gbar, bc2g)
+                P = P * (np.linalg.norm(g) / (np.linalg.norm(P) + 1e-16))
+        P = P + self.wd * W
+        return W - self.lr * P
+
+
+# ------------------------------------------------------------------------------------------------
+# SOAP (VYAS semantics, §3.3-3.4); 1-D / unfactored: the same update without rotation
+# ------------------------------------------------------------------------------------------------
+class SOAPOracle:
+    def __init__(self, shape, lr=3e-3, betas=(0.95, 0.95), eps=1e-8, weight_decay=0.01,
+                 precondition_frequency=10, shampoo_beta=None, correct_bias=True):
+        self.shape = tuple(shape)
+        self.factored = len(self.shape) >= 2
+        self.lr, self.betas, self.eps, self.wd = lr, betas, eps, weight_decay
+        self.f = precondition_frequency
+        self.sb = betas[1] if shampoo_beta is None else shampoo_beta
+        self.correct_bias = correct_bias
+        k = len(self.shape)
+        self.L = [np.zeros((d, d)) for d in self.shape] if self.factored else []
+        self.Q = [np.eye(d) for d in self.shape] if self.factored else [None] * k
+        self.m = np.zeros(self.shape)
+        self.v = np.zeros(self.shape)
+        self.t = 0
+        self.initialized = False
+        self.perms_seen = []
+
+    def step(self, W, G):
+        if not self.initialized:
+            self.initialized = True
+            if self.factored:
+                self.L = [(1.0 - self.sb) * gram(G, i) for i in range(G.ndim)]
+                self.Q = [eigh_descending(L) for L in self.L]
+            return W
+        self.t += 1
+        t = self.t
+        b1, b2 = self.betas
+        g = project(G, self.Q)
+        self.m = b1 * self.m + (1.0 - b1) * g
+        self.v = b2 * self.v + (1.0 - b2) * g * g
+        eta = self.lr * math.sqrt(1.0 - b2**t) / (1.0 - b1**t) if self.correct_bias else self.lr
+        U = project_back(self.m / (np.sqrt(self.v) + self.eps), self.Q)
+        W = W - eta * U
+        W = W - self.lr * self.wd * W
+        if self.factored:
+            m_orig = project_back(self.m, self.Q)
+            self.L = [L + (1.0 - self.sb) * (gram(G, i) - L) for i, L in enumerate(self.L)]
+            if t % self.f == 0:
+                perms = []
+                for i in range(G.ndim):
+                    Q = self.Q[i]
+                    e = np.diag(Q.T @ self.L[i] @ Q)
+                    perm = np.argsort(-e, kind="stable")
+                    perms.append(perm)
+                    self.v = np.take(self.v, perm, axis=i)
+                    self.Q[i] = np.linalg.qr(self.L[i] @ Q[:, perm])[0]
+                self.perms_seen.extend(perms)
+            self.m = project(m_orig, self.Q)
+        return W
+
+
+# ------------------------------------------------------------------------------------------------
+# KL-Shampoo / KL-SOAP (KLM semantics, §4.2)
+# ------------------------------------------------------------------------------------------------
+def _ema_sqrt_inv(s, delta, beta, clamp):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        D = 1.0 / (s * s)
+        D[~np.isfinite(D)] = 0.0
+        D = beta * D + (1.0 - beta) * delta
+        out = 1.0 / np.sqrt(D)
+    out[~np.isfinite(out)] = 0.0
+    if clamp is not None:
+        out = np.minimum(out, clamp)
+    return out
+
+
+def _whiten(G, P_list, skip):
+    """Apply P_jᵀ along every dim j != skip (P_j = Q_j diag(s_j)); dim ``skip`` is left as is."""
+    return apply_dims(G, [None if j == skip else P for j, P in enumerate(P_list)], transpose=False)
+
+
+class KLOracle:
+    def __init__(self, shape, klsoap=False, lr=1e-4, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01,
+                 precondition_frequency=10, shampoo_beta=None, init_factor=0.1, using_clamping=True,
+                 max_clamp_value=4000):
+        self.shape = tuple(shape)
+        self.klsoap = klsoap
+        self.factored = len(self.shape) >= 2
+        if not self.factored:  # AdamW fallback, with SOAP conventions
+            self.fallback = SOAPOracle(shape, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+            return
+        self.lr, self.betas, self.eps, self.wd = lr, betas, eps, weight_decay
+        self.T = precondition_frequency
+        self.beta = betas[1] if shampoo_beta is None else shampoo_beta
+        self.S = [np.zeros((d, d)) for d in self.shape]
+        self.Q = [np.eye(d) for d in self.shape]
+        self.s = [np.full(d, 1.0 / math.sqrt(init_factor)) for d in self.shape]
+        self.clamps = [max(10, min(d, max_clamp_value)) if using_clamping else None for d in self.shape]
+        self.m = np.zeros(self.shape)
+        self.v = np.zeros(self.shape)
+        self.t = 0
+        self.initialized = False
+
+    def step(self, W, G):
+        if not self.factored:
+            return self.fallback.step(W, G)
+        beta = self.beta
+        N = G.size
+        if not self.initialized:
+            self.initialized = True
+            self.S = [beta * S + (1.0 - beta) * gram(G, i) / (N / d) for i, (S, d) in enumerate(zip(self.S, self.shape))]
+            self.Q = [eigh_descending(S) for S in self.S]
+            return W
+        self.t += 1
+        t = self.t
+        b1, b2 = self.betas
+        if self.klsoap:
+            g = project(G, self.Q)
+            self.m = b1 * self.m + (1.0 - b1) * g
+            self.v = b2 * self.v + (1.0 - b2) * g * g
+            U = project_back(self.m / (np.sqrt(self.v) + self.eps), self.Q)
+        else:
+            self.m = b1 * self.m + (1.0 - b1) * G
+            c = self.s[0]
+            for sv in self.s[1:]:
+                c = np.multiply.outer(c, sv)
+            c = c / (1.0 + self.eps * c)
+            U = project_back(project(self.m, self.Q) * c, self.Q)
+        W = W - self.lr * U
+        W = W - self.lr * self.wd * W
+        # statistics
+        if self.klsoap and t % self.T == 0:
+            m_orig = project_back(self.m, self.Q)
+        k = G.ndim
+        g_full = project(G, self.Q)
+        if k == 2:
+            P = [Q * s[None, :] for Q, s in zip(self.Q, self.s)]
+            new_S = []
+            for i in range(2):
+                other = self.shape[1 - i]
+                new_S.append(beta * self.S[i] + (1.0 - beta) / other * gram(_whiten(G, P, i), i))
+            da = np.mean((g_full * self.s[1][None, :]) ** 2, axis=1)
+            db = np.mean((g_full * self.s[0][:, None]) ** 2, axis=0)
+            self.s = [_ema_sqrt_inv(self.s[0], da, beta, self.clamps[0]), _ema_sqrt_inv(self.s[1], db, beta, self.clamps[1])]
+            self.S = new_S
+        else:
+            d1, d2, d3 = self.shape
+            s1, s2, s3 = self.s
+            P_old = [Q * s[None, :] for Q, s in zip(self.Q, self.s)]
+            # S_3 and S_2 with the old estimates
+            self.S[2] = beta * self.S[2] + (1.0 - beta) / (d1 * d2) * gram(_whiten(G, P_old, 2), 2)
+            self.S[1] = beta * self.S[1] + (1.0 - beta) / (d1 * d3) * gram(_whiten(G, P_old, 1), 1)
+            # D_3 (old s1, s2), then D_2 (old s1, new s3)
+            s3n = _ema_sqrt_inv(s3, np.mean((g_full * s1[:, None, None] * s2[None, :, None]) ** 2, axis=(0, 1)), beta, self.clamps[2])
+            s2n = _ema_sqrt_inv(s2, np.mean((g_full * s1[:, None, None] * s3n[None, None, :]) ** 2, axis=(0, 2)), beta, self.clamps[1])
+            # S_1 and D_1 with the new s2 and the old s3
+            P_mix = [None, self.Q[1] * s2n[None, :], self.Q[2] * s3[None, :]]
+            self.S[0] = beta * self.S[0] + (1.0 - beta) / (d2 * d3) * gram(_whiten(G, P_mix, 0), 0)
+            s1n = _ema_sqrt_inv(s1, np.mean((g_full * s2n[None, :, None] * s3[None, None, :]) ** 2, axis=(1, 2)), beta, self.clamps[0])
+            self.s = [s1n, s2n, s3n]
+        if t % self.T == 0:
+            self.Q = [np.linalg.qr(S @ Q)[0] for S, Q in zip(self.S, self.Q)]
+            if self.klsoap:
+                self.m = project(m_orig, self.Q)
+        return W
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers shared by the tests
+# ------------------------------------------------------------------------------------------------
+def gradient_sequence(shape, steps, seed=0, drift=True):
+    """Seeded float64 gradients whose dominant directions move over time (so refreshes reorder bases)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in range(steps):
+        g = rng.standard_normal(shape)
+        if drift and len(shape) >= 1:
+            scale = np.ones(shape[0])
+            scale[t % shape[0]] = 4.0
+            g = g * scale.reshape((-1,) + (1,) * (len(shape) - 1))
+        out.append(g)
+    return out
+
+
+def random_orthogonal(n, seed):
+    rng = np.random.default_rng(seed)
+    q, r = np.linalg.qr(rng.standard_normal((n, n)))
+    return q * np.sign(np.diag(r))

@@ -1,0 +1,158 @@
+"""Checkpoints: param-keyed state, bit-identical resume (also in a new process), device moves, refusals."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from asteria.optim import KLSOAP, SOAP, KLShampoo, Shampoo
+
+OPTS = {
+    "Shampoo": lambda ps: Shampoo(ps, lr=0.01, precondition_frequency=2, start_preconditioning_step=2, merge_dims=False),
+    "SOAP": lambda ps: SOAP(ps, lr=0.01, precondition_frequency=2),
+    "KLShampoo": lambda ps: KLShampoo(ps, lr=0.01, precondition_frequency=2),
+    "KLSOAP": lambda ps: KLSOAP(ps, lr=0.01, precondition_frequency=2),
+}
+
+
+def make_params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(6, 5), (6, 5), (4,), (3, 2, 4)]]
+
+
+def grads_for(step, params):
+    g = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(p.shape, generator=g) for p in params]
+
+
+def run(opt, params, start, stop):
+    for t in range(start, stop):
+        for p, g in zip(params, grads_for(t, params)):
+            p.grad = g
+        opt.step()
+
+
+@pytest.mark.parametrize("name", sorted(OPTS))
+def test_resume_is_bit_identical(name):
+    pa = make_params()
+    oa = OPTS[name](pa)
+    run(oa, pa, 0, 7)
+
+    pb = make_params()
+    ob = OPTS[name](pb)
+    run(ob, pb, 0, 3)
+    sd = copy.deepcopy(ob.state_dict())
+    saved_params = [p.detach().clone() for p in pb]
+
+    pc = [torch.nn.Parameter(s.clone()) for s in saved_params]
+    oc = OPTS[name](pc)
+    oc.load_state_dict(sd)
+    run(oc, pc, 3, 7)
+    for a, c in zip(pa, pc):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("name", sorted(OPTS))
+def test_state_dict_is_param_keyed_and_has_header(name):
+    params = make_params()
+    opt = OPTS[name](params)
+    run(opt, params, 0, 3)
+    sd = opt.state_dict()
+    assert sd["asteria"]["optimizer"] == name
+    assert set(sd["state"]) == {0, 1, 2, 3}
+    assert isinstance(sd["state"][0]["blocks"], list) and "step" in sd["state"][0]
+
+
+def test_resume_in_a_new_process(tmp_path):
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        sys.path.insert(0, {tests!r})
+        from test_optim_state_dict import OPTS, make_params, run
+        mode, name, path = sys.argv[1], sys.argv[2], sys.argv[3]
+        if mode == "save":
+            params = make_params(); opt = OPTS[name](params); run(opt, params, 0, 4)
+            torch.save({{"params": [p.detach() for p in params], "opt": opt.state_dict()}}, path)
+        else:
+            ck = torch.load(path, weights_only=False)
+            params = [torch.nn.Parameter(p.clone()) for p in ck["params"]]
+            opt = OPTS[name](params); opt.load_state_dict(ck["opt"]); run(opt, params, 4, 8)
+            torch.save([p.detach() for p in params], path + ".out")
+        """
+    ).format(tests=os.path.dirname(__file__))
+    script_path = tmp_path / "resume.py"
+    script_path.write_text(script)
+    for name in ("Shampoo", "SOAP"):
+        ck = str(tmp_path / f"{name}.pt")
+        for mode in ("save", "load"):
+            subprocess.run([sys.executable, str(script_path), mode, name, ck], check=True, env=dict(os.environ))
+        params = make_params()
+        opt = OPTS[name](params)
+        run(opt, params, 0, 8)
+        resumed = torch.load(ck + ".out")
+        for a, b in zip(params, resumed):
+            assert torch.equal(a.detach(), b), name
+
+
+def test_refuses_other_optimizer_type():
+    params = make_params()
+    soap = OPTS["SOAP"](params)
+    run(soap, params, 0, 2)
+    with pytest.raises(ValueError, match="saved by SOAP, not KLSOAP"):
+        OPTS["KLSOAP"](make_params()).load_state_dict(soap.state_dict())
+    adam = torch.optim.Adam(params)
+    with pytest.raises(ValueError, match="no 'asteria' header"):
+        OPTS["SOAP"](make_params()).load_state_dict(adam.state_dict())
+
+
+def test_refuses_other_shapes_and_other_configuration():
+    params = make_params()
+    opt = OPTS["Shampoo"](params)
+    run(opt, params, 0, 2)
+    sd = opt.state_dict()
+    other = [torch.nn.Parameter(torch.randn(5, 6)), *make_params()[1:]]
+    with pytest.raises(ValueError, match=r"shape \(5, 6\) but the checkpoint has \(6, 5\)"):
+        OPTS["Shampoo"](other).load_state_dict(sd)
+    with pytest.raises(ValueError, match="param groups"):
+        OPTS["Shampoo"]([{"params": params[:2]}, {"params": params[2:]}]).load_state_dict(sd)
+    # a block whose state does not fit is refused, and the optimizer is left as it was
+    bad = copy.deepcopy(sd)
+    bad["state"][0]["blocks"][0]["factor_0"] = torch.zeros(3, 3)
+    tparams = make_params()
+    target = OPTS["Shampoo"](tparams)
+    run(target, tparams, 0, 1)
+    before = target.state[tparams[0]]["blocks"][0]["factor_0"].clone()
+    with pytest.raises(ValueError, match=r"checkpoint state 'factor_0' .* has shape \(3, 3\), expected \(6, 6\)"):
+        target.load_state_dict(bad)
+    assert torch.equal(target.state[tparams[0]]["blocks"][0]["factor_0"], before)
+    run(target, tparams, 1, 2)
+    del bad["state"][0]["blocks"][0]["root_1"]
+    with pytest.raises(ValueError, match="missing \\['root_1'\\]"):
+        target.load_state_dict(bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(OPTS))
+def test_load_onto_another_device(name):
+    params = make_params()
+    opt = OPTS[name](params)
+    run(opt, params, 0, 3)
+    sd = opt.state_dict()
+    pg = [torch.nn.Parameter(p.detach().cuda()) for p in params]
+    og = OPTS[name](pg)
+    og.load_state_dict(sd)
+    assert og.state[pg[0]]["blocks"][0]["exp_avg" if name != "Shampoo" else "factor_0"].is_cuda
+    run(opt, params, 3, 6)
+    for t in range(3, 6):
+        for p, g in zip(pg, grads_for(t, params)):
+            p.grad = g.cuda()
+        og.step()
+    for a, b in zip(params, pg):
+        torch.testing.assert_close(b.cpu(), a.detach(), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,109 @@
+"""Tests of asteria.runtime.config.RuntimeConfig and the synchronous RefreshPipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from asteria.optim import SOAP, Shampoo
+from asteria.runtime import RefreshJob, RefreshPipeline, RuntimeConfig
+
+
+def test_defaults():
+    cfg = RuntimeConfig()
+    assert (cfg.refresh, cfg.staleness, cfg.install, cfg.workers) == ("sync", 0, "deterministic", None)
+    assert cfg.device_budget is None and cfg.host_budget is None and cfg.nvme_path is None
+    assert cfg.process_group == "auto"
+    assert 1 <= cfg.resolved_workers() <= 8
+    assert RuntimeConfig(workers=3).resolved_workers() == 3
+
+
+def test_keyword_only():
+    with pytest.raises(TypeError):
+        RuntimeConfig("sync")  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(refresh="later"), "refresh"),
+        (dict(staleness=-1), "staleness"),
+        (dict(staleness=1.5), "staleness"),
+        (dict(install="lazy"), "install"),
+        (dict(workers=0), "workers"),
+        (dict(workers=True), "workers"),
+    ],
+)
+def test_bad_values(kw, match):
+    with pytest.raises(ValueError, match=match):
+        RuntimeConfig(**kw)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(refresh="async"), "async"),
+        (dict(staleness=5), "staleness"),
+        (dict(install="eager"), "eager"),
+        (dict(device_budget="2GiB"), "device_budget"),
+        (dict(host_budget=1 << 30), "host_budget"),
+        (dict(nvme_path="/tmp"), "nvme_path"),
+        (dict(process_group=None), "process_group"),
+    ],
+)
+def test_not_implemented_options_are_refused(kw, match):
+    with pytest.raises(NotImplementedError, match=match):
+        RuntimeConfig(**kw)
+
+
+def test_optimizer_rejects_non_config_runtime():
+    with pytest.raises(TypeError, match="RuntimeConfig"):
+        SOAP([torch.nn.Parameter(torch.randn(2, 2))], runtime={"refresh": "sync"})
+
+
+def test_pipeline_installs_at_the_deadline_only():
+    with RefreshPipeline(RuntimeConfig(workers=2), offset=1) as pipe:
+        assert pipe.deadline(7) == 8
+        a = np.diag([3.0, 1.0, 2.0])
+        got = []
+        pipe.submit([RefreshJob("eigh", 0, 0, 7, pipe.deadline(7), a, options=dict(descending=True))], got.extend)
+        assert pipe.install_due(7) == 0 and pipe.pending() == 1 and not got
+        assert pipe.install_due(8) == 1 and pipe.pending() == 0
+        np.testing.assert_allclose(got[0].outputs["eigenvalues"], [3.0, 2.0, 1.0])
+        assert got[0].version == 7 and got[0].deadline == 8
+        stats = pipe.stats()
+        assert stats["jobs_submitted"] == 1 and stats["jobs_ok"] == 1 and stats["batches_installed"] == 1
+        assert stats["wait_s"] >= 0.0 and "scheduler" in stats
+
+
+def test_pipeline_rejects_mixed_deadlines_and_unknown_kinds():
+    with RefreshPipeline(offset=0) as pipe:
+        a = np.eye(2)
+        with pytest.raises(ValueError, match="deadline"):
+            pipe.submit([RefreshJob("eigh", 0, 0, 1, 1, a), RefreshJob("eigh", 0, 1, 1, 2, a)], lambda r: None)
+        with pytest.raises(ValueError, match="unknown job kind"):
+            pipe.submit([RefreshJob("svd", 0, 0, 1, 1, a)], lambda r: None)
+
+
+def test_failed_job_reaches_the_installer_with_ok_false():
+    with RefreshPipeline(offset=0) as pipe:
+        got = []
+        bad = np.array([[np.nan, 0.0], [0.0, 1.0]])
+        pipe.submit([RefreshJob("inverse_root", 3, 0, 1, 1, bad, options=dict(root=2.0, epsilon=1e-6))], got.extend)
+        pipe.install_due(1)
+        assert not got[0].ok and got[0].status == "failed" and got[0].message
+        assert pipe.stats()["jobs_failed"] == 1
+
+
+def test_optimizer_runtime_stats():
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = Shampoo([p], precondition_frequency=1, start_preconditioning_step=1, merge_dims=False)
+    for _ in range(3):
+        p.grad = torch.randn(4, 3)
+        opt.step()
+    stats = opt.runtime.stats()
+    assert stats["jobs_submitted"] == 6 and stats["jobs_ok"] == 6 and stats["nonfinite_steps"] == 0
+    opt.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        opt.runtime.scheduler
