@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <mutex>
+#include <new>
 #include <numeric>
 #include <vector>
 
@@ -122,16 +123,32 @@ struct Fns<double> {
   }
 };
 
+// 64-byte aligned allocator: LAPACK kernels (MKL especially) take slower paths on less aligned
+// matrices.
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) noexcept {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64})); }
+  void deallocate(T* p, std::size_t) noexcept { ::operator delete(p, std::align_val_t{64}); }
+  template <typename U>
+  bool operator==(const Aligned64<U>&) const noexcept {
+    return true;
+  }
+};
+
 // Per-thread scratch space that only grows.
 template <typename T>
 T* scratch(int slot, std::size_t count) {
-  thread_local std::vector<T> buffers[6];
+  thread_local std::vector<T, Aligned64<T>> buffers[6];
   auto& b = buffers[slot];
   if (b.size() < count) b.resize(count);
   return b.data();
 }
 int* iscratch(std::size_t count) {
-  thread_local std::vector<int> b;
+  thread_local std::vector<int, Aligned64<int>> b;
   if (b.size() < count) b.resize(count);
   return b.data();
 }
@@ -141,11 +158,18 @@ void check_n(int n, const char* where) {
                 "[linalg::" << where << "] matrix size must be in 1..65536, got " << n);
 }
 
-// Row-major <-> column-major of an n×n matrix.
+// dst = srcᵀ for n×n matrices, in cache-sized tiles (a plain double loop misses the cache on
+// every strided write, which costs as much as a small GEMM for n >= 1024).
 template <typename T>
 void transpose(int n, const T* src, T* dst) {
-  for (int i = 0; i < n; ++i)
-    for (int j = 0; j < n; ++j) dst[static_cast<std::size_t>(j) * n + i] = src[static_cast<std::size_t>(i) * n + j];
+  constexpr int kTile = 32;
+  for (int i0 = 0; i0 < n; i0 += kTile)
+    for (int j0 = 0; j0 < n; j0 += kTile) {
+      const int i1 = std::min(n, i0 + kTile), j1 = std::min(n, j0 + kTile);
+      for (int i = i0; i < i1; ++i)
+        for (int j = j0; j < j1; ++j)
+          dst[static_cast<std::size_t>(j) * n + i] = src[static_cast<std::size_t>(i) * n + j];
+    }
 }
 
 // syevd on a column-major copy `z` (overwritten with the eigenvectors). Returns LAPACK's info.
@@ -285,13 +309,17 @@ void eigh(int n, const T* a, T* w, T* v, const EighOptions& opts) {
   const std::size_t nn = static_cast<std::size_t>(n) * n;
   T* z = scratch<T>(0, nn);
   eigh_colmajor<T>(n, a, opts.ridge, w, z, opts.fp64_retry, "eigh");
-  // Column-major z holds eigenvector j in z[j*n .. j*n+n); write row-major with vectors in columns.
-  for (int j = 0; j < n; ++j) {
-    const int dst = opts.descending ? n - 1 - j : j;
-    const T* col = z + static_cast<std::size_t>(j) * n;
-    for (int i = 0; i < n; ++i) v[static_cast<std::size_t>(i) * n + dst] = col[i];
+  // Column-major z holds eigenvector j in z[j*n .. j*n+n): its transpose, read row-major, has the
+  // eigenvectors in columns. Descending order reverses the columns first.
+  if (opts.descending) {
+    T* r = scratch<T>(1, nn);
+    for (int j = 0; j < n; ++j)
+      std::copy(z + static_cast<std::size_t>(n - 1 - j) * n, z + static_cast<std::size_t>(n - j) * n,
+                r + static_cast<std::size_t>(j) * n);
+    z = r;
+    std::reverse(w, w + n);
   }
-  if (opts.descending) std::reverse(w, w + n);
+  transpose(n, z, v);
 }
 
 template <typename T>
