@@ -4,7 +4,8 @@ For each width d (``--d-model``) the parameters are those of one pre-LN transfor
 fused QKV projection (3d×d), the attention output (d×d), the MLP (4d×d and d×4d), two LayerNorm
 weights and biases (d). Each optimizer takes ``--steps`` steps on fixed random gradients;
 ordinary steps and refresh steps (every precondition_frequency-th, plus the first call) are
-timed separately and compared with ``torch.optim.AdamW`` on the same parameters in the same run.
+timed separately (a refresh step is one that submitted refresh jobs; the refresh
+runtime is synchronous here so its cost shows in that step) and compared with ``torch.optim.AdamW`` on the same parameters in the same run.
 
 GEMM FLOPs of an ordinary SOAP step, counted as 2·m·n·k per (m×k)·(k×n) matmul, per 2-D block of
 shape m×n (dims above max_preconditioner_dim are split into blocks first):
@@ -72,15 +73,24 @@ def _gemm_seconds(blocks, factor: int, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def _step_times(opt, params, grads, steps, freq):
+def _step_times(opt, params, grads, steps):
+    """Times each step; a step that submitted refresh jobs is a refresh step. Ordinary steps are
+    counted only after the first refresh (before it Shampoo runs its grafting direction alone)."""
     ordinary, refresh = [], []
-    for s in range(steps + 1):
+    refreshed = False
+    for s in range(steps):
         for p, g in zip(params, grads[s % len(grads)]):
             p.grad = g
+        before = opt.runtime.stats()["jobs_submitted"] if hasattr(opt, "runtime") else 0
         t0 = time.perf_counter()
         opt.step()
         dt = time.perf_counter() - t0
-        (refresh if s == 0 or (freq and s % freq == 0) else ordinary).append(dt)
+        submitted = (opt.runtime.stats()["jobs_submitted"] if hasattr(opt, "runtime") else 0) > before
+        if submitted:
+            refresh.append(dt)
+            refreshed = True
+        elif refreshed or not hasattr(opt, "runtime"):
+            ordinary.append(dt)
     return ordinary, refresh
 
 
@@ -94,15 +104,16 @@ def run(args) -> None:
         gen = torch.Generator().manual_seed(1)
         grads = [[torch.randn(p.shape, generator=gen) * 0.01 for p in params] for _ in range(3)]
         adam = torch.optim.AdamW(params, lr=1e-3)
-        a_ord, _ = _step_times(adam, params, grads, min(args.steps, 10), 0)
+        a_ord, _ = _step_times(adam, params, grads, min(args.steps, 10))
         t_adam = statistics.median(a_ord)
         blocks = [b for p in params if p.dim() == 2 for b in _blocks_2d(tuple(p.shape))]
         print(f"d_model={d}: AdamW {t_adam * 1e3:.2f} ms/step")
         for name in args.optimizers.split(","):
             cls_name, factor = _CLASSES[name]
             params = _block_params(d)
-            opt = getattr(asteria, cls_name)(params, precondition_frequency=freq)
-            ordinary, refresh = _step_times(opt, params, grads, args.steps, freq)
+            opt = getattr(asteria, cls_name)(params, precondition_frequency=freq,
+                                             runtime=asteria.RuntimeConfig(refresh="sync"))
+            ordinary, refresh = _step_times(opt, params, grads, args.steps)
             t_ord = statistics.median(ordinary)
             t_ref = statistics.median(refresh) if refresh else float("nan")
             line = (f"  {name:10} ordinary {t_ord * 1e3:9.2f} ms ({t_ord / t_adam:6.1f}x AdamW)  "
@@ -113,4 +124,4 @@ def run(args) -> None:
                 line += (f"  GEMM {flops / 1e9:7.2f} GFLOP/step  machine {flops / t_gemm / 1e9:6.1f} GFLOP/s  "
                          f"optimizer {flops / t_ord / 1e9:6.1f} GFLOP/s = {t_gemm / t_ord:5.1%} of GEMM peak")
             print(line, flush=True)
-            opt.runtime.close() if hasattr(opt.runtime, "close") else None
+            del opt
