@@ -22,7 +22,7 @@ all: build
 
 help:
 	@echo "make demo   - build and run the asteria-train comparison on the embedded corpus"
-	@echo "make test   - build once and run all tests (ctest, TSan ctest, pytest, wheel check)"
+	@echo "make test   - build once and run all tests (ctest, TSan ctest of queue/scheduler/pager, pytest, wheel check)"
 	@echo "make bench  - run the microbenchmarks and asteria-bench (slow)"
 
 # Debian packages: installed when missing and we are root (CI and fresh machines); otherwise
@@ -47,13 +47,13 @@ build: deps venv
 ctest: build
 	@$(STAGE) ctest -- $(CTEST) --test-dir $(BUILD_DIR) -LE bench -j$(JOBS) --output-on-failure
 
-# ThreadSanitizer build of the C++ core tests (queue and scheduler; the core only, no Python).
+# ThreadSanitizer build of the C++ core tests (queue, scheduler and pager; the core only, no Python).
 tsan: deps venv
 	@$(STAGE) tsan-build -- sh -c '$(CMAKE) -S . -B $(TSAN_DIR) -G Ninja -DCMAKE_MAKE_PROGRAM=$(CURDIR)/$(VENV)/bin/ninja \
 	    -DCMAKE_BUILD_TYPE=RelWithDebInfo -DASTERIA_USE_TSAN=ON -DASTERIA_BUILD_TESTS=ON -DASTERIA_BUILD_PYTHON=OFF \
-	    -DPython_EXECUTABLE=$(CURDIR)/$(PY) >/dev/null && $(CMAKE) --build $(TSAN_DIR) --target mpmc_queue_test scheduler_test'
+	    -DPython_EXECUTABLE=$(CURDIR)/$(PY) >/dev/null && $(CMAKE) --build $(TSAN_DIR) --target mpmc_queue_test scheduler_test pager_test'
 	@$(STAGE) tsan-test -- env TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
-	    $(CTEST) --test-dir $(TSAN_DIR) -R "MpmcQueue|Scheduler" -j$(JOBS) --output-on-failure
+	    $(CTEST) --test-dir $(TSAN_DIR) -R "MpmcQueue|Scheduler|Pager|Crc32c" -j$(JOBS) --output-on-failure
 
 pytest: build
 	@$(STAGE) pytest -- $(PY) -m pytest -q tests

@@ -8,6 +8,7 @@ void init_errors(py::module_& m);
 void init_host_memory(py::module_& m);
 void init_linalg(py::module_& m);
 void init_scheduler(py::module_& m);
+void init_pager(py::module_& m);
 void init_cuda(py::module_& m);
 
 PYBIND11_MODULE(_core, m) {
@@ -17,5 +18,6 @@ PYBIND11_MODULE(_core, m) {
   init_host_memory(m);
   init_linalg(m);
   init_scheduler(m);
+  init_pager(m);
   init_cuda(m);
 }

@@ -1,0 +1,133 @@
+#pragma once
+// asteria::Pager — stores extents of optimizer state in a private swap file and moves them to and
+// from caller buffers (pinned leases) asynchronously.
+//
+// Backends: io_uring through liburing (registered file, O_DIRECT, batched submission, one reaper
+// thread) and a portable pool of threads doing pread/pwrite. kAuto picks io_uring and falls back to
+// the thread pool when io_uring cannot be set up (old kernel, seccomp) or asteria was built without
+// liburing; stats().fallback_reason says why, so the choice is never silent.
+// Integrity: every extent carries a CRC32C computed at write; a read whose data does not match
+// fails with an error naming the extent — wrong data is never returned as good.
+// Files: a fresh private directory (mkdtemp, mode 0700) inside the chosen parent holds one swap file
+// (created with O_EXCL | O_NOFOLLOW, mode 0600); the directory is removed when the Pager is
+// destroyed. O_DIRECT is used when the file system accepts it, buffered I/O otherwise.
+// Thread safety: every method may be called from any thread. write()/read() never block on I/O;
+// wait() blocks until the request completes. Buffers passed to write()/read() must stay valid and
+// untouched until wait() returns for that ticket.
+
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+
+namespace asteria {
+
+enum class PagerBackend : int { kAuto = 0, kIoUring = 1, kThreads = 2 };
+
+struct PagerOptions {
+  // Parent directory of the private swap directory (for the NVMe tier: a directory on the NVMe
+  // drive). Empty: $TMPDIR or /tmp.
+  std::string parent_dir;
+  PagerBackend backend = PagerBackend::kAuto;
+  // io_uring submission-queue entries, i.e. requests in flight (1..4096).
+  unsigned queue_depth = 64;
+  // Threads of the portable backend (1..64).
+  int io_threads = 2;
+  // Ask for O_DIRECT (bypassing the page cache); buffered I/O is used when the file system refuses.
+  bool direct_io = true;
+};
+
+struct PagerStats {
+  std::string backend;          // "io_uring" or "threads"
+  std::string fallback_reason;  // why io_uring is not used (empty when it is, or was not asked for)
+  bool direct_io = false;       // O_DIRECT in effect
+  std::string directory;        // the private swap directory
+  std::uint64_t writes = 0, reads = 0, bytes_written = 0, bytes_read = 0;
+  std::uint64_t extents = 0, file_bytes = 0;
+  std::uint64_t io_errors = 0, crc_failures = 0;
+};
+
+using ExtentId = std::uint64_t;
+using TicketId = std::uint64_t;
+
+// CRC32C (Castagnoli) of `bytes` bytes, continuing from `crc` (0 to start).
+std::uint32_t crc32c(const void* data, std::size_t bytes, std::uint32_t crc = 0) noexcept;
+
+// Bytes an I/O buffer for `bytes` bytes must provide: rounded up to 4096.
+inline std::size_t pager_io_size(std::size_t bytes) noexcept { return (bytes + 4095) / 4096 * 4096; }
+
+class Pager {
+ public:
+  explicit Pager(const PagerOptions& opts = {});
+  // Waits for I/O in flight, closes the file and removes the private directory.
+  ~Pager();
+  // Not copyable or movable: the reaper thread and the ring refer to `this`.
+  Pager(const Pager&) = delete;
+  Pager& operator=(const Pager&) = delete;
+
+  // Reserves an extent able to hold `bytes` bytes (> 0). Never blocks on I/O.
+  ExtentId allocate(std::size_t bytes);
+  // Returns the extent's space for reuse. It must have no request in flight.
+  void release(ExtentId extent);
+  // Queues a write of `bytes` (<= the extent's size) from `src`. `src` must be 4096-aligned and
+  // readable for pager_io_size(bytes) bytes. Returns a ticket for wait().
+  TicketId write(ExtentId extent, const void* src, std::size_t bytes);
+  // Queues a read of the extent's last written data into `dst` (4096-aligned, writable for
+  // pager_io_size(size) bytes). The CRC is checked when the read completes.
+  TicketId read(ExtentId extent, void* dst);
+  // Blocks until the request completes. Throws Error kIo (with errno: ENOSPC says how many bytes
+  // were needed and where; EIO names the extent; a CRC mismatch is reported as EIO naming the
+  // extent). A failed write leaves the extent's previous contents (and the caller's buffer) intact.
+  void wait(TicketId ticket);
+  // True when the request has completed (wait() then returns at once).
+  bool ready(TicketId ticket);
+  // Bytes last written to the extent (what read() returns).
+  std::size_t extent_bytes(ExtentId extent) const;
+  PagerStats stats() const;
+  const std::string& directory() const noexcept { return dir_; }
+  // Path of the swap file (for tests that corrupt or remove it).
+  const std::string& swap_path() const noexcept { return path_; }
+
+  struct Backend;  // implementation detail, public for the backends in pager.cc
+
+ private:
+  struct Extent {
+    std::uint64_t offset = 0;
+    std::size_t capacity = 0;   // multiple of 4096
+    std::size_t bytes = 0;      // valid bytes after the last successful write
+    std::uint32_t crc = 0;
+    bool written = false;
+    int in_flight = 0;
+  };
+  struct Ticket {
+    bool write = false;
+    bool done = false;
+    int error = 0;  // errno, 0 on success
+    ExtentId extent = 0;
+    void* dst = nullptr;
+    std::size_t bytes = 0;
+    std::uint32_t crc = 0;  // write: CRC of the new data; read: the extent's CRC when submitted
+  };
+  friend struct Backend;
+  void complete(TicketId id, int error);  // called by backends when a request finishes
+
+  PagerOptions opts_;
+  std::string dir_, path_;
+  int fd_ = -1;
+  bool direct_ = false;
+  std::unique_ptr<Backend> backend_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<ExtentId, Extent> extents_;
+  std::multimap<std::size_t, std::uint64_t> free_;  // capacity -> offset
+  std::uint64_t file_end_ = 0;
+  std::map<TicketId, Ticket> tickets_;
+  ExtentId next_extent_ = 1;
+  TicketId next_ticket_ = 1;
+  PagerStats stats_;
+};
+
+}  // namespace asteria
