@@ -10,6 +10,7 @@ PIP           := $(PY) -m pip --disable-pip-version-check
 TORCH_VERSION ?= 2.13.0
 BUILD_DIR     := build/py
 TSAN_DIR      := build/tsan
+ASAN_DIR      := build/asan
 WHEEL_DIR     := build/wheel
 JOBS          ?= $(shell nproc 2>/dev/null || echo 2)
 STAGE         := scripts/stage
@@ -17,12 +18,12 @@ CMAKE         := $(VENV)/bin/cmake
 CTEST         := $(VENV)/bin/ctest
 APT_PACKAGES  := g++ libgtest-dev libbenchmark-dev liburing-dev ccache pkg-config
 
-.PHONY: all demo test deps venv build ctest tsan pytest wheel-check bench clean help
+.PHONY: all demo test deps venv build ctest tsan asan pytest wheel-check bench clean help
 all: build
 
 help:
 	@echo "make demo   - build and run the asteria-train comparison on the embedded corpus"
-	@echo "make test   - build once and run all tests (ctest, TSan ctest of queue/scheduler/pager, pytest, wheel check)"
+	@echo "make test   - build once and run all tests (ctest, TSan and ASan/UBSan ctest, pytest, wheel check)"
 	@echo "make bench  - run the microbenchmarks and asteria-bench (slow)"
 
 # Debian packages: installed when missing and we are root (CI and fresh machines); otherwise
@@ -55,6 +56,14 @@ tsan: deps venv
 	@$(STAGE) tsan-test -- env TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
 	    $(CTEST) --test-dir $(TSAN_DIR) -R "MpmcQueue|Scheduler|Pager|Crc32c" -j$(JOBS) --output-on-failure
 
+# AddressSanitizer + UndefinedBehaviorSanitizer build of every C++ core test.
+asan: deps venv
+	@$(STAGE) asan-build -- sh -c '$(CMAKE) -S . -B $(ASAN_DIR) -G Ninja -DCMAKE_MAKE_PROGRAM=$(CURDIR)/$(VENV)/bin/ninja \
+	    -DCMAKE_BUILD_TYPE=RelWithDebInfo -DASTERIA_USE_ASAN=ON -DASTERIA_BUILD_TESTS=ON -DASTERIA_BUILD_PYTHON=OFF \
+	    -DPython_EXECUTABLE=$(CURDIR)/$(PY) >/dev/null && $(CMAKE) --build $(ASAN_DIR)'
+	@$(STAGE) asan-test -- env ASAN_OPTIONS="detect_leaks=1:abort_on_error=1" UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
+	    $(CTEST) --test-dir $(ASAN_DIR) -LE bench -j$(JOBS) --output-on-failure
+
 pytest: build
 	@$(STAGE) pytest -- $(PY) -m pytest -q tests
 
@@ -62,7 +71,7 @@ pytest: build
 wheel-check: deps venv
 	@$(STAGE) wheel-check -- scripts/wheel-check $(PY) $(WHEEL_DIR) $(TORCH_VERSION)
 
-test: deps venv build ctest tsan pytest wheel-check
+test: deps venv build ctest tsan asan pytest wheel-check
 	@$(STAGE) --summary
 
 demo: deps venv build
