@@ -54,16 +54,23 @@ void init_scheduler(py::module_& m) {
 
   py::class_<RefreshScheduler>(m, "RefreshScheduler",
                                "Worker threads running refresh jobs earliest-deadline-first (see asteria/scheduler.h).")
-      .def(py::init([](int workers, std::size_t queue_capacity, int blas_threads, bool flush_denormals) {
+      .def(py::init([](int workers, std::size_t queue_capacity, int blas_threads, bool flush_denormals,
+                       double test_delay_s, double test_jitter_s, std::uint64_t test_seed) {
              asteria::SchedulerOptions o;
              o.workers = workers;
              o.queue_capacity = queue_capacity;
              o.blas_threads = blas_threads;
              o.flush_denormals = flush_denormals;
+             o.test_delay_seconds = test_delay_s;
+             o.test_jitter_seconds = test_jitter_s;
+             o.test_seed = test_seed;
              return std::make_unique<RefreshScheduler>(o);
            }),
            py::kw_only(), py::arg("workers") = 1, py::arg("queue_capacity") = 4096, py::arg("blas_threads") = 1,
-           py::arg("flush_denormals") = true)
+           py::arg("flush_denormals") = true, py::arg("test_delay_s") = 0.0, py::arg("test_jitter_s") = 0.0,
+           py::arg("test_seed") = 0,
+           "test_delay_s / test_jitter_s / test_seed: TEST HOOK (SchedulerOptions::test_delay_seconds): each job "
+           "first waits test_delay_s plus a uniform random extra in [0, test_jitter_s]; shutdown interrupts it.")
       .def(
           "submit_eigh",
           [](RefreshScheduler& s, std::uint64_t block_id, std::int64_t version, std::int64_t deadline,

@@ -4,6 +4,11 @@ Each oracle updates ONE block (a numpy float64 array) with plain, unbatched nump
 ``np.tensordot``, projections by contracting dim 0 and moving the new axis to the back (the reference
 convention of ALGORITHMS.md §1), ``np.linalg.eigh`` / ``np.linalg.qr`` for the refresh math. Tests
 compare the library's trajectories against these step by step.
+
+``staleness`` (S, default 0) makes an oracle install the refresh computed from the statistics of step s at
+step ``s + o + S`` (o = 0 Shampoo, 1 SOAP/KL; ALGORITHMS.md "Staleness and install rule"): the result is
+held in a pending slot, and a refresh step that falls while the slot is full is skipped. The first SOAP/KL
+basis is always installed at once.
 """
 
 from __future__ import annotations
@@ -62,8 +67,11 @@ def eigh_descending(A: np.ndarray) -> np.ndarray:
 class ShampooOracle:
     def __init__(self, shape, lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12, weight_decay=0.0,
                  precondition_frequency=10, start_preconditioning_step=10, grafting="adam",
-                 grafting_beta2=None, grafting_epsilon=1e-8, use_bias_correction=True, exponents=None):
+                 grafting_beta2=None, grafting_epsilon=1e-8, use_bias_correction=True, exponents=None, staleness=0):
         self.shape = tuple(shape)
+        self.S = staleness
+        self.pending = None  # (install step, roots)
+        self.installs = []  # (snapshot step, install step)
         k = len(self.shape)
         self.lr, self.betas, self.eps, self.wd = lr, betas, epsilon, weight_decay
         self.f, self.s = precondition_frequency, start_preconditioning_step
@@ -81,6 +89,12 @@ class ShampooOracle:
             return gbar
         return gbar / (np.sqrt(self.V / bc2g) + self.geps)
 
+    def _install(self, t):
+        _, roots, version = self.pending
+        self.X = [X if R is None else R for X, R in zip(self.X, roots)]
+        self.installs.append((version, t))
+        self.pending = None
+
     def step(self, W: np.ndarray, G: np.ndarray) -> np.ndarray:
         self.t += 1
         t = self.t
@@ -90,10 +104,14 @@ class ShampooOracle:
             if L is not None:
                 self.L[i] = b2 * L + w * gram(G, i)
         bc2 = 1.0 - b2**t if self.bc and b2 < 1.0 else 1.0
-        if (t % self.f == 0 and t > self.s) or t == self.s:
-            for i, L in enumerate(self.L):
-                if L is not None:
-                    self.X[i] = inverse_root(L / bc2, self.eps, 1.0 / self.exponents[i])
+        if self.pending is not None and self.pending[0] <= t:
+            self._install(t)
+        if ((t % self.f == 0 and t > self.s) or t == self.s) and self.pending is None:
+            roots = [None if L is None else inverse_root(L / bc2, self.eps, 1.0 / self.exponents[i])
+                     for i, L in enumerate(self.L)]
+            self.pending = (t + self.S, roots, t)
+            if self.S == 0:
+                self._install(t)
         bc2g = 1.0
         if self.grafting == "adagrad":
             self.V = self.V + G * G
@@ -122,8 +140,11 @@ class ShampooOracle:
 # ------------------------------------------------------------------------------------------------
 class SOAPOracle:
     def __init__(self, shape, lr=3e-3, betas=(0.95, 0.95), eps=1e-8, weight_decay=0.01,
-                 precondition_frequency=10, shampoo_beta=None, correct_bias=True):
+                 precondition_frequency=10, shampoo_beta=None, correct_bias=True, staleness=0):
         self.shape = tuple(shape)
+        self.S = staleness
+        self.pending = None  # (install boundary, perms, bases, snapshot step)
+        self.installs = []
         self.factored = len(self.shape) >= 2
         self.lr, self.betas, self.eps, self.wd = lr, betas, eps, weight_decay
         self.f = precondition_frequency
@@ -156,19 +177,26 @@ class SOAPOracle:
         W = W - eta * U
         W = W - self.lr * self.wd * W
         if self.factored:
-            m_orig = project_back(self.m, self.Q)
             self.L = [L + (1.0 - self.sb) * (gram(G, i) - L) for i, L in enumerate(self.L)]
-            if t % self.f == 0:
-                perms = []
+            if t % self.f == 0 and self.pending is None:
+                perms, bases = [], []
                 for i in range(G.ndim):
-                    Q = self.Q[i]
+                    Q = self.Q[i]  # the basis installed now, at snapshot time
                     e = np.diag(Q.T @ self.L[i] @ Q)
                     perm = np.argsort(-e, kind="stable")
                     perms.append(perm)
+                    bases.append(np.linalg.qr(self.L[i] @ Q[:, perm])[0])
+                self.pending = (t + 1 + self.S, perms, bases, t)
+            if self.pending is not None and self.pending[0] <= t + 1:  # install at the boundary before step t+1
+                _, perms, bases, version = self.pending
+                m_orig = project_back(self.m, self.Q)
+                for i, perm in enumerate(perms):
                     self.v = np.take(self.v, perm, axis=i)
-                    self.Q[i] = np.linalg.qr(self.L[i] @ Q[:, perm])[0]
+                self.Q = bases
+                self.m = project(m_orig, self.Q)
                 self.perms_seen.extend(perms)
-            self.m = project(m_orig, self.Q)
+                self.installs.append((version, t + 1))
+                self.pending = None
         return W
 
 
@@ -195,12 +223,15 @@ def _whiten(G, P_list, skip):
 class KLOracle:
     def __init__(self, shape, klsoap=False, lr=1e-4, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01,
                  precondition_frequency=10, shampoo_beta=None, init_factor=0.1, using_clamping=True,
-                 max_clamp_value=4000):
+                 max_clamp_value=4000, staleness=0):
         self.shape = tuple(shape)
+        self.staleness = staleness
+        self.pending = None  # (install boundary, bases, snapshot step)
+        self.installs = []
         self.klsoap = klsoap
         self.factored = len(self.shape) >= 2
         if not self.factored:  # AdamW fallback, with SOAP conventions
-            self.fallback = SOAPOracle(shape, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+            self.fallback = SOAPOracle(shape, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, staleness=staleness)
             return
         self.lr, self.betas, self.eps, self.wd = lr, betas, eps, weight_decay
         self.T = precondition_frequency
@@ -242,8 +273,6 @@ class KLOracle:
         W = W - self.lr * U
         W = W - self.lr * self.wd * W
         # statistics
-        if self.klsoap and t % self.T == 0:
-            m_orig = project_back(self.m, self.Q)
         k = G.ndim
         g_full = project(G, self.Q)
         if k == 2:
@@ -271,10 +300,15 @@ class KLOracle:
             self.S[0] = beta * self.S[0] + (1.0 - beta) / (d2 * d3) * gram(_whiten(G, P_mix, 0), 0)
             s1n = _ema_sqrt_inv(s1, np.mean((g_full * s2n[None, :, None] * s3[None, None, :]) ** 2, axis=(1, 2)), beta, self.clamps[0])
             self.s = [s1n, s2n, s3n]
-        if t % self.T == 0:
-            self.Q = [np.linalg.qr(S @ Q)[0] for S, Q in zip(self.S, self.Q)]
+        if t % self.T == 0 and self.pending is None:
+            self.pending = (t + 1 + self.staleness, [np.linalg.qr(S @ Q)[0] for S, Q in zip(self.S, self.Q)], t)
+        if self.pending is not None and self.pending[0] <= t + 1:  # install at the boundary before step t+1
+            _, bases, version = self.pending
             if self.klsoap:
-                self.m = project(m_orig, self.Q)
+                self.m = project(project_back(self.m, self.Q), bases)
+            self.Q = bases  # D (self.s) carries over column by column
+            self.installs.append((version, t + 1))
+            self.pending = None
         return W
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from asteria.optim import KLSOAP, SOAP, KLShampoo, Shampoo
+from asteria.runtime import RuntimeConfig
 
 
 class TinyGPT(nn.Module):
@@ -36,10 +37,10 @@ def lm_loss(model, idx):
 
 
 FACTORIES = {
-    "Shampoo": lambda ps: Shampoo(ps, lr=1e-3, precondition_frequency=2, start_preconditioning_step=2),
-    "SOAP": lambda ps: SOAP(ps, precondition_frequency=2),
-    "KLShampoo": lambda ps: KLShampoo(ps, precondition_frequency=2),
-    "KLSOAP": lambda ps: KLSOAP(ps, precondition_frequency=2),
+    "Shampoo": lambda ps, **kw: Shampoo(ps, lr=1e-3, precondition_frequency=2, start_preconditioning_step=2, **kw),
+    "SOAP": lambda ps, **kw: SOAP(ps, precondition_frequency=2, **kw),
+    "KLShampoo": lambda ps, **kw: KLShampoo(ps, precondition_frequency=2, **kw),
+    "KLSOAP": lambda ps, **kw: KLSOAP(ps, precondition_frequency=2, **kw),
 }
 
 
@@ -48,7 +49,7 @@ def test_every_matrix_weight_gets_a_non_identity_preconditioner(name):
     torch.manual_seed(0)
     model = TinyGPT()
     named = list(model.named_parameters())
-    opt = FACTORIES[name](named)
+    opt = FACTORIES[name](named, runtime=RuntimeConfig(refresh="sync"))  # refreshes installed at once
     idx = torch.randint(0, 16, (4, 7))
     for _ in range(3):  # first refresh: Shampoo at step 2; SOAP/KL basis from the first call, QR at step 2
         opt.zero_grad()

@@ -7,16 +7,18 @@ import pytest
 import torch
 
 from asteria.optim import KLSOAP, KLShampoo
+from asteria.runtime import RuntimeConfig
 from oracles import KLOracle, gradient_sequence, random_orthogonal
 
 F64 = torch.float64
+SYNC = RuntimeConfig(refresh="sync")  # the oracles here are the synchronous algorithm (async: test_runtime_pipeline.py)
 CLASSES = {False: KLShampoo, True: KLSOAP}
 
 
 def make(cls, params0, groups_kw, **kw):
     params = [torch.nn.Parameter(torch.tensor(p, dtype=F64)) for p in params0]
     groups = [dict(params=[params[i] for i in idx], **g) for idx, g in groups_kw]
-    return cls(groups, state_dtype=F64, **kw), params
+    return cls(groups, state_dtype=F64, **{"runtime": SYNC, **kw}), params
 
 
 @pytest.mark.parametrize("klsoap", [False, True])
@@ -99,7 +101,7 @@ def test_orthogonal_equivariance(klsoap):
 def test_install_keeps_eigenvalue_estimates_and_momentum(klsoap):
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(4, 6, dtype=F64))
-    opt = CLASSES[klsoap]([p], lr=0.01, precondition_frequency=2, state_dtype=F64)
+    opt = CLASSES[klsoap]([p], lr=0.01, precondition_frequency=2, state_dtype=F64, runtime=SYNC)
     grads = gradient_sequence((4, 6), 7, seed=2)
     for t, g in enumerate(grads):
         p.grad = torch.tensor(g, dtype=F64)

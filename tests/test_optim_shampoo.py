@@ -13,13 +13,14 @@ from asteria.runtime import RefreshPipeline, RuntimeConfig
 from oracles import ShampooOracle, gradient_sequence, random_orthogonal
 
 F64 = torch.float64
+SYNC = RuntimeConfig(refresh="sync")  # the oracles here are the synchronous algorithm (async: test_runtime_pipeline.py)
 
 
 def run_library(params0, grads, groups_kw, opt_kw):
     """Runs Shampoo on float64 copies of params0 with the given gradient sequences; returns the trajectory."""
     params = [torch.nn.Parameter(torch.tensor(p, dtype=F64)) for p in params0]
     groups = [dict(params=[params[i] for i in idx], **kw) for idx, kw in groups_kw]
-    opt = Shampoo(groups, state_dtype=F64, **opt_kw)
+    opt = Shampoo(groups, state_dtype=F64, **{"runtime": SYNC, **opt_kw})
     traj = []
     for t in range(len(grads[0])):
         for p, g in zip(params, grads):
@@ -125,7 +126,7 @@ def test_one_dimensional_full_matrix_adagrad():
     d, eps = 5, 1e-3
     p = torch.nn.Parameter(torch.randn(d, dtype=F64))
     w = p.detach().clone()
-    opt = Shampoo([p], lr=0.1, betas=(0.0, 1.0), epsilon=eps, precondition_frequency=1, start_preconditioning_step=1,
+    opt = Shampoo([p], lr=0.1, betas=(0.0, 1.0), epsilon=eps, precondition_frequency=1, start_preconditioning_step=1, runtime=SYNC,
                   grafting="none", state_dtype=F64)
     acc = torch.zeros(d, d, dtype=F64)
     for _ in range(6):
@@ -177,7 +178,7 @@ def test_failed_refresh_keeps_previous_root_and_raises_on_fourth():
     opt = Shampoo([("layer.weight", p)], lr=0.01, epsilon=1e-6, precondition_frequency=1, start_preconditioning_step=1,
                   merge_dims=False, state_dtype=F64)
     sched = FailingScheduler(fail_calls={3, 4, 5, 6, 7, 8, 9, 10})  # two factors per refresh: steps 2.. fail
-    opt.runtime = RefreshPipeline(RuntimeConfig(), offset=0, scheduler=sched)
+    opt.runtime = RefreshPipeline(SYNC, offset=0, scheduler=sched)
     torch.manual_seed(0)
     p.grad = torch.randn(4, 3, dtype=F64)
     opt.step()
@@ -199,7 +200,7 @@ def test_failed_refresh_keeps_previous_root_and_raises_on_fourth():
 def test_failure_counter_resets_after_success():
     p = torch.nn.Parameter(torch.randn(4, 3, dtype=F64))
     opt = Shampoo([p], epsilon=1e-6, precondition_frequency=1, start_preconditioning_step=1, merge_dims=False, state_dtype=F64)
-    opt.runtime = RefreshPipeline(RuntimeConfig(), offset=0, scheduler=FailingScheduler(fail_calls={1, 5, 9, 13}))  # steps 1, 3, 5, 7 fail
+    opt.runtime = RefreshPipeline(SYNC, offset=0, scheduler=FailingScheduler(fail_calls={1, 5, 9, 13}))  # steps 1, 3, 5, 7 fail
     for _ in range(8):
         p.grad = torch.randn(4, 3, dtype=F64)
         opt.step()

@@ -8,15 +8,17 @@ import torch
 
 from asteria.optim import SOAP
 from asteria.optim import tensor_ops as ops
+from asteria.runtime import RuntimeConfig
 from oracles import SOAPOracle, gradient_sequence, project_back, random_orthogonal
 
 F64 = torch.float64
+SYNC = RuntimeConfig(refresh="sync")  # the oracles here are the synchronous algorithm (async: test_runtime_pipeline.py)
 
 
 def make(params0, groups_kw, **kw):
     params = [torch.nn.Parameter(torch.tensor(p, dtype=F64)) for p in params0]
     groups = [dict(params=[params[i] for i in idx], **g) for idx, g in groups_kw]
-    return SOAP(groups, state_dtype=F64, **kw), params
+    return SOAP(groups, state_dtype=F64, **{"runtime": SYNC, **kw}), params
 
 
 def blocks(opt, p):
@@ -102,7 +104,7 @@ def test_post_update_weight_decay_convention():
 def test_install_bookkeeping_rotation_and_permutation():
     torch.manual_seed(3)
     p = torch.nn.Parameter(torch.randn(5, 5, dtype=F64))
-    opt = SOAP([p], lr=0.01, shampoo_beta=0.3, precondition_frequency=3, state_dtype=F64)
+    opt = SOAP([p], lr=0.01, shampoo_beta=0.3, precondition_frequency=3, state_dtype=F64, runtime=SYNC)
     grads = gradient_sequence((5, 5), 20, seed=5)
     saw_permutation = False
     for t, g in enumerate(grads):

@@ -12,11 +12,26 @@ from asteria.runtime import RefreshJob, RefreshPipeline, RuntimeConfig
 
 def test_defaults():
     cfg = RuntimeConfig()
-    assert (cfg.refresh, cfg.staleness, cfg.install, cfg.workers) == ("sync", 0, "deterministic", None)
+    assert (cfg.refresh, cfg.staleness, cfg.install, cfg.workers, cfg.hooks) == ("async", 5, "deterministic", None, True)
     assert cfg.device_budget is None and cfg.host_budget is None and cfg.nvme_path is None
     assert cfg.process_group == "auto"
     assert 1 <= cfg.resolved_workers() <= 8
     assert RuntimeConfig(workers=3).resolved_workers() == 3
+    assert RuntimeConfig(refresh="sync").staleness == 0
+    assert RuntimeConfig(refresh="async", staleness=0).staleness == 0
+
+
+def test_default_workers_use_the_cores_training_leaves_free(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert RuntimeConfig().resolved_workers() == 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert RuntimeConfig().resolved_workers() == 1  # never 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert RuntimeConfig().resolved_workers() == 8  # capped
 
 
 def test_keyword_only():
@@ -33,6 +48,9 @@ def test_keyword_only():
         (dict(install="lazy"), "install"),
         (dict(workers=0), "workers"),
         (dict(workers=True), "workers"),
+        (dict(hooks=1), "hooks"),
+        (dict(refresh="sync", staleness=5), "staleness"),
+        (dict(refresh="sync", install="eager"), "eager"),
     ],
 )
 def test_bad_values(kw, match):
@@ -43,9 +61,6 @@ def test_bad_values(kw, match):
 @pytest.mark.parametrize(
     "kw,match",
     [
-        (dict(refresh="async"), "async"),
-        (dict(staleness=5), "staleness"),
-        (dict(install="eager"), "eager"),
         (dict(device_budget="2GiB"), "device_budget"),
         (dict(host_budget=1 << 30), "host_budget"),
         (dict(nvme_path="/tmp"), "nvme_path"),
@@ -63,7 +78,7 @@ def test_optimizer_rejects_non_config_runtime():
 
 
 def test_pipeline_installs_at_the_deadline_only():
-    with RefreshPipeline(RuntimeConfig(workers=2), offset=1) as pipe:
+    with RefreshPipeline(RuntimeConfig(refresh="sync", workers=2), offset=1) as pipe:
         assert pipe.deadline(7) == 8
         a = np.diag([3.0, 1.0, 2.0])
         got = []
@@ -87,7 +102,7 @@ def test_pipeline_rejects_mixed_deadlines_and_unknown_kinds():
 
 
 def test_failed_job_reaches_the_installer_with_ok_false():
-    with RefreshPipeline(offset=0) as pipe:
+    with RefreshPipeline(RuntimeConfig(refresh="sync"), offset=0) as pipe:
         got = []
         bad = np.array([[np.nan, 0.0], [0.0, 1.0]])
         pipe.submit([RefreshJob("inverse_root", 3, 0, 1, 1, bad, options=dict(root=2.0, epsilon=1e-6))], got.extend)
@@ -98,7 +113,8 @@ def test_failed_job_reaches_the_installer_with_ok_false():
 
 def test_optimizer_runtime_stats():
     p = torch.nn.Parameter(torch.randn(4, 3))
-    opt = Shampoo([p], precondition_frequency=1, start_preconditioning_step=1, merge_dims=False)
+    opt = Shampoo([p], precondition_frequency=1, start_preconditioning_step=1, merge_dims=False,
+                  runtime=RuntimeConfig(refresh="sync"))
     for _ in range(3):
         p.grad = torch.randn(4, 3)
         opt.step()

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <exception>
 #include <new>
+#include <random>
 
 #include "asteria/errors.h"
 
@@ -195,6 +196,11 @@ RefreshScheduler::RefreshScheduler(const SchedulerOptions& opts)
       }()) {
   ASTERIA_CHECK(opts.workers >= 1 && opts.workers <= 256, kInvalidArgument,
                 "[scheduler] workers must be in 1..256, got " << opts.workers);
+  ASTERIA_CHECK(opts.test_delay_seconds >= 0 && opts.test_delay_seconds <= 3600 && opts.test_jitter_seconds >= 0 &&
+                    opts.test_jitter_seconds <= 3600,
+                kInvalidArgument,
+                "[scheduler] test_delay_seconds and test_jitter_seconds must be in [0, 3600], got "
+                    << opts.test_delay_seconds << " and " << opts.test_jitter_seconds);
   linalg::set_num_threads(opts.blas_threads);
   busy_ns_ = std::make_unique<std::atomic<std::int64_t>[]>(static_cast<std::size_t>(opts.workers));
   for (int i = 0; i < opts.workers; ++i) busy_ns_[i].store(0);
@@ -254,6 +260,9 @@ void RefreshScheduler::finish(const std::shared_ptr<Job>& job, JobResult&& r) {
 
 void RefreshScheduler::worker_main(int index) {
   if (opts_.flush_denormals) set_flush_denormals();
+  std::mt19937_64 delay_rng(opts_.test_seed + static_cast<std::uint64_t>(index));
+  std::uniform_real_distribution<double> jitter(0.0, 1.0);
+  const bool delayed = opts_.test_delay_seconds > 0 || opts_.test_jitter_seconds > 0;
   for (;;) {
     work_available_.acquire();
     std::shared_ptr<Job> job = next_job();
@@ -271,8 +280,19 @@ void RefreshScheduler::worker_main(int index) {
     }
     running_.fetch_add(1);
     const std::int64_t t0 = now_ns();
+    bool interrupted = false;
+    if (delayed) {  // test hook (SchedulerOptions::test_delay_seconds); shutdown() cuts it short
+      const double secs = opts_.test_delay_seconds + opts_.test_jitter_seconds * jitter(delay_rng);
+      std::unique_lock<std::mutex> lk(stop_mu_);
+      interrupted = stop_cv_.wait_for(lk, std::chrono::duration<double>(secs), [&] { return stopping_.load(); });
+    }
     try {
-      r.outputs = run_job(job->spec);
+      if (interrupted) {
+        r.status = JobStatus::kCancelled;
+        r.message = "cancelled during the test delay by shutdown";
+      } else {
+        r.outputs = run_job(job->spec);
+      }
     } catch (const std::exception& e) {
       r.status = JobStatus::kFailed;
       r.message = "job " + std::to_string(job->id) + " (block " + std::to_string(job->spec.block_id) + ", version " +
@@ -354,6 +374,10 @@ void RefreshScheduler::shutdown() {
       if (t.joinable()) t.join();
     return;
   }
+  {
+    std::lock_guard<std::mutex> g(stop_mu_);  // pairs with the test-delay wait in worker_main
+  }
+  stop_cv_.notify_all();
   {
     std::lock_guard<std::mutex> g(mu_);
     for (auto& [id, job] : jobs_) {

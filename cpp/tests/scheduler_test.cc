@@ -256,4 +256,41 @@ TEST(Scheduler, StressConservesCompletedJobs) {
   EXPECT_EQ(s.stats().completed, static_cast<std::size_t>(kProducers * kPer));
 }
 
+// The test hook (SchedulerOptions::test_delay_seconds / test_jitter_seconds) slows every job by at
+// least the fixed delay, and shutdown() interrupts a delay in progress instead of waiting it out.
+TEST(Scheduler, TestDelayHookSlowsJobsAndShutdownInterruptsIt) {
+  asteria::SchedulerOptions o = workers(1);
+  o.test_delay_seconds = 0.05;
+  o.test_jitter_seconds = 0.02;
+  o.test_seed = 7;
+  {
+    asteria::RefreshScheduler s(o);
+    std::atomic<int> ran{0};
+    auto id = s.submit(task_job(1, [&] { ran++; }));
+    auto r = s.wait(id);
+    EXPECT_EQ(r.status, asteria::JobStatus::kOk) << r.message;
+    EXPECT_EQ(ran.load(), 1);
+    EXPECT_GE(r.run_seconds, 0.05);
+    EXPECT_LE(r.run_seconds, 5.0);
+  }
+  o.test_delay_seconds = 60.0;
+  o.test_jitter_seconds = 0.0;
+  asteria::RefreshScheduler s(o);
+  std::atomic<int> ran{0};
+  auto id = s.submit(task_job(1, [&] { ran++; }));
+  while (s.stats().running == 0) std::this_thread::sleep_for(1ms);
+  const auto t0 = std::chrono::steady_clock::now();
+  s.shutdown();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 5s);
+  auto r = s.wait(id);
+  EXPECT_EQ(r.status, asteria::JobStatus::kCancelled);
+  EXPECT_EQ(ran.load(), 0);
+}
+
+TEST(Scheduler, TestDelayHookRejectsBadValues) {
+  asteria::SchedulerOptions o = workers(1);
+  o.test_delay_seconds = -1.0;
+  EXPECT_THROW(asteria::RefreshScheduler s(o), asteria::Error);
+}
+
 }  // namespace

@@ -6,7 +6,7 @@ Swap ``torch.optim.AdamW`` for one of the optimizers below::
     opt = asteria.SOAP(model.parameters(), lr=3e-3)
 
 Public names: the optimizers ``Shampoo``, ``SOAP``, ``KLShampoo`` and ``KLSOAP``; their
-runtime settings ``RuntimeConfig``; ``config()`` (build and provider report);
+runtime settings ``RuntimeConfig`` and ``Runtime`` (a refresh worker pool several optimizers can share); ``config()`` (build and provider report);
 ``select_provider()`` (LAPACK provider); ``AsteriaError`` (errors of the native core).
 """
 
@@ -20,7 +20,7 @@ __version__ = _core.__version__
 select_provider(None)
 
 from .optim import KLSOAP, SOAP, KLShampoo, RefreshFailureError, Shampoo  # noqa: E402
-from .runtime import RuntimeConfig  # noqa: E402
+from .runtime import Runtime, RuntimeConfig  # noqa: E402
 
 
 def config() -> dict:
@@ -45,6 +45,7 @@ __all__ = [
     "KLSOAP",
     "KLShampoo",
     "RefreshFailureError",
+    "Runtime",
     "RuntimeConfig",
     "SOAP",
     "Shampoo",

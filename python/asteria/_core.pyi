@@ -67,7 +67,8 @@ class JobResult:
 
 class RefreshScheduler:
     def __init__(
-        self, *, workers: int = 1, queue_capacity: int = 4096, blas_threads: int = 1, flush_denormals: bool = True
+        self, *, workers: int = 1, queue_capacity: int = 4096, blas_threads: int = 1, flush_denormals: bool = True,
+        test_delay_s: float = 0.0, test_jitter_s: float = 0.0, test_seed: int = 0,
     ) -> None: ...
     def submit_eigh(
         self, block_id: int, version: int, deadline: int, a: npt.NDArray[np.floating], *, ridge: float = 0.0,

@@ -100,6 +100,15 @@ struct SchedulerOptions {
   int blas_threads = 1;
   // Set flush-to-zero / denormals-are-zero on worker threads (denormals slow LAPACK badly).
   bool flush_denormals = true;
+  // TEST HOOK, leave at 0 in production. Before running each job a worker waits
+  // test_delay_seconds plus a uniform random extra in [0, test_jitter_seconds] (seconds, >= 0,
+  // at most 3600 each), drawn from a per-worker generator seeded with test_seed + worker index.
+  // It simulates slow or irregular workers so the Python runtime's staleness bound, stall
+  // accounting and determinism can be tested. The wait counts as run time, and shutdown()
+  // interrupts it (the job then completes as cancelled), so a delayed scheduler never hangs.
+  double test_delay_seconds = 0.0;
+  double test_jitter_seconds = 0.0;
+  std::uint64_t test_seed = 0;
 };
 
 struct SchedulerStats {
@@ -157,6 +166,8 @@ class RefreshScheduler {
 
   std::atomic<JobId> next_id_{1};
   std::atomic<bool> stopping_{false};
+  std::mutex stop_mu_;  // with stop_cv_: wakes workers sleeping in the test delay at shutdown
+  std::condition_variable stop_cv_;
   std::atomic<std::size_t> submitted_{0}, completed_{0}, failed_{0}, cancelled_{0}, running_{0};
   std::unique_ptr<std::atomic<std::int64_t>[]> busy_ns_;
   std::atomic<std::int64_t> max_run_ns_{0}, total_run_ns_{0}, max_queued_ns_{0};

@@ -4,6 +4,7 @@ Subcommands:
     linalg     eigh / inverse root / eigenbasis refresh against torch.linalg and scipy.linalg
     scheduler  refresh-job throughput with 1 and 2 workers
     optimizer  per-step optimizer time against torch.optim.AdamW on GPT layer shapes
+    overhead   training step time of sync vs async refresh vs no refresh (how much is hidden)
 
 Each prints ratios against its baseline; absolute times drift on shared machines, ratios hold.
 """
@@ -34,12 +35,25 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("optimizer", help="per-step optimizer time vs torch.optim.AdamW")
     p.add_argument("--d-model", default="256,512,1024", help="comma-separated widths (default: %(default)s)")
     p.add_argument("--optimizers", default="shampoo,soap,kl-shampoo,kl-soap")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per optimizer (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=21, help="steps per optimizer, at least 2 refresh intervals (default: %(default)s)")
+    p = sub.add_parser("overhead", help="training step time: sync vs async refresh vs refresh disabled")
+    p.add_argument("--optimizers", default="shampoo,soap,kl-shampoo,kl-soap")
+    p.add_argument("--steps", type=int, default=200, help="training steps per run (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=10, help="first steps left out of the statistics (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds, medians reported (default: %(default)s)")
+    p.add_argument("--frequency", type=int, default=10, help="precondition_frequency (default: %(default)s)")
+    p.add_argument("--layers", type=int, default=2, help="transformer blocks (default: %(default)s)")
+    p.add_argument("--d-model", type=int, default=128, help="width (default: %(default)s)")
+    p.add_argument("--context", type=int, default=32, help="sequence length (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step (default: %(default)s)")
+    p.add_argument("--out", default="bench-overhead", help="folder for overhead.json and the PNG (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.command == "linalg":
         from .linalg import run
     elif args.command == "scheduler":
         from .scheduler import run
+    elif args.command == "overhead":
+        from .overhead import run
     else:
         from .optimizer import run
     run(args)

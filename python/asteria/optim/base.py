@@ -25,6 +25,7 @@ from asteria.optim import state_dict as _sd
 from asteria.optim.blocking import BlockSpec, ParamLayout, can_view
 from asteria.runtime.config import RuntimeConfig
 from asteria.runtime.pipeline import RefreshPipeline
+from asteria.runtime.workers import Runtime
 
 __all__ = ["BlockOptimizer", "Bucket", "Member", "RefreshFailureError", "check_range", "check_betas"]
 
@@ -192,6 +193,33 @@ class _Rows:
                 dest.index_copy_(0, self.index(dest.device), value.to(dest.dtype))
 
 
+class _WeakInstaller:
+    """The installer of one refresh batch: calls ``opt._install_batch(tag, results)`` through a weak reference.
+
+    The batch is described by a picklable ``tag`` (what is refreshed, the snapshot step, the blocks as stable
+    ``(group, param, block)`` keys), so the same installer can be rebuilt from a checkpoint, and the pipeline
+    holds no strong reference to the optimizer (its worker threads die with the optimizer).
+    """
+
+    def __init__(self, opt: BlockOptimizer, tag: dict[str, Any]) -> None:
+        self._ref = weakref.ref(opt)
+        self.tag = tag
+
+    def __call__(self, results: Sequence[Any]) -> None:
+        opt = self._ref()
+        if opt is not None:
+            opt._install_batch(self.tag, results)
+
+
+def _grad_ready_hook(ref: weakref.ref) -> Callable[[torch.Tensor], None]:
+    def hook(_: torch.Tensor) -> None:
+        opt = ref()
+        if opt is not None:
+            opt.runtime.on_grad_ready()
+
+    return hook
+
+
 class BlockOptimizer(torch.optim.Optimizer):
     """Base of `Shampoo`, `SOAP`, `KLShampoo` and `KLSOAP` (not used directly).
 
@@ -202,15 +230,31 @@ class BlockOptimizer(torch.optim.Optimizer):
     _offset: int = 0
     _param_state_keys: tuple[str, ...] = ("step",)
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], runtime: RuntimeConfig | None) -> None:
-        if runtime is not None and not isinstance(runtime, RuntimeConfig):
-            raise TypeError(f"runtime must be an asteria.RuntimeConfig or None, got {type(runtime).__name__}")
+    def __init__(
+        self, params: Iterable[Any], defaults: dict[str, Any], runtime: RuntimeConfig | Runtime | None
+    ) -> None:
+        if runtime is not None and not isinstance(runtime, (RuntimeConfig, Runtime)):
+            raise TypeError(
+                f"runtime must be an asteria.RuntimeConfig, an asteria.Runtime or None, got {type(runtime).__name__}"
+            )
         super().__init__(params, defaults)
         self.runtime = RefreshPipeline(runtime, offset=self._offset)
         me = weakref.ref(self)  # no reference cycle: the pipeline (and its worker threads) dies with the optimizer
         self.runtime.add_stats_source("nonfinite_steps", lambda: me()._nonfinite_total() if me() is not None else 0)
         self._buckets: list[Bucket] | None = None
         self._next_block_id = 0
+        self._member_index: dict[tuple[int, int, int], tuple[Bucket, int]] = {}
+        self._hook_handles: list[Any] = []
+        if self.runtime.is_async and self.runtime.config.hooks:
+            self._register_hooks(me)
+
+    def _register_hooks(self, me: weakref.ref, groups: list[dict[str, Any]] | None = None) -> None:
+        """One post-accumulate-grad hook per leaf parameter: collects finished refresh jobs during backward."""
+        hook = _grad_ready_hook(me)
+        for group in self.param_groups if groups is None else groups:
+            for p in group["params"]:
+                if p.requires_grad and p.is_leaf:
+                    self._hook_handles.append(p.register_post_accumulate_grad_hook(hook))
 
     # -- torch.optim plumbing -----------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -221,6 +265,8 @@ class BlockOptimizer(torch.optim.Optimizer):
             check_param(p, self._param_name(group, gi, pi))
         self._validate_group(group)
         self._buckets = None  # rebuilt (keeping existing state) at the next step
+        if getattr(self, "_hook_handles", None) is not None and self.runtime.is_async and self.runtime.config.hooks:
+            self._register_hooks(weakref.ref(self), [group])
 
     def _validate_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - overridden
         pass
@@ -229,6 +275,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_buckets", None)
         self.__dict__.setdefault("_next_block_id", 0)
+        self.__dict__.setdefault("_member_index", {})
+        self.__dict__.setdefault("_hook_handles", [])
 
     @staticmethod
     def _param_name(group: dict[str, Any], gi: int, pi: int) -> str:
@@ -276,6 +324,10 @@ class BlockOptimizer(torch.optim.Optimizer):
                     bucket.members.append(Member(p, gi, pi, layout, blk, name, self._next_block_id))
                     self._next_block_id += 1
         buckets = list(table.values())
+        self._member_index = {}
+        for bucket in buckets:
+            for row, m in enumerate(bucket.members):
+                self._member_index[(m.group_index, m.param_index, m.block.index)] = (bucket, row)
         for bucket in buckets:
             group = self.param_groups[bucket.group_index]
             bucket.state = self._init_bucket_state(bucket, group)
@@ -306,7 +358,14 @@ class BlockOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        buckets = self._ensure_buckets()
+        self.runtime.begin_step()
+        try:
+            self._step_buckets(self._ensure_buckets())
+        finally:
+            self.runtime.end_step()
+        return loss
+
+    def _step_buckets(self, buckets: list[Bucket]) -> None:
         work: list[tuple[Bucket, _Rows, Any]] = []
         touched: dict[int, torch.Tensor] = {}
         for bucket in buckets:
@@ -328,7 +387,6 @@ class BlockOptimizer(torch.optim.Optimizer):
                 self._step_rows(work)
             for p in touched.values():
                 self._advance_param_state(self.state[p])
-        return loss
 
     def _advance_param_state(self, pstate: dict[str, Any]) -> None:
         pstate["step"] += 1
@@ -370,6 +428,27 @@ class BlockOptimizer(torch.optim.Optimizer):
                 p.detach().copy_(tmp.view(p.shape))
 
     # -- refresh plumbing -----------------------------------------------------------------------------------
+    @staticmethod
+    def member_keys(rows: _Rows) -> list[tuple[int, int, int]]:
+        """Stable ``(group, param, block)`` keys of the rows' blocks (block ids change when buckets are rebuilt)."""
+        return [(m.group_index, m.param_index, m.block.index) for m in rows.members]
+
+    def _locate(self, keys: Sequence[Sequence[int]]) -> tuple[Bucket, list[int]]:
+        """Maps stable block keys to their bucket and rows (all in one bucket, as when they were submitted)."""
+        self._ensure_buckets()
+        found = [self._member_index[tuple(int(x) for x in k)] for k in keys]
+        bucket = found[0][0]
+        if any(b is not bucket for b, _ in found):  # pragma: no cover - a batch never spans buckets
+            raise RuntimeError(f"{type(self).__name__}: a refresh batch spans several buckets")
+        return bucket, [r for _, r in found]
+
+    def installer(self, tag: dict[str, Any]) -> _WeakInstaller:
+        """The installer of the refresh batch described by ``tag`` (see `_install_batch`)."""
+        return _WeakInstaller(self, tag)
+
+    def _install_batch(self, tag: dict[str, Any], results: Sequence[Any]) -> None:  # pragma: no cover
+        raise NotImplementedError
+
     @staticmethod
     def host_matrices(x: torch.Tensor) -> np.ndarray:
         """Copies stacked ``(B, n, n)`` matrices to a C-contiguous host array (one transfer)."""
@@ -426,6 +505,9 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._ensure_buckets()
         out = super().state_dict()
         out["asteria"] = _sd.header(self)
+        # In-flight refreshes: waited for and stored with their results, so a resumed run installs the same
+        # results at the same steps (bit-identical in deterministic mode).
+        out["asteria"]["pending"] = self.runtime.export_pending()
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -449,6 +531,7 @@ class BlockOptimizer(torch.optim.Optimizer):
                 self.state[p] = pstate
             self._buckets = None
             self._ensure_buckets()
+            self.runtime.import_pending(state_dict["asteria"].get("pending", []), self.installer)
         except Exception:
             self.state, self._buckets = old[0], old[1]
             for group, saved in zip(self.param_groups, old[2]):
@@ -457,5 +540,14 @@ class BlockOptimizer(torch.optim.Optimizer):
             raise
 
     def close(self) -> None:
-        """Stops the refresh runtime (worker threads). The optimizer cannot refresh afterwards."""
+        """Stops the refresh runtime (worker threads) and removes the hooks. The optimizer cannot refresh afterwards."""
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
         self.runtime.close()
+
+    def __enter__(self) -> BlockOptimizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

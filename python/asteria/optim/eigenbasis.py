@@ -123,7 +123,13 @@ class EigenbasisOptimizer(BlockOptimizer):
                         options=dict(ridge=eigh_ridge_for(host[k], group["eigh_ridge"]), descending=True),
                     )
                 )
-        self.runtime.submit(jobs, self._make_installer(bucket, list(rows.rows), "eigenvectors", 0, group))
+        tag = {"what": "initial", "version": 0, "blocks": self.member_keys(rows)}
+        self.runtime.submit(jobs, self.installer(tag), tag=tag)
+
+    def _refresh_due(self, t: int, group: dict[str, Any]) -> bool:
+        """Whether step t snapshots a basis refresh (every f steps, minus those skipped while one is pending)."""
+        f = group["precondition_frequency"]
+        return self.runtime.accepts(t, lambda x: x % f == 0, f, f)
 
     def _submit_refresh(self, bucket: Bucket, rows: _Rows, t: int, group: dict[str, Any]) -> None:
         """Snapshots the rows' factors and installed bases at step t and submits the refresh jobs."""
@@ -134,32 +140,32 @@ class EigenbasisOptimizer(BlockOptimizer):
             q = self.host_matrices(rows.state[f"basis_{i}"])
             for k, m in enumerate(rows.members):
                 jobs.append(RefreshJob("eigenbasis_refresh", m.block_id, i, t, deadline, a[k], q[k], self._refresh_options()))
-        self.runtime.submit(jobs, self._make_installer(bucket, list(rows.rows), "basis", t, group))
+        tag = {"what": "basis", "version": t, "blocks": self.member_keys(rows)}
+        self.runtime.submit(jobs, self.installer(tag), tag=tag)
 
-    def _make_installer(self, bucket: Bucket, row_list: list[int], output: str, version: int, group: dict[str, Any]) -> Any:
+    def _install_batch(self, tag: dict[str, Any], results: Sequence[Any]) -> None:
+        """Installs a batch of bases (the initial eigh, or a refresh relative to the basis installed at snapshot)."""
+        bucket, row_list = self._locate(tag["blocks"])
+        group = self.param_groups[bucket.group_index]
+        output = "eigenvectors" if tag["what"] == "initial" else "basis"
+        version = int(tag["version"])
         k_dims = len(bucket.shape)
-        tolerance = group["num_tolerated_failures"]
-
-        def install(results: Sequence[Any]) -> None:
-            n = len(row_list)
-            ok = [True] * n
-            msgs = [""] * n
-            bases: list[list[np.ndarray | None]] = [[None] * n for _ in range(k_dims)]
-            perms: list[list[np.ndarray | None]] = [[None] * n for _ in range(k_dims)]
-            for j, res in enumerate(results):
-                i, k = j // n, j % n
-                q = res.outputs.get(output) if res.ok else None
-                if q is None or not np.isfinite(q).all():
-                    ok[k] = False
-                    msgs[k] = res.message if not res.ok else "non-finite basis"
-                    continue
-                bases[i][k] = q
-                perm = res.outputs.get("permutation")
-                perms[i][k] = perm
-            self._install(bucket, row_list, bases, perms, ok, version, group)
-            self.record_refresh_outcome(bucket, row_list, ok, msgs, tolerance)
-
-        return install
+        n = len(row_list)
+        ok = [True] * n
+        msgs = [""] * n
+        bases: list[list[np.ndarray | None]] = [[None] * n for _ in range(k_dims)]
+        perms: list[list[np.ndarray | None]] = [[None] * n for _ in range(k_dims)]
+        for j, res in enumerate(results):
+            i, k = j // n, j % n
+            q = res.outputs.get(output) if res.ok else None
+            if q is None or not np.isfinite(q).all():
+                ok[k] = False
+                msgs[k] = res.message if not res.ok else "non-finite basis"
+                continue
+            bases[i][k] = q
+            perms[i][k] = res.outputs.get("permutation")
+        self._install(bucket, row_list, bases, perms, ok, version, group)
+        self.record_refresh_outcome(bucket, row_list, ok, msgs, group["num_tolerated_failures"])
 
     def _install(
         self,
@@ -194,6 +200,11 @@ class EigenbasisOptimizer(BlockOptimizer):
         version_t = rows.state["basis_version"].clone()
         for k in range(n):
             if ok[k]:
+                if int(version_t[k]) >= version:  # invariant 2: versions only increase per block
+                    raise RuntimeError(
+                        f"{type(self).__name__}: install of version {version} over version {int(version_t[k])} "
+                        f"for {bucket.members[row_list[k]].label}"
+                    )
                 version_t[k] = version
         rows.set("basis_version", version_t)
         rows.commit()

@@ -311,7 +311,7 @@ class _KLBase(EigenbasisOptimizer):
             rows.set(f"factor_{i}", torch.where(fmask, new_f[i], factors[i]))
             rows.set(f"eigen_sqrt_inv_{i}", torch.where(smask, new_s[i], sqrt_inv[i]))
         rows.commit()
-        if t % group["precondition_frequency"] == 0:
+        if self._refresh_due(t, group):
             self._submit_refresh(bucket, rows, t, group)
 
     def _install_rows(self, state: dict[str, torch.Tensor], new_bases: list[torch.Tensor], perms: list[torch.Tensor], ok: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -279,7 +279,10 @@ class Shampoo(BlockOptimizer):
 
     # -- step -------------------------------------------------------------------------------------------------
     def _step_rows(self, work: list[tuple[Bucket, _Rows, Any]]) -> None:
-        after_install: list[tuple[Bucket, list[int], int]] = []
+        # 1. fold G_t into the factors and snapshot/submit the refreshes of step t (o = 0);
+        # 2. install what the install rule says is due at step t (with S = 0: this step's refreshes);
+        # 3. directions and parameter updates with the installed roots.
+        staged: list[tuple[Bucket, list[int], torch.Tensor, torch.Tensor, int]] = []
         max_t = 0
         for bucket, rows, step in work:
             group = self.param_groups[bucket.group_index]
@@ -291,21 +294,20 @@ class Shampoo(BlockOptimizer):
                 new = update_factors([rows.state[f"factor_{i}"] for i in dims], G, dims, group["betas"][1], finite)
                 for i, L in zip(dims, new):
                     rows.set(f"factor_{i}", L)
-            if dims and is_refresh_step(t, group["precondition_frequency"], group["start_preconditioning_step"]):
-                rows.commit()
+            rows.commit()
+            if dims and self._refresh_due(t, group):
                 self._submit_roots(bucket, rows, dims, exps, t, group)
-                after_install.append((bucket, rows.rows, t))
-            else:
-                self._direction_and_update(bucket, rows, G, finite, t, group)
-                rows.commit()
-        if after_install:
-            self.runtime.install_due(max_t)
-            for bucket, row_list, t in after_install:
-                rows = _Rows(bucket, row_list)
-                group = self.param_groups[bucket.group_index]
-                G, finite = self.stacked_grads(rows, group["state_dtype"])
-                self._direction_and_update(bucket, rows, G, finite, t, group)
-                rows.commit()
+            staged.append((bucket, rows.rows, G, finite, t))
+        self.runtime.install_due(max_t)
+        for bucket, row_list, G, finite, t in staged:
+            rows = _Rows(bucket, row_list)  # re-gathered: an install may have replaced roots of these rows
+            group = self.param_groups[bucket.group_index]
+            self._direction_and_update(bucket, rows, G, finite, t, group)
+            rows.commit()
+
+    def _refresh_due(self, t: int, group: dict[str, Any]) -> bool:
+        f, start = group["precondition_frequency"], group["start_preconditioning_step"]
+        return self.runtime.accepts(t, lambda x: is_refresh_step(x, f, start), start, f)
 
     def _bias_correction2(self, group: dict[str, Any], t: int) -> float:
         beta2 = group["betas"][1]
@@ -325,26 +327,29 @@ class Shampoo(BlockOptimizer):
                         options=dict(root=1.0 / exps[i], epsilon=float(group["epsilon"]), method=group["root_method"]),
                     )
                 )
-        row_list = list(rows.rows)
-        tolerance = group["num_tolerated_failures"]
+        tag = {"what": "roots", "version": t, "blocks": self.member_keys(rows)}
+        self.runtime.submit(jobs, self.installer(tag), tag=tag)
 
-        def install(results: Sequence[Any]) -> None:
-            n = len(row_list)
-            ok = [True] * n
-            msgs = [""] * n
-            outs: dict[int, list[np.ndarray | None]] = {i: [None] * n for i in dims}
-            for j, res in enumerate(results):
-                i, k = dims[j // n], j % n
-                root = res.outputs.get("root") if res.ok else None
-                if root is None or not np.isfinite(root).all():
-                    ok[k] = False
-                    msgs[k] = res.message if not res.ok else "non-finite inverse root"
-                else:
-                    outs[i][k] = root
-            self._install(bucket, row_list, dims, outs, ok, t)
-            self.record_refresh_outcome(bucket, row_list, ok, msgs, tolerance)
-
-        self.runtime.submit(jobs, install)
+    def _install_batch(self, tag: dict[str, Any], results: Sequence[Any]) -> None:
+        """Installs a batch of inverse roots (all roots of a block from one snapshot, or none)."""
+        bucket, row_list = self._locate(tag["blocks"])
+        group = self.param_groups[bucket.group_index]
+        dims, _ = self._dims(bucket, group)
+        t = int(tag["version"])
+        n = len(row_list)
+        ok = [True] * n
+        msgs = [""] * n
+        outs: dict[int, list[np.ndarray | None]] = {i: [None] * n for i in dims}
+        for j, res in enumerate(results):
+            i, k = dims[j // n], j % n
+            root = res.outputs.get("root") if res.ok else None
+            if root is None or not np.isfinite(root).all():
+                ok[k] = False
+                msgs[k] = res.message if not res.ok else "non-finite inverse root"
+            else:
+                outs[i][k] = root
+        self._install(bucket, row_list, dims, outs, ok, t)
+        self.record_refresh_outcome(bucket, row_list, ok, msgs, group["num_tolerated_failures"])
 
     def _install(self, bucket: Bucket, row_list: list[int], dims: list[int], outs: dict[int, list[Any]], ok: list[bool], t: int) -> None:
         idx = torch.tensor(row_list, dtype=torch.long, device=bucket.device)
@@ -363,6 +368,10 @@ class Shampoo(BlockOptimizer):
         version = bucket.state["root_version"]
         for k, r in enumerate(row_list):
             if ok[k]:
+                if int(version[r]) >= t:  # invariant 2: versions only increase per block
+                    raise RuntimeError(
+                        f"Shampoo: install of version {t} over version {int(version[r])} for {bucket.members[r].label}"
+                    )
                 version[r] = t
 
     def _direction_and_update(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, finite: torch.Tensor, t: int, group: dict[str, Any]) -> None:

@@ -252,7 +252,7 @@ class SOAP(EigenbasisOptimizer):
             for i, L in enumerate(new):
                 rows.set(f"factor_{i}", L)
         rows.commit()
-        if bucket.factored and t % group["precondition_frequency"] == 0:
+        if bucket.factored and self._refresh_due(t, group):
             self._submit_refresh(bucket, rows, t, group)
 
     def _install_rows(self, state: dict[str, torch.Tensor], new_bases: list[torch.Tensor], perms: list[torch.Tensor], ok: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -1,28 +1,88 @@
-"""The refresh pipeline: submits refresh jobs to the C++ scheduler and installs their results.
+"""The refresh pipeline: submits refresh jobs to the worker pool and installs their results between steps.
 
 A refresh is a *batch* of jobs (one per Kronecker factor of each block of a bucket) that the optimizer
-snapshots at step ``s`` (the job ``version``) and that must be installed at the step boundary
-``deadline = s + o + S`` (ALGORITHMS.md, "Staleness and install rule"). The optimizer hands the pipeline
-the jobs and an *installer*: a callable taking the completed `JobResult`s in job order. The pipeline
-decides only **when** that installer runs. The synchronous pipeline implemented here waits for every job
-of a batch at its deadline (which, with S = 0, is the step that submitted it for Shampoo and the next
-step boundary for SOAP and KL); an asynchronous pipeline changes only that decision.
+snapshots at step ``s`` (the job ``version``; the scheduler copies the inputs at submit, so training may
+overwrite the statistics at once) and that is installed at the step boundary ``deadline = s + o + S``
+(ALGORITHMS.md, "Staleness and install rule"). The optimizer hands the pipeline the jobs and an
+*installer*: a callable taking the completed `JobResult`s in job order. The pipeline decides only **when**
+that installer runs:
+
+* ``install="deterministic"``: exactly at the deadline, waiting for a late batch (counted as a stall), so a
+  run is bit-reproducible whatever the thread timing. With ``staleness=0`` this is the synchronous
+  algorithm (``refresh="sync"`` is exactly this with S = 0).
+* ``install="eager"``: at the first install point after every job of the batch is done, and never later
+  than the deadline.
+
+Installs happen only at the optimizer's install points inside ``step()`` (between the statistics of one
+step and the direction that uses them), never from another thread. At most one refresh per block is in
+flight: the optimizer skips refresh steps with `accepted_refresh_step`, a rule of s, o, S and f only.
+
+For checkpoints, `export_pending` waits for the in-flight batches and returns their results with the
+optimizer's *tag* (a picklable description of what the batch refreshes); `import_pending` re-creates them
+so a resumed run installs the same results at the same steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from asteria.runtime.config import DEFAULT_RUNTIME_CONFIG, RuntimeConfig
+from asteria.runtime.telemetry import StepTimeline
+from asteria.runtime.workers import Runtime
 
-__all__ = ["RefreshJob", "RefreshPipeline", "JOB_KINDS"]
+__all__ = [
+    "JOB_KINDS",
+    "RefreshFailureWarning",
+    "RefreshJob",
+    "RefreshPipeline",
+    "StoredResult",
+    "accepted_refresh_step",
+]
 
 JOB_KINDS = ("eigh", "inverse_root", "eigenbasis_refresh")
+
+
+class RefreshFailureWarning(RuntimeWarning):
+    """A background refresh failed; the previous preconditioner is kept (and the failure counted)."""
+
+
+def accepted_refresh_step(t: int, is_refresh: Callable[[int], bool], first: int | float, frequency: int, gap: int) -> bool:
+    """Whether refresh step ``t`` of a block is taken under the at-most-one-in-flight rule.
+
+    A refresh taken at step s is pending until its install at ``s + gap`` (``gap = o + S``); a refresh step
+    s' with ``s' < s + gap`` is skipped. Starting from the first refresh step, the taken steps are therefore
+    a pure function of the step numbers (never of timing), identical on every run and every rank.
+
+    Args:
+        t: The step (1-based, the optimizer's step counter after increment).
+        is_refresh: The optimizer's refresh-step predicate.
+        first: The first refresh step (``math.inf``: never).
+        frequency: Refresh interval f (refresh steps after ``first`` are multiples of f).
+        gap: ``o + S``.
+
+    Returns:
+        True when step t refreshes.
+    """
+    if not is_refresh(t):
+        return False
+    if gap <= 1 or first == math.inf:
+        return True
+    a0 = int(first)
+    if t <= a0:
+        return t == a0
+    # after `first`, refresh steps are the multiples of f; each taken one is followed by the first
+    # multiple of f at least `gap` later, so from the second taken step on the stride is f*ceil(gap/f)
+    a1 = -(-max(a0 + gap, a0 + 1) // frequency) * frequency
+    stride = frequency * -(-gap // frequency)
+    return t >= a1 and (t - a1) % stride == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +95,7 @@ class RefreshJob:
         factor: Which Kronecker factor (tensor dim) of the block.
         version: Snapshot step s.
         deadline: Step boundary at which the result is installed (s + o + S).
-        a: The (n, n) C-contiguous float32/float64 matrix (a snapshot owned by the job).
+        a: The (n, n) C-contiguous float32/float64 matrix (copied by the scheduler at submit).
         q: The installed basis for ``"eigenbasis_refresh"``, else None.
         options: Keyword options for the scheduler call (ridge, descending, root, epsilon, sort, ...).
     """
@@ -51,72 +111,134 @@ class RefreshJob:
 
 
 @dataclasses.dataclass
+class StoredResult:
+    """A job result restored from a checkpoint (the fields of ``_core.JobResult`` the installers read)."""
+
+    ok: bool
+    status: str
+    message: str
+    outputs: dict[str, np.ndarray]
+    version: int
+    deadline: int
+    block_id: int = 0
+    latency_s: float = 0.0
+
+
+@dataclasses.dataclass
 class _Pending:
-    jobs: list[RefreshJob]
+    seq: int
     job_ids: list[int]
     install: Callable[[Sequence[Any]], None]
+    version: int
     deadline: int
+    tag: Any = None
+    results: list[Any] | None = None  # set when restored from a checkpoint
 
 
 class RefreshPipeline:
-    """Submits refresh jobs to `asteria._core.RefreshScheduler` and installs results at step boundaries.
-
-    The pipeline owns the scheduler (started lazily on the first submit) and is a context manager with an
-    explicit `close()`.
+    """Submits refresh jobs to a worker pool and installs results at step boundaries.
 
     Args:
-        config: The runtime configuration (only ``refresh="sync"`` is implemented).
+        config: A `RuntimeConfig` (the pipeline starts its own `Runtime`, closed with the pipeline) or a
+            shared `Runtime` (left open by `close`). None: ``RuntimeConfig()``.
         offset: The optimizer's install offset o (0 for Shampoo, 1 for SOAP and KL).
-        scheduler: An existing scheduler to use instead of starting one (it is not closed by `close()`).
+        scheduler: An existing scheduler for a pipeline's own `Runtime` (tests use this to inject failures
+            or delays); it is closed with the pipeline.
     """
 
-    def __init__(self, config: RuntimeConfig | None = None, *, offset: int = 0, scheduler: Any = None) -> None:
-        self.config = DEFAULT_RUNTIME_CONFIG if config is None else config
-        if not isinstance(self.config, RuntimeConfig):
-            raise TypeError(f"runtime must be an asteria.RuntimeConfig, got {type(self.config).__name__}")
+    def __init__(self, config: RuntimeConfig | Runtime | None = None, *, offset: int = 0, scheduler: Any = None) -> None:
+        if isinstance(config, Runtime):
+            if scheduler is not None:
+                raise ValueError("[RefreshPipeline] pass scheduler= to the shared Runtime, not to the pipeline")
+            self._runtime = config
+            self._owns_runtime = False
+        else:
+            cfg = DEFAULT_RUNTIME_CONFIG if config is None else config
+            if not isinstance(cfg, RuntimeConfig):
+                raise TypeError(
+                    f"runtime must be an asteria.RuntimeConfig or an asteria.Runtime, got {type(cfg).__name__}"
+                )
+            self._runtime = Runtime(cfg, scheduler=scheduler)
+            self._owns_runtime = True
         if offset not in (0, 1):
             raise ValueError(f"offset must be 0 or 1, got {offset!r}")
+        self.config = self._runtime.config
         self.offset = offset
-        self._scheduler = scheduler
-        self._owns_scheduler = scheduler is None
+        self._runtime.attach(self)
         self._pending: list[_Pending] = []
+        self._seq = 0
         self._closed = False
         self._stats_sources: dict[str, Callable[[], Any]] = {}
+        self.timeline = StepTimeline()
+        self._failures: list[str] = []
         self._counters = {
             "jobs_submitted": 0,
             "jobs_ok": 0,
             "jobs_failed": 0,
             "batches_installed": 0,
+            "stalls": 0,
             "wait_s": 0.0,
             "job_latency_s": 0.0,
         }
 
     # -- scheduling rule -------------------------------------------------------------------------
+    @property
+    def staleness(self) -> int:
+        return int(self.config.staleness)
+
+    @property
+    def is_async(self) -> bool:
+        return self.config.refresh == "async"
+
     def deadline(self, version: int) -> int:
         """Returns the step boundary at which a snapshot of step ``version`` is installed."""
-        return version + self.offset + self.config.staleness
+        return version + self.offset + self.staleness
+
+    def accepts(self, t: int, is_refresh: Callable[[int], bool], first: int | float, frequency: int) -> bool:
+        """Whether refresh step ``t`` is taken (`accepted_refresh_step` with ``gap = o + S``)."""
+        return accepted_refresh_step(t, is_refresh, first, frequency, self.offset + self.staleness)
 
     # -- scheduler handle ------------------------------------------------------------------------
+    @property
+    def runtime(self) -> Runtime:
+        """The `Runtime` (worker pool) this pipeline submits to."""
+        return self._runtime
+
     @property
     def scheduler(self) -> Any:
         """The `_core.RefreshScheduler`, started on first use."""
         if self._closed:
             raise RuntimeError("[RefreshPipeline] the pipeline was closed")
-        if self._scheduler is None:
-            from asteria import _core  # imported lazily: constructing an optimizer needs no worker threads
+        return self._runtime.scheduler
 
-            self._scheduler = _core.RefreshScheduler(
-                workers=self.config.resolved_workers(), queue_capacity=4096, blas_threads=1
-            )
-        return self._scheduler
+    # -- per-step telemetry ----------------------------------------------------------------------
+    def begin_step(self) -> None:
+        """Marks the start of an optimizer step (telemetry)."""
+        self.timeline.begin_step()
 
-    def submit(self, jobs: Sequence[RefreshJob], install: Callable[[Sequence[Any]], None]) -> None:
+    def end_step(self) -> None:
+        """Marks the end of an optimizer step (telemetry)."""
+        self.timeline.end_step()
+
+    def on_grad_ready(self) -> None:
+        """Called from the post-accumulate-grad hooks: collects finished jobs without blocking.
+
+        This cannot change the numbers: results are only *installed* inside ``step()``, at the points the
+        install rule fixes (in eager mode, a result collected here is installed at the next install point,
+        as it would be had it been collected there).
+        """
+        if self._pending and not self._closed:
+            self._runtime.collect(blocking=False)
+
+    # -- submit / install ------------------------------------------------------------------------------
+    def submit(self, jobs: Sequence[RefreshJob], install: Callable[[Sequence[Any]], None], *, tag: Any = None) -> None:
         """Submits a batch of jobs whose results are installed together by ``install``.
 
         Args:
-            jobs: The jobs; all must share one deadline.
-            install: Called at the deadline with the completed `JobResult`s, in the order of ``jobs``.
+            jobs: The jobs; all must share one version and one deadline.
+            install: Called at the install point with the completed `JobResult`s, in the order of ``jobs``.
                 It must cope with failed results (``ok`` False) by keeping the previous state.
+            tag: A picklable description of the batch, returned by `export_pending` for checkpoints.
 
         Raises:
             ValueError: If the jobs disagree on the deadline or name an unknown kind.
@@ -126,10 +248,15 @@ class RefreshPipeline:
         deadlines = {job.deadline for job in jobs}
         if len(deadlines) != 1:
             raise ValueError(f"[RefreshPipeline.submit] one batch must share one deadline, got {sorted(deadlines)}")
+        for job in jobs:
+            if job.kind not in JOB_KINDS:
+                raise ValueError(f"[RefreshPipeline.submit] unknown job kind {job.kind!r}; expected one of {JOB_KINDS}")
         sched = self.scheduler
         ids = [self._submit_one(sched, job) for job in jobs]
         self._counters["jobs_submitted"] += len(ids)
-        self._pending.append(_Pending(list(jobs), ids, install, deadlines.pop()))
+        self.timeline.add_submitted(len(ids))
+        self._seq += 1
+        self._pending.append(_Pending(self._seq, ids, install, int(jobs[0].version), deadlines.pop(), tag))
 
     @staticmethod
     def _submit_one(sched: Any, job: RefreshJob) -> int:
@@ -137,15 +264,16 @@ class RefreshPipeline:
             return sched.submit_eigh(job.block_id, job.version, job.deadline, job.a, **job.options)
         if job.kind == "inverse_root":
             return sched.submit_inverse_root(job.block_id, job.version, job.deadline, job.a, **job.options)
-        if job.kind == "eigenbasis_refresh":
-            return sched.submit_eigenbasis_refresh(job.block_id, job.version, job.deadline, job.a, job.q, **job.options)
-        raise ValueError(f"[RefreshPipeline.submit] unknown job kind {job.kind!r}; expected one of {JOB_KINDS}")
+        return sched.submit_eigenbasis_refresh(job.block_id, job.version, job.deadline, job.a, job.q, **job.options)
+
+    def _ready(self, p: _Pending) -> bool:
+        return p.results is not None or all(self._runtime.is_done(j) for j in p.job_ids)
 
     def install_due(self, step: int) -> int:
-        """Installs every pending batch whose deadline is at or before the step boundary ``step``.
+        """Installs the batches the install rule says are due at the step boundary ``step``.
 
-        In the synchronous pipeline this blocks until the batch's jobs are done (the time is counted as
-        ``wait_s``).
+        Deterministic: every batch whose deadline is ``<= step`` (waiting for late ones: a stall). Eager:
+        those, plus every batch already complete. Batches are installed in (deadline, submission) order.
 
         Args:
             step: The step about to use the results.
@@ -153,53 +281,164 @@ class RefreshPipeline:
         Returns:
             The number of batches installed.
         """
-        due = [p for p in self._pending if p.deadline <= step]
+        if not self._pending:
+            return 0
+        eager = self.config.install == "eager"
+        if eager or any(p.deadline <= step for p in self._pending):
+            self._runtime.collect()
+        due = [p for p in self._pending if p.deadline <= step or (eager and self._ready(p))]
         if not due:
             return 0
-        self._pending = [p for p in self._pending if p.deadline > step]
+        due.sort(key=lambda p: (p.deadline, p.seq))
         for pending in due:
-            start = time.perf_counter()
-            results = [self._scheduler.wait(jid) for jid in pending.job_ids]
-            self._counters["wait_s"] += time.perf_counter() - start
+            results = self._gather(pending)
+            self._pending.remove(pending)
+            failed = []
             for res in results:
                 self._counters["jobs_ok" if res.ok else "jobs_failed"] += 1
                 self._counters["job_latency_s"] += float(res.latency_s)
-            pending.install(results)
+                if not res.ok:
+                    failed.append(res.message)
             self._counters["batches_installed"] += 1
+            self.timeline.add_installed(len(results), step - pending.version - self.offset)
+            if failed:
+                self._failures.extend(failed)
+                del self._failures[:-50]
+                if self.is_async:
+                    warnings.warn(
+                        f"asteria: {len(failed)} background refresh job(s) of step {pending.version} failed; the "
+                        f"previous preconditioner is kept for those blocks (first error: {failed[0]})",
+                        RefreshFailureWarning,
+                        stacklevel=4,
+                    )
+            pending.install(results)
         return len(due)
+
+    def _gather(self, pending: _Pending) -> list[Any]:
+        if pending.results is not None:
+            return list(pending.results)
+        late = not all(self._runtime.is_done(j) for j in pending.job_ids)
+        start = time.perf_counter()
+        results = [self._runtime.take(jid) for jid in pending.job_ids]
+        waited = time.perf_counter() - start
+        self._counters["wait_s"] += waited
+        if late:
+            self._counters["stalls"] += 1
+            self.timeline.add_stall(waited)
+        return results
 
     def pending(self) -> int:
         """Returns the number of batches submitted and not installed yet."""
         return len(self._pending)
 
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def export_pending(self) -> list[dict[str, Any]]:
+        """Waits for every in-flight batch and returns them (tag, version, deadline, results) for a checkpoint.
+
+        The batches stay pending: they are still installed at their deadlines. Result arrays become CPU
+        tensors so the list can go through ``torch.save``.
+        """
+        out = []
+        for p in self._pending:
+            if p.results is None:
+                self._runtime.collect()
+                p.results = self._gather(p)
+            out.append(
+                {
+                    "tag": p.tag,
+                    "version": p.version,
+                    "deadline": p.deadline,
+                    "results": [
+                        {
+                            "ok": bool(r.ok),
+                            "status": str(r.status),
+                            "message": str(r.message),
+                            "outputs": {k: torch.from_numpy(np.array(v)) for k, v in r.outputs.items()},
+                            "version": int(r.version),
+                            "deadline": int(r.deadline),
+                        }
+                        for r in p.results
+                    ],
+                }
+            )
+        return out
+
+    def import_pending(self, entries: Sequence[dict[str, Any]], make_installer: Callable[[Any], Callable[[Sequence[Any]], None]]) -> None:
+        """Replaces the pending batches by those of a checkpoint (see `export_pending`).
+
+        Args:
+            entries: The list `export_pending` returned (possibly loaded from disk).
+            make_installer: Builds the installer of a batch from its tag.
+        """
+        self.discard_pending()
+        for e in entries:
+            results = [
+                StoredResult(
+                    ok=bool(r["ok"]),
+                    status=str(r["status"]),
+                    message=str(r["message"]),
+                    outputs={k: v.detach().cpu().numpy().copy() for k, v in r["outputs"].items()},
+                    version=int(r["version"]),
+                    deadline=int(r["deadline"]),
+                )
+                for r in e["results"]
+            ]
+            self._seq += 1
+            self._pending.append(
+                _Pending(self._seq, [], make_installer(e["tag"]), int(e["version"]), int(e["deadline"]), e["tag"], results)
+            )
+
+    def discard_pending(self) -> None:
+        """Cancels and forgets every pending batch (their results are never installed)."""
+        for p in self._pending:
+            if p.results is None and not self._runtime.closed:
+                for jid in p.job_ids:
+                    self._runtime.cancel(jid)
+        self._pending = []
+
+    # -- reporting -----------------------------------------------------------------------------------------
     def add_stats_source(self, name: str, fn: Callable[[], Any]) -> None:
         """Adds a named value computed by ``fn`` to `stats` (e.g. the optimizer's non-finite step count)."""
         self._stats_sources[name] = fn
 
     def stats(self) -> dict[str, Any]:
-        """Returns refresh counts, failures and time spent waiting (plus the scheduler's own stats)."""
+        """Returns counters, the per-step timeline with summaries, staleness and the scheduler's stats.
+
+        Top level: ``jobs_submitted``, ``jobs_ok``, ``jobs_failed``, ``batches_installed``, ``stalls`` (installs
+        that had to wait), ``wait_s`` (total time the training thread waited for refresh results),
+        ``job_latency_s``, ``failures`` (last messages), ``refresh``/``staleness``/``install``/``offset``,
+        ``pending_batches``. ``timeline`` has one entry per step (``step_s``, ``stall_s``, ``jobs_submitted``,
+        ``jobs_installed``), ``installed_staleness`` one per installed batch (install step minus the step the
+        synchronous algorithm uses it), ``summary`` the percentiles, ``scheduler`` the worker pool's stats
+        (``worker_busy_s`` per worker, ...).
+        """
         out: dict[str, Any] = dict(self._counters)
         out["refresh"] = self.config.refresh
-        out["staleness"] = self.config.staleness
+        out["staleness"] = self.staleness
+        out["install"] = self.config.install
+        out["offset"] = self.offset
         out["pending_batches"] = len(self._pending)
+        out["failures"] = list(self._failures)
         for name, fn in self._stats_sources.items():
             out[name] = fn()
-        if self._scheduler is not None and not self._closed:
-            out["scheduler"] = dict(self._scheduler.stats())
+        out.update(self.timeline.as_dict())
+        if not self._closed:
+            sched = self._runtime.scheduler_stats()
+            if sched:
+                out["scheduler"] = sched
         return out
 
+    # -- lifecycle ---------------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Cancels pending jobs and stops the scheduler (if this pipeline started it)."""
+        """Cancels pending jobs and stops the workers (unless the `Runtime` is shared)."""
         if self._closed:
             return
-        if self._scheduler is not None:
-            for pending in self._pending:
-                for jid in pending.job_ids:
-                    self._scheduler.cancel(jid)
-            if self._owns_scheduler:
-                self._scheduler.close()
-        self._pending = []
-        self._closed = True
+        try:
+            self.discard_pending()
+        finally:
+            self._closed = True
+            if self._owns_runtime:
+                self._runtime.close()
 
     def __enter__(self) -> RefreshPipeline:
         return self

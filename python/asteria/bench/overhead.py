@@ -1,0 +1,176 @@
+"""``asteria-bench overhead``: how much of the refresh cost the asynchronous runtime hides.
+
+A small GPT-like model (`asteria.train.model.GPT`) is trained on random tokens on the CPU with torch using
+one thread, for AdamW and for each second-order optimizer in three modes:
+
+* ``sync``: the refresh runs inline at the refresh step (the reference algorithm; spikes every f steps);
+* ``async``: the default runtime (staleness 5, deterministic installs) on the free cores;
+* ``floor``: the same optimizer with every refresh after the first basis/root disabled: the per-step cost
+  with nothing to hide (what async would achieve if the refresh were free).
+
+The configurations run interleaved (``--repeats`` rounds), so drift of a shared machine affects all of them
+alike, and the medians over rounds are reported: per-step median, p99, max and mean of the full training
+step (forward, backward, ``opt.step()``), the stalls of the async runtime, and the *hidden fraction*
+``(sync mean − async mean) / (sync mean − floor mean)``: 1 means the refresh is completely off the critical
+path, 0 means async is no better than sync. A PNG of the step-time timelines (first round) is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_NAMES = {"shampoo": "Shampoo", "soap": "SOAP", "kl-shampoo": "KLShampoo", "kl-soap": "KLSOAP"}
+
+
+def _no_refresh(cls: type) -> type:
+    """A subclass whose refreshes after the first root/basis never run (the floor of the comparison)."""
+
+    class Floor(cls):  # type: ignore[misc, valid-type]
+        def _refresh_due(self, t: int, group: dict[str, Any]) -> bool:
+            if cls.__name__ == "Shampoo":
+                return t == group["start_preconditioning_step"]
+            return False
+
+    Floor.__name__ = f"{cls.__name__}Floor"
+    return Floor
+
+
+def _build(name: str, mode: str, model: torch.nn.Module, freq: int) -> torch.optim.Optimizer:
+    import asteria
+
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    cls = getattr(asteria, _NAMES[name])
+    kw: dict[str, Any] = dict(precondition_frequency=freq)
+    if name == "shampoo":
+        kw["start_preconditioning_step"] = freq
+    if mode == "floor":
+        cls = _no_refresh(cls)
+        runtime = asteria.RuntimeConfig(refresh="sync")
+    else:
+        runtime = asteria.RuntimeConfig(refresh=mode)
+    return cls(model.parameters(), lr=1e-4 if name.startswith("kl") else 1e-3, runtime=runtime, **kw)
+
+
+def _run_one(name: str, mode: str, args: Any, seed: int) -> dict[str, Any]:
+    from asteria.train.model import GPT, ModelConfig
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(n_layer=args.layers, n_head=4, d_model=args.d_model, context=args.context)
+    model = GPT(cfg)
+    opt = _build(name, mode, model, args.frequency)
+    gen = torch.Generator().manual_seed(seed)
+    times = []
+    try:
+        for _ in range(args.steps):
+            idx = torch.randint(0, cfg.vocab_size, (args.batch, args.context + 1), generator=gen)
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            _, loss = model(idx[:, :-1], idx[:, 1:])
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        out: dict[str, Any] = {"times": times, "loss": float(loss.detach())}
+        runtime = getattr(opt, "runtime", None)
+        if runtime is not None:
+            st = runtime.stats()
+            out.update(
+                stalls=st["stalls"],
+                stall_s=sum(st["timeline"]["stall_s"][args.warmup:]),
+                jobs=st["jobs_submitted"],
+                max_staleness=st["summary"]["max_staleness"],
+                worker_busy_s=sum(st.get("scheduler", {}).get("worker_busy_s", [0.0])),
+            )
+    finally:
+        close = getattr(opt, "close", None)
+        if callable(close):
+            close()
+    return out
+
+
+def _summary(times: list[float]) -> dict[str, float]:
+    ordered = sorted(times)
+    p99 = ordered[min(len(ordered) - 1, max(0, int(round(0.99 * len(ordered))) - 1))]
+    return {"median": statistics.median(ordered), "p99": p99, "max": ordered[-1], "mean": statistics.fmean(ordered)}
+
+
+def run(args: Any) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    opts = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    configs = [("adamw", "-")] + [(o, m) for o in opts for m in ("sync", "async", "floor")]
+    import asteria
+
+    workers = asteria.RuntimeConfig().resolved_workers()
+    print(f"asteria-bench overhead: GPT {args.layers} layers, d_model {args.d_model}, context {args.context}, "
+          f"batch {args.batch}; {args.steps} steps (first {args.warmup} excluded), refresh every {args.frequency}; "
+          f"torch threads 1, refresh workers {workers} (cores {os.cpu_count()}); {args.repeats} interleaved rounds")
+    rounds: dict[tuple[str, str], list[dict[str, Any]]] = {c: [] for c in configs}
+    for r in range(args.repeats):
+        for name, mode in configs:
+            res = _run_one(name, mode, args, seed=r)
+            rounds[(name, mode)].append(res)
+            s = _summary(res["times"][args.warmup:])
+            print(f"  round {r + 1} {name:>10} {mode:>5}: mean {s['mean'] * 1e3:7.2f} ms  max {s['max'] * 1e3:7.2f} ms",
+                  flush=True)
+    table = {}
+    for (name, mode), results in rounds.items():
+        sums = [_summary(res["times"][args.warmup:]) for res in results]
+        row = {k: statistics.median(s[k] for s in sums) for k in ("median", "p99", "max", "mean")}
+        if "stalls" in results[0]:
+            row["stalls"] = statistics.median(res["stalls"] for res in results)
+            row["stall_s"] = statistics.median(res["stall_s"] for res in results)
+            row["max_staleness"] = max(res["max_staleness"] for res in results)
+        table[f"{name}:{mode}"] = row
+    print()
+    print(f"{'configuration':<18}{'median ms':>10}{'p99 ms':>10}{'max ms':>10}{'mean ms':>10}{'stall s':>9}{'hidden':>8}")
+    for name, mode in configs:
+        row = table[f"{name}:{mode}"]
+        hidden = ""
+        if mode == "async":
+            sync, floor = table[f"{name}:sync"]["mean"], table[f"{name}:floor"]["mean"]
+            if sync - floor > 0:
+                row["hidden_fraction"] = (sync - row["mean"]) / (sync - floor)
+                hidden = f"{row['hidden_fraction'] * 100:6.0f}%"
+        stall = f"{row['stall_s']:9.3f}" if "stall_s" in row else f"{'':>9}"
+        print(f"{name + ':' + mode:<18}{row['median'] * 1e3:10.2f}{row['p99'] * 1e3:10.2f}{row['max'] * 1e3:10.2f}"
+              f"{row['mean'] * 1e3:10.2f}{stall}{hidden:>8}")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "overhead.json").write_text(json.dumps(
+        {"args": vars(args), "workers": workers, "table": table,
+         "timelines": {f"{n}:{m}": rounds[(n, m)][0]["times"] for n, m in configs}}, indent=1))
+    png = _plot(rounds, configs, opts, out_dir / "overhead_timeline.png")
+    print(f"\nwrote {out_dir / 'overhead.json'}" + (f" and {png}" if png else " (matplotlib missing: no PNG)"))
+    return table
+
+
+def _plot(rounds: dict, configs: list, opts: list[str], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(len(opts), 1, figsize=(11, 2.6 * len(opts)), sharex=True, squeeze=False)
+    adamw = [t * 1e3 for t in rounds[("adamw", "-")][0]["times"]]
+    for ax, name in zip(axes[:, 0], opts):
+        ax.plot(adamw, color="0.7", lw=0.8, label="adamw")
+        for mode, color in (("sync", "tab:red"), ("async", "tab:blue"), ("floor", "tab:green")):
+            ax.plot([t * 1e3 for t in rounds[(name, mode)][0]["times"]], lw=0.9, color=color, label=f"{name}:{mode}")
+        ax.set_ylabel("step ms")
+        ax.set_yscale("log")
+        ax.legend(loc="upper right", fontsize=7, ncol=4)
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle("asteria-bench overhead: training step time (round 1)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
