@@ -1,0 +1,426 @@
+"""The training loop of ``asteria-train``: one configuration, start to end.
+
+A run trains :class:`~asteria.train.model.GPT` on the byte corpus with the requested
+optimizer, measures every step, evaluates on the validation split, and can be checkpointed
+and resumed. Measurements:
+
+* ``step_time``: wall seconds of one step (batch, forward, backward, clipping,
+  ``opt.step()``, ``zero_grad``; on CUDA synchronised by reading the loss).
+* ``wall``: training wall-clock, the running sum of step times. Evaluation and
+  checkpointing are left out, so evaluating more often does not make a run look slower.
+* ``stall``, ``refresh`` and ``install``: from ``opt.runtime.stats()`` (see
+  :mod:`asteria.train.optimizers`).
+
+Resuming: the batch of a step depends only on ``(seed, step)``; a checkpoint holds the
+model, the optimizer state, the step, the RNG states, the measurement history and the
+training wall-clock, so a resumed run continues the uninterrupted one exactly (same losses,
+bit for bit, on the same machine and thread count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .config import NUMERIC_FIELDS, RunConfig
+from .corpus import Corpus, train_batch, val_batches
+from .model import GPT, param_groups, preset
+from .optimizers import (
+    OptimizerUnavailable,
+    RuntimeProbe,
+    build_optimizer,
+    optimizer_state_bytes,
+)
+
+CHECKPOINT_FORMAT = "asteria-train-checkpoint/1"
+
+
+@dataclasses.dataclass
+class RunResult:
+    """Outcome of one run.
+
+    Attributes:
+        config: the run's configuration.
+        status: ``ok``, ``unavailable`` (optimizer could not be built), ``diverged``
+            (non-finite loss), ``failed`` (an error during training) or ``interrupted``
+            (Ctrl-C).
+        message: explanation for any status but ``ok``.
+        records: one dict per step (the rows of ``metrics.jsonl``).
+        val_history: ``{"step", "wall", "val_loss"}`` per evaluation, step 0 included.
+        num_parameters: model parameter count.
+        state_bytes: bytes of tensors in ``optimizer.state`` at the end.
+        tier_bytes: byte counters from ``opt.runtime.stats()`` (empty without a runtime).
+        runtime_stats: the last raw ``opt.runtime.stats()`` (empty without a runtime).
+        corpus_fingerprint: SHA-256 of the corpus trained on.
+        checkpoint_path: where this session's checkpoint was written (None: not written).
+    """
+
+    config: RunConfig
+    status: str = "ok"
+    message: str = ""
+    records: list[dict] = dataclasses.field(default_factory=list)
+    val_history: list[dict] = dataclasses.field(default_factory=list)
+    num_parameters: int = 0
+    state_bytes: int = 0
+    tier_bytes: dict = dataclasses.field(default_factory=dict)
+    runtime_stats: dict = dataclasses.field(default_factory=dict)
+    corpus_fingerprint: str = ""
+    checkpoint_path: str | None = None
+
+
+def resolve_device(requested: str | None) -> str:
+    """``cuda`` when requested or (for None/``auto``) available, else ``cpu``.
+
+    Raises:
+        ValueError: ``cuda`` requested on a machine without CUDA.
+    """
+    if requested in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but PyTorch sees no CUDA device")
+    return requested
+
+
+@torch.no_grad()
+def evaluate(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]], device: str) -> float:
+    """Mean validation cross-entropy (nats per byte) over fixed batches."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        _, loss = model(x.to(device), y.to(device))
+        total += loss.item() * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    return total / count
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Write a checkpoint atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`train`.
+
+    Loading uses ``torch.load(weights_only=True)``: a checkpoint holds tensors and plain
+    Python values only, so no code from the file is run.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not an asteria-train checkpoint.
+    """
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an asteria-train checkpoint ({CHECKPOINT_FORMAT})")
+    return payload
+
+
+def config_for_resume(checkpoint: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:
+    """The configuration of a resumed run: the checkpoint's, with allowed overrides.
+
+    Args:
+        checkpoint: from :func:`load_checkpoint`.
+        overrides: options given on the command line for the resumed session. Fields in
+            :data:`~asteria.train.config.NUMERIC_FIELDS` other than ``steps`` must equal
+            the checkpoint's (they define the numbers); the rest (``time_budget``,
+            ``eval_every``, ``device``, ``threads``...) may change. ``steps`` may grow;
+            with the default cosine schedule that changes the rates from the resume point.
+
+    Raises:
+        ValueError: an override conflicts with the checkpoint, naming the option.
+    """
+    data = dict(checkpoint["config"])
+    for key, value in overrides.items():
+        if value is None or key == "name":
+            continue
+        if key in NUMERIC_FIELDS and key != "steps" and data.get(key) != value:
+            option = "--" + key.replace("_", "-")
+            raise ValueError(
+                f"{option} {value!r} conflicts with the checkpoint ({data.get(key)!r}); a "
+                "resumed run keeps the settings that define its numbers"
+            )
+        data[key] = value
+    return RunConfig.from_dict(data)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(
+    cfg: RunConfig,
+    corpus: Corpus,
+    *,
+    on_record: Callable[[dict], None] | None = None,
+    progress: bool = True,
+    save: str | os.PathLike | None = None,
+    checkpoint: dict[str, Any] | None = None,
+    stop_at: int | None = None,
+    position: int = 0,
+) -> RunResult:
+    """Train one configuration.
+
+    Args:
+        cfg: the run configuration (``cfg.device`` must already be resolved).
+        corpus: the corpus.
+        on_record: called with each step's record as soon as it exists (the report's
+            ``metrics.jsonl`` writer).
+        progress: show a tqdm progress bar.
+        save: write a checkpoint here at the end of the session (also after Ctrl-C).
+        checkpoint: a checkpoint from :func:`load_checkpoint` to resume from.
+        stop_at: end this session after this step (an interruption on purpose: the
+            schedule still follows ``cfg.steps``); None runs to the end.
+        position: row of the progress bar.
+
+    Returns:
+        The :class:`RunResult`. Optimizer construction failures give status
+        ``unavailable``; other exceptions propagate.
+    """
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = cfg.device
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = GPT(preset(cfg.model, context=cfg.context)).to(device)
+    result = RunResult(
+        config=cfg, num_parameters=model.num_parameters(), corpus_fingerprint=corpus.fingerprint()
+    )
+    try:
+        opt = build_optimizer(
+            cfg.optimizer,
+            param_groups(model, cfg.effective_weight_decay),
+            lr=cfg.effective_lr,
+            weight_decay=cfg.effective_weight_decay,
+            refresh=cfg.refresh,
+            staleness=cfg.staleness,
+            precondition_frequency=cfg.precondition_frequency,
+        )
+    except OptimizerUnavailable as exc:
+        result.status, result.message = "unavailable", str(exc)
+        return result
+    try:
+        return _run(cfg, corpus, model, opt, result, on_record=on_record, progress=progress,
+                    save=save, checkpoint=checkpoint, stop_at=stop_at, position=position)
+    finally:
+        # Stop the refresh worker threads, whatever happened.
+        close = getattr(getattr(opt, "runtime", None), "close", None)
+        if callable(close):
+            close()
+
+
+class _GracefulStop:
+    """Turns the first Ctrl-C into a request to stop at the next step boundary.
+
+    Stopping between steps keeps the model and optimizer consistent, so the checkpoint
+    written by ``--save`` can be resumed. A second Ctrl-C raises ``KeyboardInterrupt`` at
+    once (and no checkpoint is written). Only active in the main thread.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        sys.stderr.write("\nstopping after this step (Ctrl-C again to abort at once)\n")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _run(
+    cfg: RunConfig,
+    corpus: Corpus,
+    model: GPT,
+    opt: torch.optim.Optimizer,
+    result: RunResult,
+    *,
+    on_record: Callable[[dict], None] | None,
+    progress: bool,
+    save: str | os.PathLike | None,
+    checkpoint: dict[str, Any] | None,
+    stop_at: int | None,
+    position: int,
+) -> RunResult:
+    """The body of :func:`train` once model and optimizer exist (same arguments)."""
+    device = cfg.device
+    vbatches = val_batches(corpus.val, cfg.batch_size, cfg.context, cfg.eval_batches)
+    step, wall = 0, 0.0
+    if checkpoint is not None:
+        if checkpoint["corpus_fingerprint"] != result.corpus_fingerprint:
+            raise ValueError(
+                "the checkpoint was trained on a different corpus (another Python version "
+                "or --corpus-bytes); it cannot be resumed here"
+            )
+        model.load_state_dict(checkpoint["model"])
+        opt.load_state_dict(checkpoint["optimizer"])
+        step, wall = int(checkpoint["step"]), float(checkpoint["wall"])
+        result.records = list(checkpoint["records"])
+        result.val_history = list(checkpoint["val_history"])
+        _set_rng_state(checkpoint["rng"])
+    else:
+        result.val_history.append(
+            {"step": 0, "wall": 0.0, "val_loss": evaluate(model, vbatches, device)}
+        )
+
+    probe = RuntimeProbe(opt)
+    last_step = cfg.steps if cfg.steps is not None else math.inf
+    if stop_at is not None:
+        last_step = min(last_step, stop_at)
+    session_start_wall = wall
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=None if cfg.steps is None else cfg.steps,
+            initial=step,
+            desc=f"{cfg.name:>12}",
+            unit="step",
+            position=position,
+            leave=True,
+            dynamic_ncols=True,
+        )
+    smooth = None
+    consistent = True  # False while a step is half done
+    stopper = _GracefulStop()
+    try:
+        stopper.__enter__()
+        model.train()
+        while step < last_step:
+            if cfg.time_budget is not None and wall - session_start_wall >= cfg.time_budget:
+                break
+            if stopper.requested:
+                result.status = "interrupted"
+                result.message = f"stopped by the user after step {step}"
+                break
+            consistent = False
+            step += 1
+            lr = cfg.lr_at(step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            x, y = train_batch(corpus.train, cfg.batch_size, cfg.context, cfg.seed, step)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            _, loss = model(x, y)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss_value = loss.item()  # also synchronises the device
+            step_time = time.perf_counter() - t0
+            consistent = True
+            events = probe.after_step()
+            wall += step_time
+            record = {
+                "config": cfg.name,
+                "step": step,
+                "loss": loss_value,
+                "lr": lr,
+                "step_time": step_time,
+                "wall": wall,
+                "stall": events.stall,
+                "refresh": events.refresh,
+                "install": events.install,
+            }
+            if not math.isfinite(loss_value):
+                result.status = "diverged"
+                result.message = f"loss became {loss_value} at step {step}"
+            end = (
+                step >= last_step
+                or result.status != "ok"
+                or (cfg.time_budget is not None and wall - session_start_wall >= cfg.time_budget)
+            )
+            paused = stop_at is not None and step >= stop_at and (
+                cfg.steps is None or step < cfg.steps
+            )
+            final = end and not paused  # evaluate at the end, unless only pausing (stop_at)
+            if result.status == "ok" and (
+                (cfg.eval_every and step % cfg.eval_every == 0) or final
+            ):
+                val = evaluate(model, vbatches, device)
+                record["val_loss"] = val
+                result.val_history.append({"step": step, "wall": wall, "val_loss": val})
+            result.records.append(record)
+            if on_record is not None:
+                on_record(record)
+            if bar is not None:
+                smooth = loss_value if smooth is None else 0.9 * smooth + 0.1 * loss_value
+                postfix = {
+                    "loss": f"{smooth:.3f}",
+                    "step": f"{step_time * 1e3:.0f}ms",
+                    "stall": f"{events.stall * 1e3:.0f}ms",
+                }
+                if result.val_history and result.val_history[-1]["step"] > 0:
+                    postfix["val"] = f"{result.val_history[-1]['val_loss']:.3f}"
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+            if result.status != "ok":
+                break
+    except KeyboardInterrupt:
+        result.status = "interrupted"
+        result.message = f"aborted by the user during step {step}" if not consistent else (
+            f"stopped by the user after step {step}")
+    finally:
+        stopper.__exit__(None, None, None)
+        if bar is not None:
+            bar.close()
+
+    result.state_bytes = optimizer_state_bytes(opt)
+    result.runtime_stats = probe.last
+    result.tier_bytes = probe.tier_bytes()
+    if save is not None and not consistent:
+        result.message += f"; no checkpoint written (step {step} was half done)"
+    elif save is not None:
+        save_checkpoint(
+            save,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "config": cfg.to_dict(),
+                "corpus_fingerprint": result.corpus_fingerprint,
+                "step": step,
+                "wall": wall,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "rng": _rng_state(),
+                "records": result.records,
+                "val_history": result.val_history,
+            },
+        )
+        result.checkpoint_path = str(save)
+    return result

@@ -1,0 +1,147 @@
+"""Tests of the asteria-train command line (asteria.train.cli)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from asteria.train.cli import build_parser, main, plan_runs
+
+FAST = ["--steps", "6", "--batch-size", "2", "--context", "32", "--eval-every", "3",
+        "--eval-batches", "1", "--corpus-bytes", "200000", "--warmup", "2", "--threads", "1",
+        "--quiet"]
+FILES = ("metrics.jsonl", "summary.json", "summary.txt", "loss_vs_step.png",
+         "loss_vs_wallclock.png", "step_time.png", "memory.png")
+
+
+def test_adamw_run_writes_a_complete_report(tmp_path, capsys):
+    report = tmp_path / "report"
+    assert main(["--optimizer", "adamw", "--report", str(report), *FAST]) == 0
+    for name in FILES:
+        assert (report / name).stat().st_size > 0, name
+    rows = [json.loads(line) for line in (report / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert {"config", "step", "loss", "step_time", "wall", "refresh"} <= set(rows[0])
+    assert "val_loss" in rows[2] and "val_loss" in rows[5]
+    summary = json.loads((report / "summary.json").read_text())
+    run = summary["runs"][0]
+    assert run["name"] == "adamw" and run["steps"] == 6 and run["status"] == "ok"
+    assert run["optimizer_state_bytes"] > 0 and run["step_time_p99_s"] > 0
+    out = capsys.readouterr().out
+    assert "adamw" in out and "step med" in out and "report written to" in out
+
+
+def test_compare_with_an_unavailable_configuration(tmp_path, capsys, monkeypatch):
+    import asteria.train.optimizers as opt_mod
+
+    def unavailable():
+        raise opt_mod.OptimizerUnavailable("the asteria library could not be imported (test)")
+
+    monkeypatch.setattr(opt_mod, "_import_asteria", unavailable)
+    report = tmp_path / "cmp"
+    code = main(["--compare", "adamw,soap:async", "--report", str(report), *FAST])
+    assert code == 0
+    summary = json.loads((report / "summary.json").read_text())
+    assert [(r["name"], r["status"]) for r in summary["runs"]] == [
+        ("adamw", "ok"), ("soap:async", "unavailable")]
+    assert "soap:async: unavailable" in capsys.readouterr().out
+
+
+def test_single_unavailable_optimizer_fails(tmp_path, monkeypatch, capsys):
+    import asteria.train.optimizers as opt_mod
+
+    def unavailable():
+        raise opt_mod.OptimizerUnavailable("the asteria library could not be imported (test)")
+
+    monkeypatch.setattr(opt_mod, "_import_asteria", unavailable)
+    assert main(["--optimizer", "soap", "--report", str(tmp_path / "r"), *FAST]) == 1
+    assert "could not be imported" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--compare", "adamw,sop"], "unknown optimizer 'sop'"),
+        (["--compare", "adamw:async"], "adamw has no preconditioner refresh"),
+        (["--compare", "soap:later"], "unknown refresh mode 'later'"),
+        (["--compare", "adamw,soap", "--save", "x.pt"], "--save checkpoints one run"),
+        (["--optimizer", "adamw", "--refresh", "async"], "only to"),
+        (["--resume", "/nonexistent/ckpt.pt"], "No such file"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message(args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--optimizer", "adamw", "--compare", "soap"],
+                                  ["--model", "huge"], ["--steps", "0"], ["--lr", "-1"]])
+def test_argparse_rejects(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+
+
+def test_default_is_the_demo_comparison():
+    args = build_parser().parse_args([])
+    runs = plan_runs(args, "cpu")
+    assert [r.name for r in runs] == ["adamw", "soap:sync", "soap:async", "kl-soap", "shampoo"]
+    assert [r.refresh for r in runs] == ["sync", "sync", "async", "sync", "sync"]
+    assert len({(r.seed, r.steps, r.batch_size, r.model) for r in runs}) == 1
+
+
+def test_refresh_default_applies_to_unsuffixed_entries():
+    args = build_parser().parse_args(["--compare", "adamw,soap,shampoo:sync", "--refresh", "async"])
+    runs = plan_runs(args, "cpu")
+    assert [(r.name, r.refresh) for r in runs] == [
+        ("adamw", "sync"), ("soap:async", "async"), ("shampoo:sync", "sync")]
+
+
+def test_time_budget_without_steps():
+    runs = plan_runs(build_parser().parse_args(["--optimizer", "adamw", "--time-budget", "5"]), "cpu")
+    assert runs[0].steps is None and runs[0].time_budget == 5.0
+
+
+def test_help_and_module_entry_point():
+    help_text = build_parser().format_help()
+    assert "--compare" in help_text and "tiny" in help_text and "0.84M" in help_text
+    proc = subprocess.run([sys.executable, "-m", "asteria.train", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "asteria-train" in proc.stdout
+
+
+def test_save_and_resume_from_the_command_line(tmp_path):
+    ckpt = tmp_path / "run.pt"
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["--optimizer", "adamw", "--report", str(full), *FAST]) == 0
+    assert main(["--optimizer", "adamw", "--report", str(part), "--stop-at", "3",
+                 "--save", str(ckpt), *FAST]) == 0
+    assert main(["--resume", str(ckpt), "--report", str(part), "--quiet", "--threads", "1"]) == 0
+    losses = [[json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines()]
+              for d in (full, part)]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+    with pytest.raises(SystemExit):
+        main(["--resume", str(ckpt), "--lr", "0.5", "--quiet"])
+
+
+def test_second_order_compare_runs_when_available(tmp_path):
+    asteria = pytest.importorskip("asteria")
+    if not hasattr(asteria, "SOAP"):
+        pytest.skip("asteria.SOAP is not available yet")
+    report = tmp_path / "so"
+    assert main(["--compare", "adamw,soap", "--report", str(report),
+                 "--precondition-frequency", "2", *FAST]) == 0
+    summary = json.loads((report / "summary.json").read_text())
+    soap = summary["runs"][1]
+    assert soap["status"] == "ok" and soap["refresh_steps"] >= 1
+
+
+def test_staleness_goes_to_async_configurations_only():
+    args = build_parser().parse_args(["--compare", "soap:sync,soap:async", "--staleness", "3"])
+    runs = plan_runs(args, "cpu")
+    assert [(r.name, r.staleness) for r in runs] == [("soap:sync", None), ("soap:async", 3)]
+    with pytest.raises(ValueError, match="applies only to async"):
+        plan_runs(build_parser().parse_args(["--optimizer", "soap", "--staleness", "3"]), "cpu")

@@ -1,0 +1,112 @@
+"""Tests of asteria.train.report: summary, verdict, table, metrics file and plots."""
+
+import json
+
+import numpy as np
+import pytest
+
+from asteria.train.config import RunConfig
+from asteria.train.loop import RunResult
+from asteria.train.report import (
+    MetricsWriter,
+    format_table,
+    read_metrics,
+    smooth,
+    summarize,
+    write_plots,
+    write_summary,
+)
+
+PNGS = ("loss_vs_step.png", "loss_vs_wallclock.png", "step_time.png", "memory.png")
+
+
+def _fake_run(name, optimizer, rate, step_time, steps=40, refresh_every=0):
+    cfg = RunConfig(name=name, optimizer=optimizer, steps=steps)
+    result = RunResult(config=cfg, num_parameters=1000, state_bytes=8000)
+    wall = 0.0
+    result.val_history.append({"step": 0, "wall": 0.0, "val_loss": 5.5})
+    for s in range(1, steps + 1):
+        refresh = bool(refresh_every) and s % refresh_every == 0
+        dt = step_time * (3 if refresh else 1)
+        wall += dt
+        loss = 2.0 + 3.5 * np.exp(-rate * s)
+        rec = {"config": name, "step": s, "loss": float(loss), "lr": 1e-3, "step_time": dt,
+               "wall": wall, "stall": 0.0, "refresh": refresh, "install": refresh}
+        if s % 10 == 0:
+            rec["val_loss"] = float(loss + 0.01)
+            result.val_history.append({"step": s, "wall": wall, "val_loss": rec["val_loss"]})
+        result.records.append(rec)
+    return result
+
+
+def _runs():
+    return [
+        _fake_run("adamw", "adamw", 0.05, 0.1),
+        _fake_run("soap", "soap", 0.10, 0.15, refresh_every=10),  # fewer steps, less time
+        _fake_run("shampoo", "shampoo", 0.08, 0.5, refresh_every=5),  # fewer steps, more time
+        _fake_run("kl-soap", "kl-soap", 0.01, 0.1),  # never reaches the target
+    ]
+
+
+def test_summary_and_time_to_target():
+    summary = summarize(_runs())
+    assert summary["baseline"] == "adamw"
+    by = {s["name"]: s for s in summary["runs"]}
+    assert summary["target_loss"] == by["adamw"]["final_val_loss"]
+    assert by["adamw"]["target"]["step"] == 40
+    assert by["soap"]["target"]["step"] < 40 and by["soap"]["wall_ratio"] < 1
+    assert by["shampoo"]["steps_ratio"] < 1 and by["shampoo"]["wall_ratio"] > 1
+    assert by["kl-soap"]["target"] is None
+    assert by["soap"]["refresh_steps"] == 4
+    assert by["soap"]["step_time_max_s"] == pytest.approx(0.45)
+    assert by["adamw"]["step_time_median_s"] == pytest.approx(0.1)
+    text = "\n".join(summary["verdict"])
+    assert "Verdict: yes. soap" in text and "kl-soap: did not reach it" in text
+
+
+def test_verdict_no_and_unavailable():
+    runs = [_fake_run("adamw", "adamw", 0.2, 0.1), _fake_run("soap", "soap", 0.01, 0.1)]
+    unavailable = RunResult(config=RunConfig(optimizer="kl-soap"), status="unavailable",
+                            message="not built")
+    summary = summarize(runs + [unavailable])
+    text = "\n".join(summary["verdict"])
+    assert "Verdict: no" in text and "kl-soap: unavailable (not built)" in text
+    table = format_table(summary)
+    assert "unavailable" in table and "not reached" in table
+
+
+def test_explicit_target_and_baseline_without_adamw():
+    summary = summarize([_fake_run("soap", "soap", 0.1, 0.1)], target_loss=3.5)
+    assert summary["baseline"] == "soap" and summary["target_loss"] == 3.5
+    assert summary["runs"][0]["target"]["step"] == 10
+
+
+def test_summary_files(tmp_path):
+    summary = summarize(_runs())
+    path = write_summary(tmp_path, summary)
+    loaded = json.loads(path.read_text())
+    assert [r["name"] for r in loaded["runs"]] == ["adamw", "soap", "shampoo", "kl-soap"]
+    assert "Verdict" in (tmp_path / "summary.txt").read_text()
+
+
+def test_metrics_writer_round_trip(tmp_path):
+    with MetricsWriter(tmp_path / "m" / "metrics.jsonl") as w:
+        w({"step": 1, "loss": 2.0})
+        w({"step": 2, "loss": 1.5, "val_loss": 1.7})
+    assert read_metrics(tmp_path / "m" / "metrics.jsonl") == [
+        {"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "val_loss": 1.7}]
+
+
+def test_plots_exist_and_are_pngs(tmp_path):
+    runs = _runs()
+    paths = write_plots(tmp_path, runs, summarize(runs))
+    assert sorted(p.name for p in paths) == sorted(PNGS)
+    for name in PNGS:
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 10_000
+
+
+def test_smooth_has_no_lag():
+    y = np.arange(100, dtype=float)
+    assert np.allclose(smooth(y), y)  # a centred mean of a line is the line
+    assert smooth([]).size == 0
