@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from .corpus import DEFAULT_MAX_BYTES
@@ -143,8 +144,6 @@ class RunConfig:
             return peak * step / self.warmup
         if self.steps is None or self.steps <= self.warmup:
             return peak
-        import math
-
         progress = min(1.0, (step - self.warmup) / (self.steps - self.warmup))
         return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
