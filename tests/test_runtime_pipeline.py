@@ -474,3 +474,16 @@ def test_sigint_mid_refresh_exits_promptly(tmp_path):
                 proc.communicate()
     assert proc.returncode != 0 and "KeyboardInterrupt" in err
     assert elapsed < 10  # the 60 s refresh in flight was interrupted, not waited for
+
+
+def test_counters_match_stats_without_the_timeline():
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    opt = SOAP([p], precondition_frequency=2, runtime=RuntimeConfig(refresh="sync"))
+    for _ in range(5):
+        p.grad = torch.randn(8, 8)
+        opt.step()
+    counters, stats = opt.runtime.counters(), opt.runtime.stats()
+    assert counters["jobs_submitted"] > 0 and counters["batches_installed"] > 0
+    assert all(stats[k] == v for k, v in counters.items())
+    assert "timeline" not in counters and "summary" not in counters
+    opt.close()

@@ -81,11 +81,11 @@ def _step_times(opt, params, grads, steps):
     for s in range(steps):
         for p, g in zip(params, grads[s % len(grads)]):
             p.grad = g
-        before = opt.runtime.stats()["jobs_submitted"] if hasattr(opt, "runtime") else 0
+        before = opt.runtime.counters()["jobs_submitted"] if hasattr(opt, "runtime") else 0
         t0 = time.perf_counter()
         opt.step()
         dt = time.perf_counter() - t0
-        submitted = (opt.runtime.stats()["jobs_submitted"] if hasattr(opt, "runtime") else 0) > before
+        submitted = (opt.runtime.counters()["jobs_submitted"] if hasattr(opt, "runtime") else 0) > before
         if submitted:
             refresh.append(dt)
             refreshed = True

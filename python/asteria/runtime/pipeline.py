@@ -401,6 +401,14 @@ class RefreshPipeline:
         """Adds a named value computed by ``fn`` to `stats` (e.g. the optimizer's non-finite step count)."""
         self._stats_sources[name] = fn
 
+    def counters(self) -> dict[str, Any]:
+        """The top-level counters of `stats` only (``jobs_submitted``, ``batches_installed``, ``wait_s``, ...,
+        ``pending_batches``): cheap enough to read after every step, unlike `stats`, which also copies the
+        whole per-step timeline and computes its percentiles."""
+        out: dict[str, Any] = dict(self._counters)
+        out["pending_batches"] = len(self._pending)
+        return out
+
     def stats(self) -> dict[str, Any]:
         """Returns counters, the per-step timeline with summaries, staleness and the scheduler's stats.
 
@@ -412,12 +420,11 @@ class RefreshPipeline:
         synchronous algorithm uses it), ``summary`` the percentiles, ``scheduler`` the worker pool's stats
         (``worker_busy_s`` per worker, ...).
         """
-        out: dict[str, Any] = dict(self._counters)
+        out: dict[str, Any] = self.counters()
         out["refresh"] = self.config.refresh
         out["staleness"] = self.staleness
         out["install"] = self.config.install
         out["offset"] = self.offset
-        out["pending_batches"] = len(self._pending)
         out["failures"] = list(self._failures)
         for name, fn in self._stats_sources.items():
             out[name] = fn()

@@ -267,29 +267,43 @@ class StepEvents(NamedTuple):
 
 
 class RuntimeProbe:
-    """Reads ``opt.runtime.stats()`` around each step (see the module docstring).
+    """Reads the runtime's counters around each step (see the module docstring).
+
+    Per step it reads ``opt.runtime.counters()`` when the runtime has it (a few numbers), else
+    ``opt.runtime.stats()``; the full ``stats()`` (with the per-step timeline) is read only when
+    `last` is asked for, at the end of a run.
 
     Attributes:
         available: whether the optimizer exposes runtime stats.
-        last: the latest raw stats (a dict; empty when unavailable).
     """
 
     def __init__(self, opt: torch.optim.Optimizer) -> None:
         runtime = getattr(opt, "runtime", None)
         self._stats_fn = getattr(runtime, "stats", None) if runtime is not None else None
         self.available = callable(self._stats_fn)
-        self.last: dict = {}
+        counters = getattr(runtime, "counters", None) if runtime is not None else None
+        self._counters_fn = counters if callable(counters) else self._stats_fn
         self._flat: dict[str, float] = {}
         if self.available:
             self._flat = self._read()
 
-    def _read(self) -> dict[str, float]:
+    @property
+    def last(self) -> dict:
+        """The latest full ``opt.runtime.stats()`` (a dict; empty when unavailable or failing)."""
+        if not self.available:
+            return {}
         try:
             raw = self._stats_fn()
         except Exception:  # a stats failure must not end training; report nothing
             return {}
-        self.last = raw if isinstance(raw, dict) else {}
-        return flatten_stats(raw)
+        return raw if isinstance(raw, dict) else {}
+
+    def _read(self) -> dict[str, float]:
+        try:
+            raw = self._counters_fn()
+        except Exception:  # a stats failure must not end training; report nothing
+            return {}
+        return flatten_stats(raw) if isinstance(raw, dict) else {}
 
     def after_step(self) -> StepEvents:
         """Call once after each ``opt.step()``; returns what happened during that step."""
@@ -305,5 +319,5 @@ class RuntimeProbe:
         return StepEvents(grew(REFRESH_COUNTER_WORDS), grew(INSTALL_COUNTER_WORDS), stall)
 
     def tier_bytes(self) -> dict[str, float]:
-        """Bytes per memory tier from the last stats (keys mentioning ``bytes``)."""
+        """Bytes per memory tier from the runtime's stats (keys mentioning ``bytes``)."""
         return {k: v for k, v in flatten_stats(self.last).items() if "bytes" in k.lower()}
