@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from asteria.optim.base import BlockOptimizer, Bucket, _Rows
+from asteria.optim.base import BlockOptimizer, Bucket, _Rows, check_betas, check_dtype, check_range
 from asteria.optim.blocking import ParamLayout, soap_layout
 from asteria.runtime.pipeline import RefreshJob
 
@@ -46,7 +46,23 @@ class EigenbasisOptimizer(BlockOptimizer):
 
     _offset = 1
 
+    def _validate_common(self, group: dict[str, Any]) -> None:
+        """Checks the hyperparameters SOAP, KLShampoo and KLSOAP share (ValueError naming value and range)."""
+        check_range("lr", group["lr"], 0.0)
+        check_betas("betas", group["betas"])
+        check_range("eps", group["eps"], 0.0)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_range("precondition_frequency", group["precondition_frequency"], 1, integer=True)
+        if group["shampoo_beta"] is not None:
+            check_range("shampoo_beta", group["shampoo_beta"], 0.0, 1.0, high_open=True)
+        check_range("max_preconditioner_dim", group["max_preconditioner_dim"], 1, integer=True, allow_inf=True)
+        if group["eigh_ridge"] is not None:
+            check_range("eigh_ridge", group["eigh_ridge"], 0.0)
+        check_range("num_tolerated_failures", group["num_tolerated_failures"], 0, integer=True)
+        check_dtype("state_dtype", group["state_dtype"])
+
     # -- layout / param state ----------------------------------------------------------------------
+
     def _layout(self, param: torch.Tensor, group: dict[str, Any]) -> ParamLayout:
         return soap_layout(param.shape, group["max_preconditioner_dim"])
 

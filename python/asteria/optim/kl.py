@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from asteria.optim import tensor_ops as ops
-from asteria.optim.base import Bucket, _Rows, check_betas, check_dtype, check_range
+from asteria.optim.base import Bucket, _Rows, check_range
 from asteria.optim.eigenbasis import EigenbasisOptimizer
 from asteria.optim.soap import adam_in_basis, apply_post_update_weight_decay, rotate_into_new_bases
 from asteria.runtime.config import RuntimeConfig
@@ -227,22 +227,11 @@ class _KLBase(EigenbasisOptimizer):
         super().__init__(params, defaults, runtime)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_range("lr", group["lr"], 0.0)
-        check_betas("betas", group["betas"])
-        check_range("eps", group["eps"], 0.0)
-        check_range("weight_decay", group["weight_decay"], 0.0)
-        check_range("precondition_frequency", group["precondition_frequency"], 1, integer=True)
-        if group["shampoo_beta"] is not None:
-            check_range("shampoo_beta", group["shampoo_beta"], 0.0, 1.0, high_open=True)
+        self._validate_common(group)
         check_range("init_factor", group["init_factor"], 0.0, low_open=True)
         if not isinstance(group["using_clamping"], bool):
             raise ValueError(f"Invalid using_clamping: {group['using_clamping']!r}; expected a bool")
         check_range("max_clamp_value", group["max_clamp_value"], 0.0, low_open=True)
-        check_range("max_preconditioner_dim", group["max_preconditioner_dim"], 1, integer=True, allow_inf=True)
-        if group["eigh_ridge"] is not None:
-            check_range("eigh_ridge", group["eigh_ridge"], 0.0)
-        check_range("num_tolerated_failures", group["num_tolerated_failures"], 0, integer=True)
-        check_dtype("state_dtype", group["state_dtype"])
 
     @staticmethod
     def _beta(group: dict[str, Any]) -> float:
