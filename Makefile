@@ -11,19 +11,21 @@ TORCH_VERSION ?= 2.13.0
 BUILD_DIR     := build/py
 TSAN_DIR      := build/tsan
 ASAN_DIR      := build/asan
+CUDA_DIR      := build/cuda
 WHEEL_DIR     := build/wheel
 JOBS          ?= $(shell nproc 2>/dev/null || echo 2)
 STAGE         := scripts/stage
 CMAKE         := $(VENV)/bin/cmake
 CTEST         := $(VENV)/bin/ctest
 APT_PACKAGES  := g++ libgtest-dev libbenchmark-dev liburing-dev ccache pkg-config
+NVCC          := $(shell command -v nvcc 2>/dev/null || { test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda/bin/nvcc; })
 
-.PHONY: all demo test deps venv build ctest tsan asan pytest wheel-check bench clean help
+.PHONY: all demo test deps venv build ctest tsan asan cuda-check pytest wheel-check bench clean help
 all: build
 
 help:
 	@echo "make demo   - build and run the asteria-train comparison on the embedded corpus"
-	@echo "make test   - build once and run all tests (ctest, TSan and ASan/UBSan ctest, pytest, wheel check)"
+	@echo "make test   - build once and run all tests (ctest, TSan and ASan/UBSan ctest, CUDA compile check, pytest, wheel check)"
 	@echo "make bench  - run the microbenchmarks and asteria-bench (slow)"
 
 # Debian packages: installed when missing and we are root (CI and fresh machines); otherwise
@@ -64,6 +66,21 @@ asan: deps venv
 	@$(STAGE) asan-test -- env ASAN_OPTIONS="detect_leaks=1:abort_on_error=1" UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
 	    $(CTEST) --test-dir $(ASAN_DIR) -LE bench -j$(JOBS) --output-on-failure
 
+# Compile-only check of the CUDA backend: the cuSOLVER engine, asteria._core and cuda_test are built
+# with nvcc in $(CUDA_DIR) (cuSOLVER/cuBLAS from the NVIDIA wheels, installed into the venv when
+# missing); nothing runs. scripts/gpu-check builds and runs the GPU tests on a machine with a GPU.
+cuda-check: deps venv
+ifeq ($(NVCC),)
+	@echo "== [cuda-check] skipped: nvcc not found (no CUDA toolkit), the CUDA backend was not compiled"
+else
+	@$(STAGE) cuda-deps -- scripts/cuda-deps $(PY)
+	@$(STAGE) cuda-build -- sh -c '$(CMAKE) -S . -B $(CUDA_DIR) -G Ninja -DCMAKE_MAKE_PROGRAM=$(CURDIR)/$(VENV)/bin/ninja \
+	    -DCMAKE_CUDA_COMPILER=$(NVCC) -DASTERIA_ENABLE_CUDA=ON -DASTERIA_BUILD_TESTS=ON -DASTERIA_BUILD_PYTHON=ON \
+	    -DPython_EXECUTABLE=$(CURDIR)/$(PY) >/dev/null && $(CMAKE) --build $(CUDA_DIR)'
+	@echo "cuda-check: the CUDA backend, asteria._core and cuda_test compiled; the GPU tests were not run" \
+	    "(this stage has no GPU: run scripts/gpu-check on a GPU machine)"
+endif
+
 pytest: build
 	@$(STAGE) pytest -- $(PY) -m pytest -q tests
 
@@ -71,7 +88,7 @@ pytest: build
 wheel-check: deps venv
 	@$(STAGE) wheel-check -- scripts/wheel-check $(PY) $(WHEEL_DIR) $(TORCH_VERSION)
 
-test: deps venv build ctest tsan asan pytest wheel-check
+test: deps venv build ctest tsan asan cuda-check pytest wheel-check
 	@$(STAGE) --summary
 
 demo: deps venv build

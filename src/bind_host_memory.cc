@@ -4,6 +4,8 @@
 #include <memory>
 #include <optional>
 
+#include "asteria/cuda.h"
+#include "asteria/errors.h"
 #include "asteria/host_memory.h"
 
 namespace py = pybind11;
@@ -29,16 +31,25 @@ void init_host_memory(py::module_& m) {
   py::class_<PinnedPool, std::shared_ptr<PinnedPool>>(m, "PinnedPool",
                                                       "Page-locked host memory under a byte budget.")
       .def(py::init([](std::size_t budget_bytes, bool lock, std::optional<std::size_t> max_locked_bytes,
-                       bool cache_released) {
+                       bool cache_released, bool cuda_register) {
              asteria::PinnedPoolOptions o;
              o.budget_bytes = budget_bytes;
              o.lock = lock;
              o.max_locked_bytes = max_locked_bytes;
              o.cache_released = cache_released;
+             if (cuda_register) {
+               ASTERIA_CHECK(asteria::cuda::built_with_cuda(), kUnavailable,
+                             "[PinnedPool] cuda_register=True needs asteria built with -DASTERIA_ENABLE_CUDA=ON "
+                             "(pip install . -Ccmake.define.ASTERIA_ENABLE_CUDA=ON)");
+               o.on_map = [](void* p, std::size_t n) { asteria::cuda::host_register(p, n); };
+               o.on_unmap = [](void* p) { asteria::cuda::host_unregister(p); };
+             }
              return std::make_shared<PinnedPool>(o);
            }),
            py::kw_only(), py::arg("budget_bytes"), py::arg("lock") = true, py::arg("max_locked_bytes") = py::none(),
-           py::arg("cache_released") = true)
+           py::arg("cache_released") = true, py::arg("cuda_register") = false,
+           "cuda_register: register every mapping with CUDA (cudaHostRegister) so device copies to and from "
+           "leases are asynchronous DMA (CUDA builds only).")
       .def("acquire", [](PinnedPool& p, std::size_t nbytes) { return std::make_shared<Lease>(p.acquire(nbytes)); },
            py::arg("nbytes"), "A Lease of at least nbytes bytes, 4 KiB-aligned.")
       .def("trim", &PinnedPool::trim, "Unmap cached mappings; returns the bytes freed.")

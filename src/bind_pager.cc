@@ -3,6 +3,9 @@
 
 #include <map>
 #include <memory>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "asteria/errors.h"
 #include "asteria/host_memory.h"
@@ -18,6 +21,7 @@ namespace {
 struct PyPager {
   std::unique_ptr<Pager> pager;
   std::map<asteria::TicketId, std::shared_ptr<Lease>> pinned;
+  std::vector<std::shared_ptr<Lease>> registered;  // buffers registered for fixed I/O
 
   Pager& get() {
     ASTERIA_CHECK(pager != nullptr, kInvalidArgument, "[pager] the pager is closed");
@@ -31,6 +35,35 @@ asteria::PagerBackend parse_backend(const std::string& b) {
   if (b == "threads") return asteria::PagerBackend::kThreads;
   ASTERIA_CHECK(false, kInvalidArgument, "[pager] backend must be 'auto', 'io_uring' or 'threads', got '" << b << "'");
   return asteria::PagerBackend::kAuto;
+}
+
+asteria::PagerFault parse_fault(const std::string& kind, const std::string& op, std::uint64_t skip,
+                                std::uint64_t count) {
+  asteria::PagerFault f;
+  if (kind == "none") f.kind = asteria::PagerFaultKind::kNone;
+  else if (kind == "eio") f.kind = asteria::PagerFaultKind::kEio;
+  else if (kind == "short") f.kind = asteria::PagerFaultKind::kShortTransfer;
+  else if (kind == "enospc") f.kind = asteria::PagerFaultKind::kNoSpace;
+  else if (kind == "partial") f.kind = asteria::PagerFaultKind::kPartialTransfer;
+  else
+    ASTERIA_CHECK(false, kInvalidArgument,
+                  "[pager] test fault kind must be 'none', 'eio', 'short', 'enospc' or 'partial', got '" << kind << "'");
+  if (op == "any") f.op = asteria::PagerFaultOp::kAny;
+  else if (op == "read") f.op = asteria::PagerFaultOp::kRead;
+  else if (op == "write") f.op = asteria::PagerFaultOp::kWrite;
+  else ASTERIA_CHECK(false, kInvalidArgument, "[pager] test fault op must be 'any', 'read' or 'write', got '" << op << "'");
+  f.skip = skip;
+  f.count = count;
+  return f;
+}
+
+void close_pager(PyPager& p) {
+  {
+    py::gil_scoped_release nogil;
+    p.pager.reset();
+  }
+  p.pinned.clear();
+  p.registered.clear();
 }
 
 }  // namespace
@@ -49,7 +82,7 @@ void init_pager(py::module_& m) {
              o.backend = parse_backend(backend);
              o.queue_depth = queue_depth;
              o.io_threads = io_threads;
-             o.direct_io = direct_io;
+             o.direct_io = direct_io;  // the test hook is armed with set_test_fault()
              auto p = std::make_unique<PyPager>();
              p->pager = std::make_unique<Pager>(o);
              return p;
@@ -96,6 +129,31 @@ void init_pager(py::module_& m) {
           },
           py::arg("ticket"), "Block until the request completes (GIL released); raises OSError on failure.")
       .def("ready", [](PyPager& p, asteria::TicketId t) { return p.get().ready(t); }, py::arg("ticket"))
+      .def(
+          "register_buffers",
+          [](PyPager& p, std::vector<std::shared_ptr<Lease>> leases) {
+            std::vector<std::pair<void*, std::size_t>> bufs;
+            for (const auto& l : leases) {
+              ASTERIA_CHECK(l && l->valid(), kInvalidArgument, "[pager.register_buffers] invalid lease");
+              bufs.emplace_back(l->data(), l->capacity());
+            }
+            const bool ok = p.get().register_buffers(bufs);
+            p.registered = ok ? std::move(leases) : std::vector<std::shared_ptr<Lease>>{};
+            return ok;
+          },
+          py::arg("leases"),
+          "Register leases for fixed io_uring reads/writes (replacing earlier ones; [] unregisters). No request "
+          "may be in flight. Returns False (stats()['registration_error'] says why) when the backend cannot; "
+          "the pager keeps the leases alive while they are registered.")
+      .def(
+          "set_test_fault",
+          [](PyPager& p, const std::string& kind, const std::string& op, std::uint64_t skip, std::uint64_t count) {
+            p.get().set_test_fault(parse_fault(kind, op, skip, count));
+          },
+          py::arg("kind"), py::kw_only(), py::arg("op") = "any", py::arg("skip") = 0, py::arg("count") = 1,
+          "TEST HOOK: after `skip` matching requests succeed, the next `count` fail: 'eio', 'short' (half moves, "
+          "then no progress), 'enospc' (writes), 'partial' (half moves first; the pager must finish it), 'none' "
+          "disarms. Never use it in production.")
       .def_property_readonly("directory", [](PyPager& p) { return p.get().directory(); })
       .def_property_readonly("swap_path", [](PyPager& p) { return p.get().swap_path(); })
       .def("stats", [](PyPager& p) {
@@ -113,21 +171,17 @@ void init_pager(py::module_& m) {
         d["file_bytes"] = s.file_bytes;
         d["io_errors"] = s.io_errors;
         d["crc_failures"] = s.crc_failures;
+        d["faults_injected"] = s.faults_injected;
+        d["registered_buffers"] = s.registered_buffers;
+        d["registered_bytes"] = s.registered_bytes;
+        d["fixed_ops"] = s.fixed_ops;
+        d["registration_error"] = s.registration_error;
+        d["read_busy_s"] = s.read_busy_s;
+        d["write_busy_s"] = s.write_busy_s;
         return d;
       })
-      .def("close", [](PyPager& p) {
-        {
-          py::gil_scoped_release nogil;
-          p.pager.reset();
-        }
-        p.pinned.clear();
-      }, "Wait for I/O in flight, then remove the swap directory (idempotent).")
+      .def("close", &close_pager, "Wait for I/O in flight, then remove the swap directory (idempotent).")
+      .def_property_readonly("closed", [](PyPager& p) { return p.pager == nullptr; })
       .def("__enter__", [](PyPager& p) -> PyPager& { return p; }, py::return_value_policy::reference)
-      .def("__exit__", [](PyPager& p, py::args) {
-        {
-          py::gil_scoped_release nogil;
-          p.pager.reset();
-        }
-        p.pinned.clear();
-      });
+      .def("__exit__", [](PyPager& p, py::args) { close_pager(p); });
 }

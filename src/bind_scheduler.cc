@@ -5,6 +5,7 @@
 #include <chrono>
 #include <thread>
 
+#include "asteria/cuda.h"
 #include "asteria/scheduler.h"
 #include "convert.h"
 
@@ -23,12 +24,20 @@ py::dict result_outputs(const asteria::JobResult& r) {
   return d;
 }
 
-JobSpec base_spec(JobKind kind, std::uint64_t block_id, std::int64_t version, std::int64_t deadline) {
+JobSpec base_spec(JobKind kind, std::uint64_t block_id, std::int64_t version, std::int64_t deadline,
+                  std::uintptr_t wait_event = 0) {
   JobSpec s;
   s.kind = kind;
   s.block_id = block_id;
   s.version = version;
   s.deadline = deadline;
+  if (wait_event != 0) {
+    // The inputs are filled by an asynchronous device-to-host copy: the worker waits for its CUDA event
+    // (the training thread never does). The caller keeps the event alive until the job completes.
+    ASTERIA_CHECK(asteria::cuda::built_with_cuda(), kUnavailable,
+                  "[RefreshScheduler] wait_event needs asteria built with -DASTERIA_ENABLE_CUDA=ON");
+    s.prerequisite = [wait_event] { asteria::cuda::event_synchronize(wait_event); };
+  }
   return s;
 }
 
@@ -74,22 +83,22 @@ void init_scheduler(py::module_& m) {
       .def(
           "submit_eigh",
           [](RefreshScheduler& s, std::uint64_t block_id, std::int64_t version, std::int64_t deadline,
-             const py::array& a, double ridge, bool descending) {
-            auto spec = base_spec(JobKind::kEigh, block_id, version, deadline);
+             const py::array& a, double ridge, bool descending, std::uintptr_t wait_event) {
+            auto spec = base_spec(JobKind::kEigh, block_id, version, deadline, wait_event);
             spec.inputs.push_back(square_from_numpy(a, "RefreshScheduler.submit_eigh"));
             spec.eigh.ridge = ridge;
             spec.eigh.descending = descending;
             return s.submit(std::move(spec));
           },
           py::arg("block_id"), py::arg("version"), py::arg("deadline"), py::arg("a"), py::kw_only(),
-          py::arg("ridge") = 0.0, py::arg("descending") = false,
+          py::arg("ridge") = 0.0, py::arg("descending") = false, py::arg("wait_event") = 0,
           "Queue a symmetric eigendecomposition; outputs 'eigenvalues' and 'eigenvectors' (in columns).")
       .def(
           "submit_inverse_root",
           [](RefreshScheduler& s, std::uint64_t block_id, std::int64_t version, std::int64_t deadline,
              const py::array& a, double root, double epsilon, const std::string& method, int max_iterations,
-             double tolerance) {
-            auto spec = base_spec(JobKind::kInverseRoot, block_id, version, deadline);
+             double tolerance, std::uintptr_t wait_event) {
+            auto spec = base_spec(JobKind::kInverseRoot, block_id, version, deadline, wait_event);
             spec.inputs.push_back(square_from_numpy(a, "RefreshScheduler.submit_inverse_root"));
             spec.root = root;
             spec.epsilon = epsilon;
@@ -103,19 +112,19 @@ void init_scheduler(py::module_& m) {
           },
           py::arg("block_id"), py::arg("version"), py::arg("deadline"), py::arg("a"), py::kw_only(), py::arg("root"),
           py::arg("epsilon"), py::arg("method") = "eigh", py::arg("max_iterations") = 100,
-          py::arg("tolerance") = 1e-6, "Queue X = (A + eps·I)^(-1/root); output 'root'.")
+          py::arg("tolerance") = 1e-6, py::arg("wait_event") = 0, "Queue X = (A + eps·I)^(-1/root); output 'root'.")
       .def(
           "submit_eigenbasis_refresh",
           [](RefreshScheduler& s, std::uint64_t block_id, std::int64_t version, std::int64_t deadline,
-             const py::array& a, const py::array& q, bool sort) {
-            auto spec = base_spec(JobKind::kEigenbasisRefresh, block_id, version, deadline);
+             const py::array& a, const py::array& q, bool sort, std::uintptr_t wait_event) {
+            auto spec = base_spec(JobKind::kEigenbasisRefresh, block_id, version, deadline, wait_event);
             spec.inputs.push_back(square_from_numpy(a, "RefreshScheduler.submit_eigenbasis_refresh"));
             spec.inputs.push_back(square_from_numpy(q, "RefreshScheduler.submit_eigenbasis_refresh"));
             spec.sort = sort;
             return s.submit(std::move(spec));
           },
           py::arg("block_id"), py::arg("version"), py::arg("deadline"), py::arg("a"), py::arg("q"), py::kw_only(),
-          py::arg("sort") = true,
+          py::arg("sort") = true, py::arg("wait_event") = 0,
           "Queue a SOAP (sort=True) or KL (sort=False) eigenbasis refresh; outputs 'basis' and 'permutation'.")
       .def(
           "submit_sleep",

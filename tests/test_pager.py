@@ -101,3 +101,87 @@ def test_bad_arguments(tmp_path, pool):
 
 def test_crc32c_check_value():
     assert _core.crc32c(b"123456789") == 0xE3069283
+
+
+@pytest.mark.parametrize("backend", ["auto", "threads"])
+@pytest.mark.parametrize(
+    "kind,op,match",
+    [
+        ("eio", "write", "Input/output error"),
+        ("enospc", "write", "No space left on device: needed 8192 bytes"),
+        ("short", "write", "short write"),
+        ("eio", "read", "Input/output error"),
+        ("short", "read", "short read"),
+    ],
+)
+def test_injected_faults_are_clear_errors_and_lose_nothing(tmp_path, pool, backend, kind, op, match):
+    """The test hook: every injected fault is an OSError naming the extent; no data is lost."""
+    with _core.Pager(directory=str(tmp_path), backend=backend) as pager:
+        v1, v2 = pool.acquire(8192), pool.acquire(8192)
+        np.frombuffer(v1, dtype=np.uint8)[:] = 1
+        np.frombuffer(v2, dtype=np.uint8)[:] = 2
+        e = pager.allocate(8192)
+        pager.wait(pager.write(e, v1))
+        pager.set_test_fault(kind, op=op)
+        with pytest.raises(OSError, match=match) as info:
+            if op == "write":
+                pager.wait(pager.write(e, v2))
+            else:
+                pager.wait(pager.read(e, pool.acquire(8192)))
+        assert f"extent {e}" in str(info.value)
+        out = pool.acquire(8192)
+        pager.wait(pager.read(e, out))  # the previous contents, intact
+        assert np.all(np.frombuffer(out, dtype=np.uint8) == 1)
+        assert np.all(np.frombuffer(v2, dtype=np.uint8) == 2)  # the caller's buffer, untouched
+        assert pager.stats()["faults_injected"] == 1
+
+
+def test_partial_transfer_is_completed(tmp_path, pool):
+    with _core.Pager(directory=str(tmp_path)) as pager:
+        src = pool.acquire(4 * 4096)
+        np.frombuffer(src, dtype=np.uint8)[:] = np.arange(4 * 4096) % 251
+        e = pager.allocate(src.nbytes)
+        pager.set_test_fault("partial", count=2)
+        pager.wait(pager.write(e, src))
+        out = pool.acquire(src.nbytes)
+        pager.wait(pager.read(e, out))
+        assert bytes(memoryview(out)) == bytes(memoryview(src))
+        assert pager.stats()["io_errors"] == 0
+
+
+def test_fault_at_the_nth_request(tmp_path, pool):
+    with _core.Pager(directory=str(tmp_path)) as pager:
+        buf = pool.acquire(4096)
+        e = pager.allocate(4096)
+        pager.set_test_fault("eio", op="write", skip=2)
+        pager.wait(pager.write(e, buf))
+        pager.wait(pager.write(e, buf))
+        with pytest.raises(OSError):
+            pager.wait(pager.write(e, buf))
+        pager.wait(pager.write(e, buf))
+        with pytest.raises(ValueError, match="kind"):
+            pager.set_test_fault("sometimes")
+
+
+def test_registered_buffers(tmp_path, pool):
+    with _core.Pager(directory=str(tmp_path), backend="auto") as pager:
+        ring = pool.acquire(2 * 8192)
+        ok = pager.register_buffers([ring])
+        s = pager.stats()
+        if s["backend"] != "io_uring":
+            assert not ok and s["registration_error"]
+            return
+        assert ok, s["registration_error"]
+        assert s["registered_buffers"] == 1 and s["registered_bytes"] == ring.capacity
+        view = np.frombuffer(ring, dtype=np.uint8)
+        view[:] = 3
+        e = pager.allocate(2 * 8192)
+        pager.wait(pager.write(e, ring))
+        view[:] = 0
+        pager.wait(pager.read(e, ring))
+        assert np.all(view == 3)
+        assert pager.stats()["fixed_ops"] == 2
+        assert pager.stats()["read_busy_s"] > 0 and pager.stats()["write_busy_s"] > 0
+    with _core.Pager(directory=str(tmp_path), backend="threads") as pager:
+        assert not pager.register_buffers([pool.acquire(4096)])
+        assert "io_uring" in pager.stats()["registration_error"]

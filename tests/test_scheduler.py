@@ -118,3 +118,20 @@ def test_refresh_work_overlaps_python():
         assert stats["worker_busy_s"][0] >= 0.19
         assert len(s.poll()) == 4
         assert ids
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_eigenbasis_refresh_returns_the_install_rotation(dtype):
+    """The job also returns R = Q_oldᵀ·Q_new, the matrix the SOAP/KL install rotates the first moment with."""
+    rng = np.random.default_rng(3)
+    g = rng.standard_normal((12, 12))
+    a = (g @ g.T).astype(dtype)
+    q, _ = np.linalg.qr(rng.standard_normal((12, 12)))
+    q = q.astype(dtype)
+    with _core.RefreshScheduler(workers=1) as sched:
+        res = sched.wait(sched.submit_eigenbasis_refresh(0, 1, 2, a, q))
+    assert res.ok
+    rot = res.outputs["rotation"]
+    assert rot.dtype == dtype and rot.shape == (12, 12)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(rot, q.T.astype(np.float64) @ res.outputs["basis"].astype(np.float64), atol=tol)

@@ -1,5 +1,6 @@
 // Pager throughput (GB/s) for writing and reading back extents of 1 MiB through pinned leases,
-// io_uring backend against the portable thread-pool backend in the same run. The swap directory is
+// io_uring backend (with and without registered buffers) against the portable thread-pool backend in
+// the same run. The swap directory is
 // created under $ASTERIA_BENCH_DIR (default: $TMPDIR or /tmp), so point it at the drive to measure.
 #include <cstdio>
 #include <cstdlib>
@@ -16,9 +17,11 @@ struct Result {
   double write_gbs, read_gbs;
   std::string backend;
   bool direct;
+  bool fixed;
 };
 
-Result run(asteria::PagerBackend backend, int extents, std::size_t extent_bytes, asteria::PinnedPool& pool) {
+Result run(asteria::PagerBackend backend, int extents, std::size_t extent_bytes, asteria::PinnedPool& pool,
+           bool register_buffers = false) {
   asteria::PagerOptions o;
   if (const char* d = std::getenv("ASTERIA_BENCH_DIR")) o.parent_dir = d;
   o.backend = backend;
@@ -30,6 +33,12 @@ Result run(asteria::PagerBackend backend, int extents, std::size_t extent_bytes,
     bufs.push_back(pool.acquire(extent_bytes));
     std::memset(bufs.back().data(), i & 0xFF, extent_bytes);
     ids.push_back(pager.allocate(extent_bytes));
+  }
+  bool fixed = false;
+  if (register_buffers) {
+    std::vector<std::pair<void*, std::size_t>> regs;
+    for (auto& b : bufs) regs.emplace_back(b.data(), b.capacity());
+    fixed = pager.register_buffers(regs);
   }
   const double total = static_cast<double>(extents) * static_cast<double>(extent_bytes);
   const double tw = asteria_bench::median_seconds(
@@ -47,7 +56,7 @@ Result run(asteria::PagerBackend backend, int extents, std::size_t extent_bytes,
       },
       3);
   auto s = pager.stats();
-  return {total / tw / 1e9, total / tr / 1e9, s.backend, s.direct_io};
+  return {total / tw / 1e9, total / tr / 1e9, s.backend, s.direct_io, fixed && s.fixed_ops > 0};
 }
 
 }  // namespace
@@ -61,10 +70,14 @@ int main(int argc, char** argv) {
   std::printf("pager_bench: %d extents of 1 MiB (write then read back, CRC32C included), median of 3\n", extents);
   Result t = run(asteria::PagerBackend::kThreads, extents, extent_bytes, pool);
   Result u = run(asteria::PagerBackend::kAuto, extents, extent_bytes, pool);
-  for (const Result& r : {t, u})
-    std::printf("  %-9s O_DIRECT=%d  write %6.2f GB/s  read %6.2f GB/s\n", r.backend.c_str(), r.direct ? 1 : 0,
-                r.write_gbs, r.read_gbs);
+  Result f = run(asteria::PagerBackend::kAuto, extents, extent_bytes, pool, true);
+  for (const Result& r : {t, u, f})
+    std::printf("  %-9s O_DIRECT=%d fixed=%d  write %6.2f GB/s  read %6.2f GB/s\n", r.backend.c_str(),
+                r.direct ? 1 : 0, r.fixed ? 1 : 0, r.write_gbs, r.read_gbs);
   std::printf("  ratio %s/threads: write %.2f  read %.2f\n", u.backend.c_str(), u.write_gbs / t.write_gbs,
               u.read_gbs / t.read_gbs);
+  if (f.fixed)
+    std::printf("  ratio registered/unregistered buffers: write %.2f  read %.2f\n", f.write_gbs / u.write_gbs,
+                f.read_gbs / u.read_gbs);
   return 0;
 }

@@ -21,7 +21,13 @@ struct Arena {
   std::size_t unlocked_live = 0;                       // live leases that are not locked
   std::multimap<std::size_t, std::pair<void*, bool>> cache;  // capacity -> (ptr, locked)
 
-  void unmap(void* p, std::size_t cap, bool locked) {
+  void unmap(void* p, std::size_t cap, bool locked) noexcept {
+    if (opts.on_unmap) {
+      try {
+        opts.on_unmap(p);
+      } catch (...) {  // an unregistration failure must not leak the mapping
+      }
+    }
     if (locked) {
       munlock(p, cap);
       st.locked -= cap;
@@ -141,6 +147,19 @@ Lease PinnedPool::acquire(std::size_t bytes) {
               "); using unlocked memory, which is slower for device copies and O_DIRECT. Fix: raise the limit "
               "(ulimit -l, or LimitMEMLOCK= in systemd, or --ulimit memlock=-1 in containers).";
         }
+      }
+    }
+    if (a.opts.on_map) {
+      try {
+        a.opts.on_map(p, cap);
+      } catch (...) {
+        if (locked) {
+          munlock(p, cap);
+          a.st.locked -= cap;
+        }
+        munmap(p, cap);
+        a.st.reserved -= cap;
+        throw;
       }
     }
   }

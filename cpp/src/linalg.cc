@@ -412,6 +412,14 @@ NewtonReport newton_inverse_root(int n, const T* a, T* x, int p, double eps, con
 }
 
 template <typename T>
+void matmul_tn(int n, const T* a, const T* b, T* c) {
+  ASTERIA_CHECK(n >= 1, kInvalidArgument, "[linalg::matmul_tn] n must be >= 1, got " << n);
+  // Row-major buffers seen column-major are transposed: with A' = aᵀ and B' = bᵀ (column-major views),
+  // the column-major result C' = cᵀ = (aᵀ b)ᵀ = bᵀ a = B'·A'ᵀ.
+  Fns<T>::gemm('N', 'T', n, n, n, T(1), b, n, a, n, T(0), c, n);
+}
+
+template <typename T>
 void eigenbasis_refresh(int n, const T* l, const T* q, T* q_new, std::int64_t* perm, bool sort) {
   check_n(n, "eigenbasis_refresh");
   const std::size_t nn = static_cast<std::size_t>(n) * n;
@@ -450,7 +458,8 @@ void eigenbasis_refresh(int n, const T* l, const T* q, T* q_new, std::int64_t* p
   template void eigh<T>(int, const T*, T*, T*, const EighOptions&);                               \
   template void inverse_root<T>(int, const T*, T*, double, double, bool);                         \
   template NewtonReport newton_inverse_root<T>(int, const T*, T*, int, double, const NewtonOptions&); \
-  template void eigenbasis_refresh<T>(int, const T*, const T*, T*, std::int64_t*, bool);
+  template void eigenbasis_refresh<T>(int, const T*, const T*, T*, std::int64_t*, bool);            \
+  template void matmul_tn<T>(int, const T*, const T*, T*);
 ASTERIA_LINALG_INSTANTIATE(float)
 ASTERIA_LINALG_INSTANTIATE(double)
 

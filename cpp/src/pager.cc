@@ -2,9 +2,12 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -58,6 +61,15 @@ __attribute__((target("sse4.2"))) std::uint32_t crc32c_hw(const unsigned char* p
 
 std::string errno_text(int e) { return std::string(std::strerror(e)); }
 
+// Internal completion code of a transfer that stopped short and made no further progress (reported
+// to the caller as EIO with the byte counts). Not an errno value.
+constexpr int kShortError = 100001;
+
+std::int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 // Full pread/pwrite of len bytes (retrying short transfers and EINTR). Returns 0 or an errno.
 int full_io(bool write, int fd, void* buf, std::size_t len, std::uint64_t offset) {
   auto* p = static_cast<unsigned char*>(buf);
@@ -73,6 +85,45 @@ int full_io(bool write, int fd, void* buf, std::size_t len, std::uint64_t offset
     done += static_cast<std::size_t>(r);
   }
   return 0;
+}
+
+// Performs a request that the test hook chose to fail (see PagerFaultKind): half of the data (rounded
+// down to whole 4 KiB blocks, as O_DIRECT needs) really moves, then the fault. Returns 0, an errno or
+// kShortError; *moved is the bytes transferred.
+int faulty_io(bool write, int fd, void* buf, std::size_t len, std::uint64_t offset, PagerFaultKind kind,
+              std::size_t* moved) {
+  auto* p = static_cast<unsigned char*>(buf);
+  const std::size_t half = len / 2 / 4096 * 4096;
+  const int e = half ? full_io(write, fd, p, half, offset) : 0;
+  *moved = e == 0 ? half : 0;
+  if (e != 0) return e;
+  switch (kind) {
+    case PagerFaultKind::kEio:
+      return EIO;
+    case PagerFaultKind::kNoSpace:
+      return ENOSPC;
+    case PagerFaultKind::kShortTransfer:
+      return kShortError;
+    case PagerFaultKind::kPartialTransfer: {
+      const int rest = full_io(write, fd, p + half, len - half, offset + half);
+      *moved = rest == 0 ? len : half;
+      return rest;
+    }
+    case PagerFaultKind::kNone:
+      break;
+  }
+  return full_io(write, fd, p, len, offset);
+}
+
+bool is_error_fault(PagerFaultKind k) {
+  return k == PagerFaultKind::kEio || k == PagerFaultKind::kNoSpace || k == PagerFaultKind::kShortTransfer;
+}
+
+void check_fault(const PagerFault& f) {
+  ASTERIA_CHECK(static_cast<int>(f.kind) >= 0 && static_cast<int>(f.kind) <= 4, kInvalidArgument,
+                "[pager] unknown test fault kind " << static_cast<int>(f.kind));
+  ASTERIA_CHECK(f.kind == PagerFaultKind::kNone || f.count >= 1, kInvalidArgument,
+                "[pager] a test fault needs count >= 1");
 }
 
 }  // namespace
@@ -93,9 +144,17 @@ std::uint32_t crc32c(const void* data, std::size_t bytes, std::uint32_t crc) noe
 struct Pager::Backend {
   explicit Backend(Pager* p) : pager(p) {}
   virtual ~Backend() = default;
-  virtual void submit(TicketId id, bool write, void* buf, std::size_t len, std::uint64_t offset) = 0;
+  virtual void submit(TicketId id, bool write, void* buf, std::size_t len, std::uint64_t offset,
+                      PagerFaultKind fault) = 0;
   virtual const char* name() const noexcept = 0;
-  void done(TicketId id, int error) { pager->complete(id, error); }
+  // Registers buffers for fixed I/O (replacing earlier ones; empty: unregister). Returns "" when the
+  // backend uses them, else why not. No request is in flight.
+  virtual std::string register_buffers(const std::vector<iovec>& buffers) {
+    return buffers.empty() ? std::string()
+                           : std::string("the thread-pool backend does pread/pwrite; registered buffers are an io_uring feature");
+  }
+  virtual std::uint64_t fixed_ops() const noexcept { return 0; }
+  void done(TicketId id, int error, std::size_t moved) { pager->complete(id, error, moved); }
   Pager* pager;
 };
 
@@ -114,10 +173,11 @@ class ThreadBackend final : public Pager::Backend {
     cv_.notify_all();
     for (auto& t : threads_) t.join();
   }
-  void submit(TicketId id, bool write, void* buf, std::size_t len, std::uint64_t offset) override {
+  void submit(TicketId id, bool write, void* buf, std::size_t len, std::uint64_t offset,
+              PagerFaultKind fault) override {
     {
       std::lock_guard<std::mutex> g(mu_);
-      q_.push_back({id, write, buf, len, offset});
+      q_.push_back({id, write, buf, len, offset, fault});
     }
     cv_.notify_one();
   }
@@ -130,6 +190,7 @@ class ThreadBackend final : public Pager::Backend {
     void* buf;
     std::size_t len;
     std::uint64_t offset;
+    PagerFaultKind fault;
   };
   void run() {
     for (;;) {
@@ -141,7 +202,11 @@ class ThreadBackend final : public Pager::Backend {
         r = q_.front();
         q_.pop_front();
       }
-      done(r.id, full_io(r.write, fd_, r.buf, r.len, r.offset));
+      std::size_t moved = r.len;
+      const int err = r.fault == PagerFaultKind::kNone
+                          ? full_io(r.write, fd_, r.buf, r.len, r.offset)
+                          : faulty_io(r.write, fd_, r.buf, r.len, r.offset, r.fault, &moved);
+      done(r.id, err, err == 0 ? r.len : moved);
     }
   }
   int fd_;
@@ -178,27 +243,67 @@ class UringBackend final : public Pager::Backend {
     reaper_.join();
     io_uring_queue_exit(&ring_);
   }
-  void submit(TicketId id, bool write, void* buf, std::size_t len, std::uint64_t offset) override {
+  void submit(TicketId id, bool write, void* buf, std::size_t len, std::uint64_t offset,
+              PagerFaultKind fault) override {
     std::unique_lock<std::mutex> lk(mu_);
     room_.wait(lk, [&] { return in_flight_ + 1 < depth_; });  // keep one slot for the stop signal
     io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
     ASTERIA_ASSERT(sqe != nullptr);
-    if (write)
-      io_uring_prep_write(sqe, 0, buf, static_cast<unsigned>(len), offset);
-    else
-      io_uring_prep_read(sqe, 0, buf, static_cast<unsigned>(len), offset);
-    sqe->flags |= IOSQE_FIXED_FILE;
+    // The test hook moves half of the data (whole 4 KiB blocks) and then reports its fault; a
+    // partial transfer goes through the same path as a short transfer from the kernel.
+    std::size_t sub_len = len;
+    bool nop = false;
+    if (fault != PagerFaultKind::kNone) {
+      const std::size_t half = len / 2 / 4096 * 4096;
+      if (half != 0)
+        sub_len = half;
+      else
+        nop = fault != PagerFaultKind::kPartialTransfer;
+    }
+    if (nop) {
+      io_uring_prep_nop(sqe);
+    } else {
+      const int idx = fixed_index(buf, sub_len);
+      if (idx >= 0) {
+        if (write)
+          io_uring_prep_write_fixed(sqe, 0, buf, static_cast<unsigned>(sub_len), offset, idx);
+        else
+          io_uring_prep_read_fixed(sqe, 0, buf, static_cast<unsigned>(sub_len), offset, idx);
+        fixed_ops_.fetch_add(1, std::memory_order_relaxed);
+      } else if (write) {
+        io_uring_prep_write(sqe, 0, buf, static_cast<unsigned>(sub_len), offset);
+      } else {
+        io_uring_prep_read(sqe, 0, buf, static_cast<unsigned>(sub_len), offset);
+      }
+      sqe->flags |= IOSQE_FIXED_FILE;
+    }
     io_uring_sqe_set_data64(sqe, id);
-    reqs_[id] = {write, buf, len, offset};
+    reqs_[id] = {write, buf, len, offset, fault, nop};
     ++in_flight_;
     const int r = io_uring_submit(&ring_);
     if (r < 0) {
       --in_flight_;
       reqs_.erase(id);
       lk.unlock();
-      done(id, -r);
+      done(id, -r, 0);
     }
   }
+  std::string register_buffers(const std::vector<iovec>& buffers) override {
+    std::lock_guard<std::mutex> g(mu_);
+    ASTERIA_ASSERT(in_flight_ == 0);
+    if (!bufs_.empty()) {
+      io_uring_unregister_buffers(&ring_);
+      bufs_.clear();
+    }
+    if (buffers.empty()) return {};
+    const int r = io_uring_register_buffers(&ring_, buffers.data(), static_cast<unsigned>(buffers.size()));
+    if (r < 0)
+      return "io_uring_register_buffers: " + errno_text(-r) +
+             (r == -ENOMEM ? " (the memlock limit is too small: ulimit -l)" : "");
+    bufs_ = buffers;
+    return {};
+  }
+  std::uint64_t fixed_ops() const noexcept override { return fixed_ops_.load(std::memory_order_relaxed); }
   const char* name() const noexcept override { return "io_uring"; }
 
  private:
@@ -207,7 +312,18 @@ class UringBackend final : public Pager::Backend {
     void* buf;
     std::size_t len;
     std::uint64_t offset;
+    PagerFaultKind fault;
+    bool nop;
   };
+  // Index of the registered buffer holding [buf, buf + len), or -1. mu_ held.
+  int fixed_index(const void* buf, std::size_t len) const noexcept {
+    const auto* p = static_cast<const unsigned char*>(buf);
+    for (std::size_t i = 0; i < bufs_.size(); ++i) {
+      const auto* base = static_cast<const unsigned char*>(bufs_[i].iov_base);
+      if (p >= base && p + len <= base + bufs_[i].iov_len) return static_cast<int>(i);
+    }
+    return -1;
+  }
   void reap() {
     for (;;) {
       io_uring_cqe* cqe = nullptr;
@@ -227,11 +343,18 @@ class UringBackend final : public Pager::Backend {
       }
       room_.notify_all();
       int err = res < 0 ? -res : 0;
-      if (err == 0 && static_cast<std::size_t>(res) < req.len) {
-        // A short transfer: finish the remainder synchronously.
-        err = full_io(req.write, fd_, static_cast<unsigned char*>(req.buf) + res, req.len - res, req.offset + res);
+      std::size_t moved = (err != 0 || req.nop) ? 0 : static_cast<std::size_t>(res);
+      if (is_error_fault(req.fault)) {
+        if (err == 0)
+          err = req.fault == PagerFaultKind::kEio ? EIO : req.fault == PagerFaultKind::kNoSpace ? ENOSPC : kShortError;
+      } else if (err == 0 && moved < req.len) {
+        // A short transfer (from the kernel, or the test hook's partial one): finish the remainder
+        // synchronously.
+        err = full_io(req.write, fd_, static_cast<unsigned char*>(req.buf) + moved, req.len - moved,
+                      req.offset + moved);
+        if (err == 0) moved = req.len;
       }
-      done(id, err);
+      done(id, err, moved);
     }
   }
   int fd_;
@@ -241,6 +364,8 @@ class UringBackend final : public Pager::Backend {
   std::condition_variable room_;
   unsigned in_flight_ = 0;
   std::map<TicketId, Req> reqs_;
+  std::vector<iovec> bufs_;  // registered buffers, in registration order
+  std::atomic<std::uint64_t> fixed_ops_{0};
   std::thread reaper_;
 };
 #endif
@@ -253,6 +378,8 @@ Pager::Pager(const PagerOptions& opts) : opts_(opts) {
                 "[pager] queue_depth must be in 1..4096, got " << opts.queue_depth);
   ASTERIA_CHECK(opts.io_threads >= 1 && opts.io_threads <= 64, kInvalidArgument,
                 "[pager] io_threads must be in 1..64, got " << opts.io_threads);
+  check_fault(opts.test_fault);
+  fault_ = opts.test_fault;
   std::string parent = opts.parent_dir;
   if (parent.empty()) {
     const char* tmp = std::getenv("TMPDIR");
@@ -336,23 +463,28 @@ Pager::~Pager() {
   ::rmdir(dir_.c_str());
 }
 
+std::uint64_t Pager::take_location(std::size_t capacity) {
+  if (auto it = free_.find(capacity); it != free_.end()) {
+    const std::uint64_t offset = it->second;
+    free_.erase(it);
+    return offset;
+  }
+  const std::uint64_t offset = file_end_;
+  file_end_ += capacity;
+  stats_.file_bytes = file_end_;
+  return offset;
+}
+
 ExtentId Pager::allocate(std::size_t bytes) {
   ASTERIA_CHECK(bytes > 0, kInvalidArgument, "[pager::allocate] an extent needs at least 1 byte");
   const std::size_t cap = pager_io_size(bytes);
   std::lock_guard<std::mutex> g(mu_);
   Extent e;
   e.capacity = cap;
-  if (auto it = free_.find(cap); it != free_.end()) {
-    e.offset = it->second;
-    free_.erase(it);
-  } else {
-    e.offset = file_end_;
-    file_end_ += cap;
-  }
+  e.offset = take_location(cap);
   const ExtentId id = next_extent_++;
   extents_.emplace(id, e);
   stats_.extents = extents_.size();
-  stats_.file_bytes = file_end_;
   return id;
 }
 
@@ -367,6 +499,36 @@ void Pager::release(ExtentId extent) {
   stats_.extents = extents_.size();
 }
 
+PagerFaultKind Pager::take_fault(bool write) {
+  const PagerFault& f = fault_;
+  if (f.kind == PagerFaultKind::kNone) return PagerFaultKind::kNone;
+  const bool match = f.kind == PagerFaultKind::kNoSpace
+                         ? write
+                         : f.op == PagerFaultOp::kAny || (f.op == PagerFaultOp::kWrite) == write;
+  if (!match) return PagerFaultKind::kNone;
+  const std::uint64_t n = fault_seen_++;
+  if (n < f.skip || n - f.skip >= f.count) return PagerFaultKind::kNone;
+  stats_.faults_injected += 1;
+  return f.kind;
+}
+
+void Pager::set_test_fault(const PagerFault& fault) {
+  check_fault(fault);
+  std::lock_guard<std::mutex> g(mu_);
+  fault_ = fault;
+  fault_seen_ = 0;
+}
+
+void Pager::note_start(bool write) {
+  int& n = write ? writes_in_flight_ : reads_in_flight_;
+  if (n++ == 0) (write ? write_busy_since_ns_ : read_busy_since_ns_) = now_ns();
+}
+
+void Pager::note_end(bool write) {
+  int& n = write ? writes_in_flight_ : reads_in_flight_;
+  if (--n == 0) (write ? write_busy_ns_ : read_busy_ns_) += now_ns() - (write ? write_busy_since_ns_ : read_busy_since_ns_);
+}
+
 TicketId Pager::write(ExtentId extent, const void* src, std::size_t bytes) {
   ASTERIA_CHECK(src != nullptr && reinterpret_cast<std::uintptr_t>(src) % 4096 == 0, kInvalidArgument,
                 "[pager::write] the source buffer must be 4096-byte aligned (use a PinnedPool lease)");
@@ -374,6 +536,7 @@ TicketId Pager::write(ExtentId extent, const void* src, std::size_t bytes) {
   TicketId id;
   std::uint64_t offset;
   std::size_t len;
+  PagerFaultKind fault;
   {
     std::lock_guard<std::mutex> g(mu_);
     auto it = extents_.find(extent);
@@ -383,6 +546,9 @@ TicketId Pager::write(ExtentId extent, const void* src, std::size_t bytes) {
                   "[pager::write] extent " << extent << " holds " << e.capacity << " bytes, asked to write " << bytes);
     ASTERIA_CHECK(e.in_flight == 0, kInvalidArgument,
                   "[pager::write] extent " << extent << " has I/O in flight; wait for it before writing again");
+    // Out of place once the extent holds valid data: its current contents stay readable until the
+    // new copy is complete.
+    offset = e.written ? take_location(e.capacity) : e.offset;
     e.in_flight += 1;
     id = next_ticket_++;
     Ticket t;
@@ -390,11 +556,13 @@ TicketId Pager::write(ExtentId extent, const void* src, std::size_t bytes) {
     t.extent = extent;
     t.bytes = bytes;
     t.crc = crc;
+    t.offset = offset;
     tickets_.emplace(id, t);
-    offset = e.offset;
     len = pager_io_size(bytes);
+    fault = take_fault(true);
+    note_start(true);
   }
-  backend_->submit(id, true, const_cast<void*>(src), len, offset);
+  backend_->submit(id, true, const_cast<void*>(src), len, offset, fault);
   return id;
 }
 
@@ -404,13 +572,16 @@ TicketId Pager::read(ExtentId extent, void* dst) {
   TicketId id;
   std::uint64_t offset;
   std::size_t len;
+  PagerFaultKind fault;
   {
     std::lock_guard<std::mutex> g(mu_);
     auto it = extents_.find(extent);
     ASTERIA_CHECK(it != extents_.end(), kInvalidArgument, "[pager::read] unknown extent " << extent);
     Extent& e = it->second;
     ASTERIA_CHECK(e.written, kInvalidArgument,
-                  "[pager::read] extent " << extent << " holds no valid data (never written, or its last write failed)");
+                  "[pager::read] extent " << extent << " holds no valid data (it was never written successfully)");
+    ASTERIA_CHECK(e.in_flight == 0, kInvalidArgument,
+                  "[pager::read] extent " << extent << " has I/O in flight; wait for it before reading");
     e.in_flight += 1;
     id = next_ticket_++;
     Ticket t;
@@ -418,19 +589,23 @@ TicketId Pager::read(ExtentId extent, void* dst) {
     t.dst = dst;
     t.bytes = e.bytes;
     t.crc = e.crc;
+    t.offset = e.offset;
     tickets_.emplace(id, t);
     offset = e.offset;
     len = pager_io_size(e.bytes);
+    fault = take_fault(false);
+    note_start(false);
   }
-  backend_->submit(id, false, dst, len, offset);
+  backend_->submit(id, false, dst, len, offset, fault);
   return id;
 }
 
-void Pager::complete(TicketId id, int error) {
+void Pager::complete(TicketId id, int error, std::size_t moved) {
   std::unique_lock<std::mutex> lk(mu_);
   Ticket& t = tickets_.at(id);
   Extent& e = extents_.at(t.extent);
   e.in_flight -= 1;
+  note_end(t.write);
   if (error == 0 && !t.write) {
     const void* dst = t.dst;
     const std::size_t n = t.bytes;
@@ -444,13 +619,19 @@ void Pager::complete(TicketId id, int error) {
   }
   if (t.write) {
     if (error == 0) {
+      if (t.offset != e.offset) {
+        free_.emplace(e.capacity, e.offset);  // the previous copy
+        e.offset = t.offset;
+      }
       e.bytes = t.bytes;
       e.crc = t.crc;
       e.written = true;
       stats_.writes += 1;
       stats_.bytes_written += t.bytes;
+    } else if (t.offset != e.offset) {
+      free_.emplace(e.capacity, t.offset);  // the failed copy; the extent keeps its previous one
     } else {
-      e.written = false;  // the file may hold a partial write: never read it back as valid
+      e.written = false;  // a first write failed in place: the file may hold part of it
     }
   } else if (error == 0) {
     stats_.reads += 1;
@@ -458,6 +639,7 @@ void Pager::complete(TicketId id, int error) {
   }
   if (error != 0 && error != EBADMSG) stats_.io_errors += 1;
   t.error = error;
+  t.moved = moved;
   t.done = true;
   lk.unlock();
   cv_.notify_all();
@@ -479,24 +661,33 @@ void Pager::wait(TicketId ticket) {
   const Ticket t = it->second;
   tickets_.erase(it);
   if (t.error == 0) return;
-  const std::uint64_t offset = extents_.count(t.extent) ? extents_.at(t.extent).offset : 0;
-  std::string what;
+  const std::string where = " at offset " + std::to_string(t.offset) + " of " + path_;
+  const std::string ext = "extent " + std::to_string(t.extent);
+  const std::string kept = t.write ? "; the extent keeps its previous contents and the data stays in memory"
+                                   : "; the extent is intact and the read can be retried";
   if (t.error == EBADMSG) {
     throw Error(ErrorCategory::kIo,
-                "[pager::read] extent " + std::to_string(t.extent) + " failed its CRC32C check (" + path_ +
-                    " at offset " + std::to_string(offset) + "): the swap file was corrupted; the data is not used",
+                "[pager::read] " + ext + " failed its CRC32C check (" + path_ + " at offset " + std::to_string(t.offset) +
+                    "): the swap file was corrupted; the data is not used",
+                EIO);
+  }
+  if (t.error == kShortError) {
+    const std::size_t expected = pager_io_size(t.bytes);
+    throw Error(ErrorCategory::kIo,
+                std::string("[pager::") + (t.write ? "write] short write to " : "read] short read of ") + ext + ": " +
+                    std::to_string(t.moved) + " of " + std::to_string(expected) + " bytes" +
+                    (t.write ? " reached " : " came from ") + path_ + " at offset " + std::to_string(t.offset) +
+                    " before the device stopped making progress: " + errno_text(EIO) + kept,
                 EIO);
   }
   if (t.write && (t.error == ENOSPC || t.error == EDQUOT || t.error == EFBIG)) {
     throw Error(ErrorCategory::kIo,
                 "[pager::write] " + errno_text(t.error) + ": needed " + std::to_string(pager_io_size(t.bytes)) +
-                    " bytes at offset " + std::to_string(offset) + " of " + path_ +
-                    "; the data stays in memory. Free space there or choose another nvme_path",
+                    " bytes" + where + " for " + ext + kept + ". Free space there or choose another nvme_path",
                 t.error);
   }
   throw Error(ErrorCategory::kIo,
-              std::string("[pager::") + (t.write ? "write" : "read") + "] extent " + std::to_string(t.extent) +
-                  " at offset " + std::to_string(offset) + " of " + path_ + ": " + errno_text(t.error),
+              std::string("[pager::") + (t.write ? "write] " : "read] ") + ext + where + ": " + errno_text(t.error) + kept,
               t.error);
 }
 
@@ -509,7 +700,32 @@ std::size_t Pager::extent_bytes(ExtentId extent) const {
 
 PagerStats Pager::stats() const {
   std::lock_guard<std::mutex> g(mu_);
-  return stats_;
+  PagerStats s = stats_;
+  s.fixed_ops = backend_->fixed_ops();
+  const std::int64_t now = now_ns();
+  s.read_busy_s = static_cast<double>(read_busy_ns_ + (reads_in_flight_ ? now - read_busy_since_ns_ : 0)) / 1e9;
+  s.write_busy_s = static_cast<double>(write_busy_ns_ + (writes_in_flight_ ? now - write_busy_since_ns_ : 0)) / 1e9;
+  return s;
+}
+
+bool Pager::register_buffers(const std::vector<std::pair<void*, std::size_t>>& buffers) {
+  std::lock_guard<std::mutex> g(mu_);
+  for (const auto& [id, t] : tickets_)
+    ASTERIA_CHECK(t.done, kInvalidArgument,
+                  "[pager::register_buffers] request " << id << " is in flight; wait for every request first");
+  std::vector<iovec> iov;
+  std::uint64_t total = 0;
+  for (const auto& [p, n] : buffers) {
+    ASTERIA_CHECK(p != nullptr && n > 0, kInvalidArgument, "[pager::register_buffers] empty buffer");
+    iov.push_back({p, n});
+    total += n;
+  }
+  const std::string why = backend_->register_buffers(iov);
+  const bool ok = why.empty() && !iov.empty();
+  stats_.registered_buffers = ok ? iov.size() : 0;
+  stats_.registered_bytes = ok ? total : 0;
+  stats_.registration_error = why;
+  return ok;
 }
 
 }  // namespace asteria

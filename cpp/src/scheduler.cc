@@ -131,8 +131,12 @@ std::vector<std::pair<std::string, HostTensor>> run_typed(const JobSpec& s) {
       auto q = HostTensor::empty(dt, {n, n});
       auto p = HostTensor::empty(DType::kInt64, {n});
       linalg::eigenbasis_refresh<T>(n, a.ptr<T>(), s.inputs[1].ptr<T>(), q.ptr<T>(), p.ptr<std::int64_t>(), s.sort);
+      // R = Q_oldᵀ·Q_new: what the install rotates the first moment with, computed here, off the training thread
+      auto r = HostTensor::empty(dt, {n, n});
+      linalg::matmul_tn<T>(n, s.inputs[1].ptr<T>(), q.ptr<T>(), r.ptr<T>());
       out.emplace_back("basis", std::move(q));
       out.emplace_back("permutation", std::move(p));
+      out.emplace_back("rotation", std::move(r));
       break;
     }
     case JobKind::kTask: break;
@@ -166,6 +170,7 @@ void atomic_max(std::atomic<std::int64_t>& a, std::int64_t v) {
 
 std::vector<std::pair<std::string, HostTensor>> run_job(const JobSpec& spec) {
   validate(spec);
+  if (spec.prerequisite) spec.prerequisite();
   if (spec.kind == JobKind::kTask) {
     spec.task();
     return {};

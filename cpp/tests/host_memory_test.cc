@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
@@ -109,6 +110,53 @@ TEST(PinnedPool, ConcurrentAcquireReleaseKeepsAccounting) {
   EXPECT_EQ(s.in_use, 0u);
   EXPECT_EQ(s.leases, 0u);
   EXPECT_LE(s.peak_in_use, 4u * 4 * 4096);
+}
+
+TEST(PinnedPool, MapHooksSeeEveryMappingOnceAndFailuresLeaveNoTrace) {
+  std::vector<std::pair<void*, std::size_t>> mapped;
+  std::vector<void*> unmapped;
+  auto o = opts(1 << 20);
+  o.cache_released = false;
+  o.on_map = [&](void* p, std::size_t n) { mapped.emplace_back(p, n); };
+  o.on_unmap = [&](void* p) { unmapped.push_back(p); };
+  {
+    asteria::PinnedPool pool(o);
+    void* first = nullptr;
+    {
+      auto l = pool.acquire(5000);
+      first = l.data();
+      ASSERT_EQ(mapped.size(), 1u);
+      EXPECT_EQ(mapped[0].first, first);
+      EXPECT_EQ(mapped[0].second, 8192u);  // page-rounded capacity
+      EXPECT_TRUE(unmapped.empty());
+    }
+    ASSERT_EQ(unmapped.size(), 1u);  // without caching, the release unmaps (and unregisters) at once
+    EXPECT_EQ(unmapped[0], first);
+  }
+  auto failing = opts(1 << 20);
+  failing.on_map = [](void*, std::size_t) { throw std::runtime_error("cannot register"); };
+  asteria::PinnedPool pool(failing);
+  EXPECT_THROW(pool.acquire(4096), std::runtime_error);
+  auto s = pool.stats();
+  EXPECT_EQ(s.reserved, 0u);
+  EXPECT_EQ(s.in_use, 0u);
+  EXPECT_EQ(s.leases, 0u);
+  EXPECT_EQ(s.locked, 0u);
+}
+
+TEST(PinnedPool, CachedMappingsAreUnhookedWhenThePoolDies) {
+  int maps = 0, unmaps = 0;
+  auto o = opts(1 << 20);
+  o.on_map = [&](void*, std::size_t) { ++maps; };
+  o.on_unmap = [&](void*) { ++unmaps; };
+  {
+    asteria::PinnedPool pool(o);
+    { auto l = pool.acquire(4096); }
+    { auto l = pool.acquire(4096); }  // reuses the cached mapping: no second registration
+    EXPECT_EQ(maps, 1);
+    EXPECT_EQ(unmaps, 0);
+  }
+  EXPECT_EQ(unmaps, 1);
 }
 
 TEST(PinnedPool, RejectsZero) {

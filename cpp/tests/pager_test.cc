@@ -188,6 +188,210 @@ TEST_P(PagerBackends, MisuseIsInvalidArgument) {
   EXPECT_THROW(pager.allocate(0), asteria::Error);
 }
 
+// ----- the fault-injection test hook: every injected fault is a clear error and loses nothing -----
+
+struct FaultCase {
+  asteria::PagerFaultKind kind;
+  const char* what;  // text the error must contain
+};
+
+TEST_P(PagerBackends, InjectedWriteFaultsAreClearErrorsAndKeepThePreviousContents) {
+  const FaultCase cases[] = {
+      {asteria::PagerFaultKind::kEio, "Input/output error"},
+      {asteria::PagerFaultKind::kNoSpace, "needed 16384 bytes"},
+      {asteria::PagerFaultKind::kShortTransfer, "short write"},
+  };
+  for (const FaultCase& c : cases) {
+    asteria::Pager pager(opts());
+    auto v1 = pool().acquire(16384);
+    auto v2 = pool().acquire(16384);
+    fill(v1.data(), 16384, 1);
+    fill(v2.data(), 16384, 2);
+    std::vector<unsigned char> v2_copy(static_cast<unsigned char*>(v2.data()),
+                                       static_cast<unsigned char*>(v2.data()) + 16384);
+    auto e = pager.allocate(16384);
+    pager.wait(pager.write(e, v1.data(), 16384));
+    asteria::PagerFault f;
+    f.kind = c.kind;
+    f.op = asteria::PagerFaultOp::kWrite;
+    pager.set_test_fault(f);
+    std::string msg;
+    int err = 0;
+    try {
+      pager.wait(pager.write(e, v2.data(), 16384));
+    } catch (const asteria::Error& x) {
+      msg = x.what();
+      err = x.os_errno();
+      EXPECT_EQ(x.category(), asteria::ErrorCategory::kIo);
+    }
+    ASSERT_FALSE(msg.empty()) << "fault " << c.what << " was not reported";
+    EXPECT_NE(msg.find(c.what), std::string::npos) << msg;
+    EXPECT_NE(msg.find("extent " + std::to_string(e)), std::string::npos) << msg;
+    EXPECT_NE(msg.find("keeps its previous contents"), std::string::npos) << msg;
+    EXPECT_NE(err, 0);
+    // Nothing lost: the extent still reads back the first version, the caller's buffer is untouched.
+    auto dst = pool().acquire(16384);
+    pager.wait(pager.read(e, dst.data()));
+    EXPECT_EQ(std::memcmp(dst.data(), v1.data(), 16384), 0) << c.what;
+    EXPECT_EQ(std::memcmp(v2.data(), v2_copy.data(), 16384), 0) << c.what;
+    // The hook fired once; the same write now succeeds.
+    pager.wait(pager.write(e, v2.data(), 16384));
+    pager.wait(pager.read(e, dst.data()));
+    EXPECT_EQ(std::memcmp(dst.data(), v2.data(), 16384), 0) << c.what;
+    auto s = pager.stats();
+    EXPECT_EQ(s.faults_injected, 1u);
+    EXPECT_EQ(s.io_errors, 1u);
+  }
+}
+
+TEST_P(PagerBackends, InjectedReadFaultsAreClearErrorsAndTheExtentStaysReadable) {
+  const FaultCase cases[] = {
+      {asteria::PagerFaultKind::kEio, "Input/output error"},
+      {asteria::PagerFaultKind::kShortTransfer, "short read"},
+  };
+  for (const FaultCase& c : cases) {
+    asteria::Pager pager(opts());
+    auto src = pool().acquire(3 * 4096);
+    fill(src.data(), 3 * 4096, 5);
+    auto e = pager.allocate(3 * 4096);
+    pager.wait(pager.write(e, src.data(), 3 * 4096));
+    asteria::PagerFault f;
+    f.kind = c.kind;
+    f.op = asteria::PagerFaultOp::kRead;
+    pager.set_test_fault(f);
+    auto dst = pool().acquire(3 * 4096);
+    std::string msg;
+    try {
+      pager.wait(pager.read(e, dst.data()));
+    } catch (const asteria::Error& x) {
+      msg = x.what();
+    }
+    ASSERT_FALSE(msg.empty()) << "fault " << c.what << " was not reported";
+    EXPECT_NE(msg.find(c.what), std::string::npos) << msg;
+    EXPECT_NE(msg.find("can be retried"), std::string::npos) << msg;
+    pager.wait(pager.read(e, dst.data()));
+    EXPECT_EQ(std::memcmp(dst.data(), src.data(), 3 * 4096), 0) << c.what;
+  }
+}
+
+TEST_P(PagerBackends, PartialTransfersAreCompleted) {
+  asteria::Pager pager(opts());
+  auto src = pool().acquire(5 * 4096);
+  fill(src.data(), 5 * 4096, 9);
+  auto e = pager.allocate(5 * 4096);
+  asteria::PagerFault f;
+  f.kind = asteria::PagerFaultKind::kPartialTransfer;
+  f.count = 2;  // the write and the read
+  pager.set_test_fault(f);
+  pager.wait(pager.write(e, src.data(), 5 * 4096));
+  auto dst = pool().acquire(5 * 4096);
+  pager.wait(pager.read(e, dst.data()));
+  EXPECT_EQ(std::memcmp(dst.data(), src.data(), 5 * 4096), 0);
+  auto s = pager.stats();
+  EXPECT_EQ(s.faults_injected, 2u);
+  EXPECT_EQ(s.io_errors, 0u);
+}
+
+TEST_P(PagerBackends, FaultAtTheNthRequestFromTheOptions) {
+  asteria::PagerOptions o = opts();
+  o.test_fault.kind = asteria::PagerFaultKind::kEio;
+  o.test_fault.op = asteria::PagerFaultOp::kAny;
+  o.test_fault.skip = 2;  // the third request fails
+  asteria::Pager pager(o);
+  auto buf = pool().acquire(4096);
+  fill(buf.data(), 4096, 4);
+  auto a = pager.allocate(4096);
+  auto b = pager.allocate(4096);
+  pager.wait(pager.write(a, buf.data(), 4096));  // 1
+  pager.wait(pager.write(b, buf.data(), 4096));  // 2
+  auto dst = pool().acquire(4096);
+  EXPECT_THROW(pager.wait(pager.read(a, dst.data())), asteria::Error);  // 3
+  pager.wait(pager.read(a, dst.data()));                               // 4
+  EXPECT_EQ(std::memcmp(dst.data(), buf.data(), 4096), 0);
+}
+
+TEST_P(PagerBackends, RewritesAreOutOfPlaceAndReuseSpace) {
+  asteria::Pager pager(opts());
+  auto buf = pool().acquire(8192);
+  auto e = pager.allocate(8192);
+  for (unsigned i = 0; i < 6; ++i) {
+    fill(buf.data(), 8192, 20 + i);
+    pager.wait(pager.write(e, buf.data(), 8192));
+    auto dst = pool().acquire(8192);
+    pager.wait(pager.read(e, dst.data()));
+    ASSERT_EQ(std::memcmp(dst.data(), buf.data(), 8192), 0) << i;
+  }
+  EXPECT_LE(pager.stats().file_bytes, 2u * 8192) << "rewrites must reuse the space of older copies";
+}
+
+TEST(Pager, RegisteredBuffersUseFixedIo) {
+  asteria::PagerOptions o;
+  o.backend = asteria::PagerBackend::kAuto;
+  asteria::Pager pager(o);
+  if (pager.stats().backend != "io_uring") GTEST_SKIP() << "io_uring unavailable: " << pager.stats().fallback_reason;
+  auto ring = pool().acquire(4 * 8192);
+  ASSERT_TRUE(pager.register_buffers({{ring.data(), ring.capacity()}})) << pager.stats().registration_error;
+  EXPECT_EQ(pager.stats().registered_buffers, 1u);
+  EXPECT_EQ(pager.stats().registered_bytes, ring.capacity());
+  auto* base = static_cast<unsigned char*>(ring.data());
+  std::vector<asteria::ExtentId> ids;
+  for (int i = 0; i < 4; ++i) {
+    fill(base + i * 8192, 8192, 40 + i);
+    ids.push_back(pager.allocate(8192));
+    pager.wait(pager.write(ids.back(), base + i * 8192, 8192));
+  }
+  auto outside = pool().acquire(8192);  // not registered: a plain read
+  for (int i = 0; i < 4; ++i) {
+    pager.wait(pager.read(ids[i], outside.data()));
+    EXPECT_EQ(std::memcmp(outside.data(), base + i * 8192, 8192), 0) << i;
+  }
+  EXPECT_EQ(pager.stats().fixed_ops, 4u);
+  std::vector<unsigned char> keep(base, base + 4 * 8192);
+  std::memset(base, 0, 4 * 8192);
+  for (int i = 0; i < 4; ++i) pager.wait(pager.read(ids[i], base + i * 8192));  // fixed reads
+  EXPECT_EQ(std::memcmp(base, keep.data(), keep.size()), 0);
+  EXPECT_EQ(pager.stats().fixed_ops, 8u);
+  // Injected faults go through fixed requests too.
+  asteria::PagerFault f;
+  f.kind = asteria::PagerFaultKind::kEio;
+  f.op = asteria::PagerFaultOp::kWrite;
+  pager.set_test_fault(f);
+  EXPECT_THROW(pager.wait(pager.write(ids[0], base + 8192, 8192)), asteria::Error);
+  pager.wait(pager.read(ids[0], outside.data()));
+  EXPECT_EQ(std::memcmp(outside.data(), keep.data(), 8192), 0);
+  ASSERT_TRUE(pager.register_buffers({}) == false);  // unregistering reports "not in use"
+  EXPECT_EQ(pager.stats().registered_buffers, 0u);
+}
+
+TEST(Pager, ThreadBackendSaysWhyItRegistersNoBuffers) {
+  asteria::PagerOptions o;
+  o.backend = asteria::PagerBackend::kThreads;
+  asteria::Pager pager(o);
+  auto buf = pool().acquire(4096);
+  EXPECT_FALSE(pager.register_buffers({{buf.data(), buf.capacity()}}));
+  EXPECT_NE(pager.stats().registration_error.find("io_uring"), std::string::npos);
+}
+
+TEST(Pager, BusyTimeIsMeasured) {
+  asteria::Pager pager;
+  auto buf = pool().acquire(1 << 20);
+  fill(buf.data(), 1 << 20, 8);
+  auto e = pager.allocate(1 << 20);
+  pager.wait(pager.write(e, buf.data(), 1 << 20));
+  pager.wait(pager.read(e, buf.data()));
+  auto s = pager.stats();
+  EXPECT_GT(s.write_busy_s, 0.0);
+  EXPECT_GT(s.read_busy_s, 0.0);
+}
+
+TEST(Pager, BadTestFaultIsInvalidArgument) {
+  asteria::Pager pager;
+  asteria::PagerFault f;
+  f.kind = asteria::PagerFaultKind::kEio;
+  f.count = 0;
+  EXPECT_THROW(pager.set_test_fault(f), asteria::Error);
+}
+
 TEST(Pager, ReleasedSpaceIsReused) {
   asteria::Pager pager;
   auto a = pager.allocate(8192);

@@ -8,6 +8,7 @@
 #include <limits>
 #include <random>
 #include <set>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
@@ -65,6 +66,39 @@ TEST(Scheduler, EighJobReturnsOutputsAndMetadata) {
   EXPECT_EQ(r.outputs[0].first, "eigenvalues");
   EXPECT_EQ(r.outputs[1].second.shape, (std::vector<std::int64_t>{8, 8}));
   EXPECT_THROW(s.wait(id), asteria::Error);  // collected exactly once
+}
+
+TEST(Scheduler, PrerequisiteRunsOnTheWorkerBeforeTheJob) {
+  asteria::RefreshScheduler s(workers(1));
+  std::atomic<bool> ready{false};
+  std::atomic<bool> saw_ready{false};
+  auto spec = task_job(1, [&] { saw_ready = ready.load(); });
+  spec.prerequisite = [&] {
+    std::this_thread::sleep_for(20ms);  // e.g. a device-to-host copy finishing
+    ready = true;
+  };
+  auto r = s.wait(s.submit(std::move(spec)));
+  EXPECT_EQ(r.status, asteria::JobStatus::kOk) << r.message;
+  EXPECT_TRUE(saw_ready.load());
+}
+
+TEST(Scheduler, FailingPrerequisiteFailsOnlyThatJob) {
+  asteria::RefreshScheduler s(workers(1));
+  asteria::JobSpec spec;
+  spec.kind = asteria::JobKind::kEigh;
+  spec.block_id = 3;
+  spec.version = 9;
+  spec.inputs.push_back(spd(4, 2));
+  spec.prerequisite = [] { throw std::runtime_error("copy event failed"); };
+  auto r = s.wait(s.submit(std::move(spec)));
+  EXPECT_EQ(r.status, asteria::JobStatus::kFailed);
+  EXPECT_NE(r.message.find("copy event failed"), std::string::npos) << r.message;
+  EXPECT_NE(r.message.find("block 3"), std::string::npos) << r.message;
+  EXPECT_TRUE(r.outputs.empty());
+  asteria::JobSpec next;
+  next.kind = asteria::JobKind::kEigh;
+  next.inputs.push_back(spd(4, 3));
+  EXPECT_EQ(s.wait(s.submit(std::move(next))).status, asteria::JobStatus::kOk);
 }
 
 TEST(Scheduler, NonFiniteInputIsAFailedJobNotACrash) {

@@ -11,6 +11,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -29,6 +30,12 @@ struct PinnedPoolOptions {
   std::optional<std::size_t> max_locked_bytes;
   // Keep released mappings for reuse by a later lease of the same size (bounded by the budget).
   bool cache_released = true;
+  // Called with (pointer, bytes) right after a new mapping is made, and with the pointer right before
+  // a mapping is unmapped. The CUDA binding registers mappings with cudaHostRegister here, so device
+  // copies from and to leases are asynchronous DMA. An exception from on_map fails the acquire (the
+  // mapping is unmapped first); on_unmap must not throw (an exception is swallowed).
+  std::function<void(void*, std::size_t)> on_map;
+  std::function<void(void*)> on_unmap;
 };
 
 struct PoolStats {

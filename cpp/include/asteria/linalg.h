@@ -80,6 +80,11 @@ NewtonReport newton_inverse_root(int n, const T* a, T* x, int p, double eps, con
 template <typename T>
 void eigenbasis_refresh(int n, const T* l, const T* q, T* q_new, std::int64_t* perm, bool sort);
 
+// c = aᵀ·b for row-major (n, n) matrices (one BLAS gemm). The SOAP/KL install rotates the first moment
+// into a refreshed basis with R = Q_oldᵀ·Q_new; the refresh job computes R off the training thread.
+template <typename T>
+void matmul_tn(int n, const T* a, const T* b, T* c);
+
 // True when all n·m values are finite.
 template <typename T>
 bool all_finite(std::size_t count, const T* x) noexcept;

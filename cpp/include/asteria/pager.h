@@ -2,12 +2,16 @@
 // asteria::Pager — stores extents of optimizer state in a private swap file and moves them to and
 // from caller buffers (pinned leases) asynchronously.
 //
-// Backends: io_uring through liburing (registered file, O_DIRECT, batched submission, one reaper
-// thread) and a portable pool of threads doing pread/pwrite. kAuto picks io_uring and falls back to
-// the thread pool when io_uring cannot be set up (old kernel, seccomp) or asteria was built without
-// liburing; stats().fallback_reason says why, so the choice is never silent.
+// Backends: io_uring through liburing (registered file, optional registered buffers for fixed
+// reads/writes, O_DIRECT, one reaper thread) and a portable pool of threads doing pread/pwrite.
+// kAuto picks io_uring and falls back to the thread pool when io_uring cannot be set up (old kernel,
+// seccomp) or asteria was built without liburing; stats().fallback_reason says why, so the choice is
+// never silent.
 // Integrity: every extent carries a CRC32C computed at write; a read whose data does not match
 // fails with an error naming the extent — wrong data is never returned as good.
+// Writes are out of place: a rewrite goes to a fresh location of the file and the extent moves there
+// only when the write succeeded, so a failed write (EIO, ENOSPC, short) leaves the extent's previous
+// contents readable and the caller's buffer untouched — nothing is lost.
 // Files: a fresh private directory (mkdtemp, mode 0700) inside the chosen parent holds one swap file
 // (created with O_EXCL | O_NOFOLLOW, mode 0600); the directory is removed when the Pager is
 // destroyed. O_DIRECT is used when the file system accepts it, buffered I/O otherwise.
@@ -22,10 +26,30 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace asteria {
 
 enum class PagerBackend : int { kAuto = 0, kIoUring = 1, kThreads = 2 };
+
+// TEST HOOK, off by default: makes chosen requests fail on purpose so that the callers' error paths
+// (and the promise that nothing is lost) can be tested without a failing drive. Never set it in
+// production code.
+enum class PagerFaultKind : int {
+  kNone = 0,
+  kEio = 1,              // the request fails with EIO (a write first writes half of its data: torn)
+  kShortTransfer = 2,    // half of the data moves, then the device makes no progress: an error
+  kNoSpace = 3,          // writes only: half of the data is written, then ENOSPC
+  kPartialTransfer = 4,  // half of the data moves in the first transfer; the pager must finish it (no error)
+};
+enum class PagerFaultOp : int { kAny = 0, kRead = 1, kWrite = 2 };
+struct PagerFault {
+  PagerFaultKind kind = PagerFaultKind::kNone;
+  PagerFaultOp op = PagerFaultOp::kAny;  // which requests count (kNoSpace counts writes only)
+  std::uint64_t skip = 0;                // matching requests that succeed first (0: the next one fails)
+  std::uint64_t count = 1;               // matching requests that fail after those (>= 1)
+};
 
 struct PagerOptions {
   // Parent directory of the private swap directory (for the NVMe tier: a directory on the NVMe
@@ -38,6 +62,8 @@ struct PagerOptions {
   int io_threads = 2;
   // Ask for O_DIRECT (bypassing the page cache); buffered I/O is used when the file system refuses.
   bool direct_io = true;
+  // Test hook (see PagerFault); kNone in production. set_test_fault() re-arms it later.
+  PagerFault test_fault;
 };
 
 struct PagerStats {
@@ -48,6 +74,13 @@ struct PagerStats {
   std::uint64_t writes = 0, reads = 0, bytes_written = 0, bytes_read = 0;
   std::uint64_t extents = 0, file_bytes = 0;
   std::uint64_t io_errors = 0, crc_failures = 0;
+  std::uint64_t faults_injected = 0;     // requests failed by the test hook
+  // Registered buffers (io_uring only): how many are registered, their bytes, how many requests
+  // used fixed reads/writes, and why registration was refused (empty when it worked or was not asked).
+  std::uint64_t registered_buffers = 0, registered_bytes = 0, fixed_ops = 0;
+  std::string registration_error;
+  // Seconds with at least one read (write) in flight: bytes_read / read_busy_s is the read throughput.
+  double read_busy_s = 0.0, write_busy_s = 0.0;
 };
 
 using ExtentId = std::uint64_t;
@@ -73,20 +106,32 @@ class Pager {
   // Returns the extent's space for reuse. It must have no request in flight.
   void release(ExtentId extent);
   // Queues a write of `bytes` (<= the extent's size) from `src`. `src` must be 4096-aligned and
-  // readable for pager_io_size(bytes) bytes. Returns a ticket for wait().
+  // readable for pager_io_size(bytes) bytes. Returns a ticket for wait(). The data goes to a fresh
+  // location; the extent moves there when the write succeeds (its previous contents stay readable
+  // until then, and after a failure).
   TicketId write(ExtentId extent, const void* src, std::size_t bytes);
   // Queues a read of the extent's last written data into `dst` (4096-aligned, writable for
   // pager_io_size(size) bytes). The CRC is checked when the read completes.
   TicketId read(ExtentId extent, void* dst);
   // Blocks until the request completes. Throws Error kIo (with errno: ENOSPC says how many bytes
-  // were needed and where; EIO names the extent; a CRC mismatch is reported as EIO naming the
-  // extent). A failed write leaves the extent's previous contents (and the caller's buffer) intact.
+  // were needed and where; EIO names the extent; a short transfer says how many bytes moved; a CRC
+  // mismatch is reported as EIO naming the extent). A failed write leaves the extent's previous
+  // contents (and the caller's buffer) intact; a failed read leaves the extent intact.
   void wait(TicketId ticket);
   // True when the request has completed (wait() then returns at once).
   bool ready(TicketId ticket);
   // Bytes last written to the extent (what read() returns).
   std::size_t extent_bytes(ExtentId extent) const;
   PagerStats stats() const;
+  // Registers caller buffers with the io_uring backend so that requests whose buffer lies inside one
+  // of them use fixed (pre-mapped) reads and writes. Replaces an earlier registration; an empty list
+  // unregisters. No request may be in flight. The buffers must stay mapped until they are
+  // unregistered or the Pager is destroyed. Returns true when the backend uses them; false when it
+  // cannot (thread backend, memlock limit, kernel), with stats().registration_error saying why —
+  // requests then work as before.
+  bool register_buffers(const std::vector<std::pair<void*, std::size_t>>& buffers);
+  // Re-arms the test hook (see PagerFault): counting starts from the next request.
+  void set_test_fault(const PagerFault& fault);
   const std::string& directory() const noexcept { return dir_; }
   // Path of the swap file (for tests that corrupt or remove it).
   const std::string& swap_path() const noexcept { return path_; }
@@ -105,14 +150,21 @@ class Pager {
   struct Ticket {
     bool write = false;
     bool done = false;
-    int error = 0;  // errno, 0 on success
+    int error = 0;  // errno, 0 on success (kShortError: a short transfer)
     ExtentId extent = 0;
     void* dst = nullptr;
     std::size_t bytes = 0;
+    std::size_t moved = 0;          // bytes transferred before a short-transfer error
+    std::uint64_t offset = 0;       // where the request went (a write: its fresh location)
     std::uint32_t crc = 0;  // write: CRC of the new data; read: the extent's CRC when submitted
   };
   friend struct Backend;
-  void complete(TicketId id, int error);  // called by backends when a request finishes
+  // Called by backends when a request finishes; `moved` is the bytes transferred (for short ones).
+  void complete(TicketId id, int error, std::size_t moved);
+  PagerFaultKind take_fault(bool write);  // the test hook's decision for the next request (mu_ held)
+  std::uint64_t take_location(std::size_t capacity);  // mu_ held
+  void note_start(bool write);  // busy-time bookkeeping (mu_ held)
+  void note_end(bool write);
 
   PagerOptions opts_;
   std::string dir_, path_;
@@ -128,6 +180,11 @@ class Pager {
   ExtentId next_extent_ = 1;
   TicketId next_ticket_ = 1;
   PagerStats stats_;
+  PagerFault fault_;
+  std::uint64_t fault_seen_ = 0;  // matching requests since the hook was armed
+  int reads_in_flight_ = 0, writes_in_flight_ = 0;
+  std::int64_t read_busy_since_ns_ = 0, write_busy_since_ns_ = 0;
+  std::int64_t read_busy_ns_ = 0, write_busy_ns_ = 0;
 };
 
 }  // namespace asteria

@@ -52,7 +52,7 @@ struct HostTensor {
 enum class JobKind : int {
   kEigh = 0,               // inputs {A}; outputs {eigenvalues, eigenvectors}
   kInverseRoot = 1,        // inputs {A}; outputs {root}
-  kEigenbasisRefresh = 2,  // inputs {L, Q}; outputs {basis, permutation}
+  kEigenbasisRefresh = 2,  // inputs {L, Q}; outputs {basis, permutation, rotation = Qᵀ·basis}
   kTask = 3,               // run `task` (tests, benchmarks, custom work); no outputs
 };
 enum class JobStatus : int { kOk = 0, kFailed = 1, kCancelled = 2 };
@@ -77,6 +77,9 @@ struct JobSpec {
   bool sort = true;
   // kTask
   std::function<void()> task;
+  // Optional: run by the worker right before the job (any kind), e.g. to wait for the asynchronous
+  // device-to-host copy that fills the inputs (a CUDA event). An exception fails the job with its message.
+  std::function<void()> prerequisite;
 };
 
 struct JobResult {
