@@ -58,17 +58,27 @@ def test_bad_values(kw, match):
         RuntimeConfig(**kw)
 
 
+def test_distributed_options():
+    cfg = RuntimeConfig()
+    assert (cfg.shard_state, cfg.dist_timeout, cfg.local_world_size) == (False, 600.0, None)
+    assert RuntimeConfig(process_group=None, shard_state=True, dist_timeout=5, local_world_size=2).process_group is None
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [
-        (dict(device_budget="2GiB"), "device_budget"),
-        (dict(host_budget=1 << 30), "host_budget"),
-        (dict(nvme_path="/tmp"), "nvme_path"),
-        (dict(process_group=None), "process_group"),
+        (dict(process_group="world"), "process_group"),
+        (dict(process_group=3), "process_group"),
+        (dict(shard_state=1), "shard_state"),
+        (dict(dist_timeout=0), "dist_timeout"),
+        (dict(dist_timeout=float("inf")), "dist_timeout"),
+        (dict(dist_timeout=True), "dist_timeout"),
+        (dict(local_world_size=0), "local_world_size"),
+        (dict(local_world_size=2.0), "local_world_size"),
     ],
 )
-def test_not_implemented_options_are_refused(kw, match):
-    with pytest.raises(NotImplementedError, match=match):
+def test_bad_distributed_values(kw, match):
+    with pytest.raises(ValueError, match=match):
         RuntimeConfig(**kw)
 
 

@@ -7,7 +7,9 @@ Swap ``torch.optim.AdamW`` for one of the optimizers below::
 
 Public names: the optimizers ``Shampoo``, ``SOAP``, ``KLShampoo`` and ``KLSOAP``; their
 runtime settings ``RuntimeConfig`` and ``Runtime`` (a refresh worker pool several optimizers can share); ``config()`` (build and provider report);
-``select_provider()`` (LAPACK provider); ``AsteriaError`` (errors of the native core).
+``select_provider()`` (LAPACK provider); ``AsteriaError`` (errors of the native core); for distributed
+runs, ``gather_state_dict()`` (one full checkpoint from every rank's state) and ``DistributedError``;
+``BudgetError`` (the memory budgets cannot hold the optimizer state; a ``MemoryError``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ select_provider(None)
 
 from .optim import KLSOAP, SOAP, KLShampoo, RefreshFailureError, Shampoo  # noqa: E402
 from .runtime import Runtime, RuntimeConfig  # noqa: E402
+from .runtime.tiers import BudgetError  # noqa: E402
+from .runtime.distributed import DistributedError, gather_state_dict  # noqa: E402
 
 
 def config() -> dict:
@@ -42,6 +46,8 @@ def config() -> dict:
 
 __all__ = [
     "AsteriaError",
+    "BudgetError",
+    "DistributedError",
     "KLSOAP",
     "KLShampoo",
     "RefreshFailureError",
@@ -51,5 +57,6 @@ __all__ = [
     "Shampoo",
     "__version__",
     "config",
+    "gather_state_dict",
     "select_provider",
 ]

@@ -5,6 +5,9 @@ Subcommands:
     scheduler  refresh-job throughput with 1 and 2 workers
     optimizer  per-step optimizer time against torch.optim.AdamW on GPT layer shapes
     overhead   training step time of sync vs async refresh vs no refresh (how much is hidden)
+    distributed  DDP on several processes: AdamW vs SOAP sync/async/sharded (step time, bytes, memory)
+    transfer   host<->device bandwidth of the runtime's pinned copies vs torch's (CUDA)
+    pager      swap-file bandwidth of the pager (io_uring, threads) against fio, 1-16 MiB extents, QD 1/8/32
 
 Each prints ratios against its baseline; absolute times drift on shared machines, ratios hold.
 """
@@ -46,14 +49,49 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--d-model", type=int, default=128, help="width (default: %(default)s)")
     p.add_argument("--context", type=int, default=32, help="sequence length (default: %(default)s)")
     p.add_argument("--batch", type=int, default=8, help="sequences per step (default: %(default)s)")
+    p.add_argument("--staleness", type=int, default=5, help="S of the async modes (default: %(default)s)")
+    p.add_argument("--modes", default="sync,async,floor",
+                   help="comma-separated among sync, async, floor, sync-gpu, async-gpu (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the training loop (default: %(default)s)")
     p.add_argument("--out", default="bench-overhead", help="folder for overhead.json and the PNG (default: %(default)s)")
+    p = sub.add_parser("transfer", help="host<->device copy bandwidth: runtime leases vs torch pinned memory (CUDA)")
+    p.add_argument("--sizes", default="4,16,64,256", help="comma-separated MiB (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=9, help="median of this many alternated runs (default: %(default)s)")
+    p = sub.add_parser("distributed", help="DDP on several processes: AdamW vs SOAP sync, async, async + sharded state")
+    p.add_argument("--world", type=int, default=2, help="processes (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default: %(default)s)")
+    p.add_argument("--configs", default="adamw,soap:sync,soap:async,soap:async+shard", help="default: %(default)s")
+    p.add_argument("--steps", type=int, default=100, help="training steps per configuration (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=5, help="first steps left out of the statistics (default: %(default)s)")
+    p.add_argument("--frequency", type=int, default=10, help="precondition_frequency (default: %(default)s)")
+    p.add_argument("--layers", type=int, default=2, help="transformer blocks (default: %(default)s)")
+    p.add_argument("--d-model", type=int, default=128, help="width (default: %(default)s)")
+    p.add_argument("--context", type=int, default=32, help="sequence length (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step and rank (default: %(default)s)")
+    p.add_argument("--out", default="bench-distributed", help="folder for distributed.json (default: %(default)s)")
+    p = sub.add_parser("pager", help="pager read/write bandwidth vs fio (same files system, sizes and depths)")
+    p.add_argument("--dir", help="directory on the drive to measure (default: $ASTERIA_BENCH_DIR or the temp dir)")
+    p.add_argument("--sizes", default="1,4,16", help="extent sizes in MiB (default: %(default)s)")
+    p.add_argument("--depths", default="1,8,32", help="queue depths (default: %(default)s)")
+    p.add_argument("--backends", default="io_uring,threads", help="default: %(default)s")
+    p.add_argument("--patterns", default="seq,rand", help="default: %(default)s")
+    p.add_argument("--total-mib", type=int, default=256, help="bytes per run, at least 2 x size x depth (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds, medians compared (default: %(default)s)")
+    p.add_argument("--no-fio", action="store_true", help="skip the fio comparison")
     args = parser.parse_args(argv)
-    if args.command == "linalg":
+    if args.command == "pager":
+        from .pager import run
+    elif args.command == "linalg":
         from .linalg import run
     elif args.command == "scheduler":
         from .scheduler import run
     elif args.command == "overhead":
         from .overhead import run
+    elif args.command == "distributed":
+        from .distributed import run
+    elif args.command == "transfer":
+        from .transfer import run
     else:
         from .optimizer import run
     run(args)

@@ -6,7 +6,12 @@ one thread, for AdamW and for each second-order optimizer in three modes:
 * ``sync``: the refresh runs inline at the refresh step (the reference algorithm; spikes every f steps);
 * ``async``: the default runtime (staleness 5, deterministic installs) on the free cores;
 * ``floor``: the same optimizer with every refresh after the first basis/root disabled: the per-step cost
-  with nothing to hide (what async would achieve if the refresh were free).
+  with nothing to hide (what async would achieve if the refresh were free);
+* ``sync-gpu`` / ``async-gpu`` (``--device cuda`` with the CUDA backend): the refreshes run on the GPU
+  (cuSOLVER on a low-priority stream) instead of the host workers.
+
+With ``--device cuda`` the model trains on the GPU and each step is timed up to a device synchronisation
+(the benchmark's, not the runtime's), so the step time includes the kernels it queued.
 
 The configurations run interleaved (``--repeats`` rounds), so drift of a shared machine affects all of them
 alike, and the medians over rounds are reported: per-step median, p99, max and mean of the full training
@@ -27,6 +32,8 @@ from typing import Any
 import torch
 
 _NAMES = {"shampoo": "Shampoo", "soap": "SOAP", "kl-shampoo": "KLShampoo", "kl-soap": "KLSOAP"}
+_MODES = ("sync", "async", "floor", "sync-gpu", "async-gpu")
+_COLORS = {"sync": "tab:red", "async": "tab:blue", "floor": "tab:green", "sync-gpu": "tab:orange", "async-gpu": "tab:purple"}
 
 
 def _no_refresh(cls: type) -> type:
@@ -42,7 +49,7 @@ def _no_refresh(cls: type) -> type:
     return Floor
 
 
-def _build(name: str, mode: str, model: torch.nn.Module, freq: int) -> torch.optim.Optimizer:
+def _build(name: str, mode: str, model: torch.nn.Module, freq: int, staleness: int = 5) -> torch.optim.Optimizer:
     import asteria
 
     if name == "adamw":
@@ -51,11 +58,15 @@ def _build(name: str, mode: str, model: torch.nn.Module, freq: int) -> torch.opt
     kw: dict[str, Any] = dict(precondition_frequency=freq)
     if name == "shampoo":
         kw["start_preconditioning_step"] = freq
-    if mode == "floor":
+    refresh, _, where = mode.partition("-")
+    route = "gpu" if where == "gpu" else "host"
+    if refresh == "floor":
         cls = _no_refresh(cls)
-        runtime = asteria.RuntimeConfig(refresh="sync")
+        runtime = asteria.RuntimeConfig(refresh="sync", refresh_device=route)
+    elif refresh == "sync":
+        runtime = asteria.RuntimeConfig(refresh="sync", refresh_device=route)
     else:
-        runtime = asteria.RuntimeConfig(refresh=mode)
+        runtime = asteria.RuntimeConfig(refresh="async", staleness=staleness, refresh_device=route)
     return cls(model.parameters(), lr=1e-4 if name.startswith("kl") else 1e-3, runtime=runtime, **kw)
 
 
@@ -63,19 +74,25 @@ def _run_one(name: str, mode: str, args: Any, seed: int) -> dict[str, Any]:
     from asteria.train.model import GPT, ModelConfig
 
     torch.manual_seed(seed)
+    device = torch.device(getattr(args, "device", "cpu"))
     cfg = ModelConfig(n_layer=args.layers, n_head=4, d_model=args.d_model, context=args.context)
-    model = GPT(cfg)
-    opt = _build(name, mode, model, args.frequency)
+    model = GPT(cfg).to(device)
+    opt = _build(name, mode, model, args.frequency, getattr(args, "staleness", 5))
     gen = torch.Generator().manual_seed(seed)
+    cuda = device.type == "cuda"
     times = []
     try:
         for _ in range(args.steps):
-            idx = torch.randint(0, cfg.vocab_size, (args.batch, args.context + 1), generator=gen)
+            idx = torch.randint(0, cfg.vocab_size, (args.batch, args.context + 1), generator=gen).to(device)
+            if cuda:
+                torch.cuda.synchronize(device)
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             _, loss = model(idx[:, :-1], idx[:, 1:])
             loss.backward()
             opt.step()
+            if cuda:
+                torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)
         out: dict[str, Any] = {"times": times, "loss": float(loss.detach())}
         runtime = getattr(opt, "runtime", None)
@@ -102,15 +119,22 @@ def _summary(times: list[float]) -> dict[str, float]:
 
 
 def run(args: Any) -> dict[str, Any]:
-    torch.set_num_threads(1)
+    torch.set_num_threads(getattr(args, "threads", 1))
     opts = [o.strip() for o in args.optimizers.split(",") if o.strip()]
-    configs = [("adamw", "-")] + [(o, m) for o in opts for m in ("sync", "async", "floor")]
+    modes = [m.strip() for m in getattr(args, "modes", "sync,async,floor").split(",") if m.strip()]
+    for m in modes:
+        if m not in _MODES:
+            raise SystemExit(f"asteria-bench overhead: unknown mode {m!r}; choose from {', '.join(_MODES)}")
+    configs = [("adamw", "-")] + [(o, m) for o in opts for m in modes]
     import asteria
 
     workers = asteria.RuntimeConfig().resolved_workers()
+    device = getattr(args, "device", "cpu")
+    where = torch.cuda.get_device_name(0) if device.startswith("cuda") else "CPU"
     print(f"asteria-bench overhead: GPT {args.layers} layers, d_model {args.d_model}, context {args.context}, "
-          f"batch {args.batch}; {args.steps} steps (first {args.warmup} excluded), refresh every {args.frequency}; "
-          f"torch threads 1, refresh workers {workers} (cores {os.cpu_count()}); {args.repeats} interleaved rounds")
+          f"batch {args.batch} on {where}; {args.steps} steps (first {args.warmup} excluded), refresh every "
+          f"{args.frequency}, staleness {getattr(args, 'staleness', 5)}; torch threads {torch.get_num_threads()}, "
+          f"refresh workers {workers} (cores {len(os.sched_getaffinity(0))}); {args.repeats} interleaved rounds")
     rounds: dict[tuple[str, str], list[dict[str, Any]]] = {c: [] for c in configs}
     for r in range(args.repeats):
         for name, mode in configs:
@@ -133,7 +157,7 @@ def run(args: Any) -> dict[str, Any]:
     for name, mode in configs:
         row = table[f"{name}:{mode}"]
         hidden = ""
-        if mode == "async":
+        if mode.startswith("async") and f"{name}:sync" in table and f"{name}:floor" in table:
             sync, floor = table[f"{name}:sync"]["mean"], table[f"{name}:floor"]["mean"]
             if sync - floor > 0:
                 row["hidden_fraction"] = (sync - row["mean"]) / (sync - floor)
@@ -163,7 +187,9 @@ def _plot(rounds: dict, configs: list, opts: list[str], path: Path) -> Path | No
     adamw = [t * 1e3 for t in rounds[("adamw", "-")][0]["times"]]
     for ax, name in zip(axes[:, 0], opts):
         ax.plot(adamw, color="0.7", lw=0.8, label="adamw")
-        for mode, color in (("sync", "tab:red"), ("async", "tab:blue"), ("floor", "tab:green")):
+        for mode, color in _COLORS.items():
+            if (name, mode) not in rounds:
+                continue
             ax.plot([t * 1e3 for t in rounds[(name, mode)][0]["times"]], lw=0.9, color=color, label=f"{name}:{mode}")
         ax.set_ylabel("step ms")
         ax.set_yscale("log")

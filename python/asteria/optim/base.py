@@ -23,7 +23,10 @@ import torch
 
 from asteria.optim import state_dict as _sd
 from asteria.optim.blocking import BlockSpec, ParamLayout, can_view
+from asteria.optim.results import to_device
+from asteria.runtime import distributed as _dist
 from asteria.runtime.config import RuntimeConfig
+from asteria.runtime import tiers as _tiers
 from asteria.runtime.pipeline import RefreshPipeline
 from asteria.runtime.workers import Runtime
 
@@ -165,13 +168,21 @@ class _Rows:
         self.rows = rows
         self.full = rows == list(range(bucket.size))
         self._index: dict[torch.device, torch.Tensor] = {}
-        self.state: dict[str, torch.Tensor] = {}
-        for key, value in bucket.state.items():
-            self.state[key] = value if self.full else value.index_select(0, self.index(value.device))
+        self._state: dict[str, torch.Tensor] | None = None
+
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """The rows' state tensors, gathered at first use (a tiered bucket is brought in then)."""
+        if self._state is None:
+            self._state = {
+                key: value if self.full else value.index_select(0, self.index(value.device))
+                for key, value in self.bucket.state.items()
+            }
+        return self._state
 
     def index(self, device: torch.device) -> torch.Tensor:
         if device not in self._index:
-            self._index[device] = torch.tensor(self.rows, dtype=torch.long, device=device)
+            self._index[device] = to_device(torch.tensor(self.rows, dtype=torch.long), device)
         return self._index[device]
 
     @property
@@ -191,6 +202,9 @@ class _Rows:
                     dest.copy_(value)
             else:
                 dest.index_copy_(0, self.index(dest.device), value.to(dest.dtype))
+        # Later reads gather the committed values again: the new tensors are not kept alive for the rest of
+        # the step (a step's work list holds the rows of every bucket).
+        self._state = None
 
 
 class _WeakInstaller:
@@ -212,12 +226,25 @@ class _WeakInstaller:
 
 
 def _grad_ready_hook(ref: weakref.ref) -> Callable[[torch.Tensor], None]:
-    def hook(_: torch.Tensor) -> None:
+    def hook(param: torch.Tensor) -> None:
         opt = ref()
         if opt is not None:
-            opt.runtime.on_grad_ready()
+            if opt._fold_backward:
+                opt._fold_in_backward(param)
+            if opt.runtime.is_async and opt.runtime.config.hooks:
+                opt.runtime.on_grad_ready()
+            if opt._tiers is not None:  # start reading the first NVMe-tier buckets of the coming step
+                opt._tiers.on_grad_ready()
 
     return hook
+
+
+def _refuse_fold_when_distributed() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        raise RuntimeError(
+            "RuntimeConfig(fold_statistics='backward') is for single-process loops: under DDP or any "
+            "multi-process run the gradients are all-reduced after the hooks fire; use fold_statistics='step'"
+        )
 
 
 class BlockOptimizer(torch.optim.Optimizer):
@@ -229,6 +256,8 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     _offset: int = 0
     _param_state_keys: tuple[str, ...] = ("step",)
+    # State tensors touched only when a refresh is installed (lifecycle class "cold" of asteria.runtime.tiers).
+    _cold_state_keys: tuple[str, ...] = _tiers.DEFAULT_COLD_KEYS
 
     def __init__(
         self, params: Iterable[Any], defaults: dict[str, Any], runtime: RuntimeConfig | Runtime | None
@@ -245,7 +274,27 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._next_block_id = 0
         self._member_index: dict[tuple[int, int, int], tuple[Bucket, int]] = {}
         self._hook_handles: list[Any] = []
-        if self.runtime.is_async and self.runtime.config.hooks:
+        # Distributed runs: refresh ownership, result exchange, optional sharded state (None: single process).
+        self._dist = _dist.DistributedCoordinator.attach(self)
+        # fold_statistics="backward": per-row statistics computed in the hooks, committed by step()
+        self._fold_backward = self.runtime.config.fold_statistics == "backward"
+        self._folded: dict[tuple[int, int], tuple[torch.Tensor, int, dict[str, torch.Tensor]]] = {}
+        self._members_by_param: dict[int, list[tuple[Bucket, int]]] | None = None
+        if self._fold_backward and not self.runtime.config.hooks:
+            raise ValueError("RuntimeConfig(fold_statistics='backward') folds in the gradient hooks; it needs hooks=True")
+        if self._fold_backward:
+            _refuse_fold_when_distributed()
+        # Memory tiers (None without budgets): where the bucket state lives; checked against the budgets now.
+        self._tiers = self.runtime.runtime.tiers
+        self.runtime.add_stats_source("memory", lambda: _tiers.memory_report(me()) if me() is not None else {})
+        if self._tiers is not None and self._dist is None:
+            try:
+                self._tiers.check_construction(self)
+            except BaseException:
+                self.runtime.close()  # removes the swap directory at once
+                raise
+        hooks = self.runtime.config.hooks
+        if self._fold_backward or (self.runtime.is_async and hooks) or (self._tiers is not None and hooks):
             self._register_hooks(me)
 
     def _register_hooks(self, me: weakref.ref, groups: list[dict[str, Any]] | None = None) -> None:
@@ -264,8 +313,12 @@ class BlockOptimizer(torch.optim.Optimizer):
         for pi, p in enumerate(group["params"]):
             check_param(p, self._param_name(group, gi, pi))
         self._validate_group(group)
+        if getattr(self, "_tiers", None) is not None:
+            self._detach_tiers()
         self._buckets = None  # rebuilt (keeping existing state) at the next step
-        if getattr(self, "_hook_handles", None) is not None and self.runtime.is_async and self.runtime.config.hooks:
+        if getattr(self, "_hook_handles", None) is not None and (
+            (self.runtime.is_async or self._tiers is not None) and self.runtime.config.hooks or self._fold_backward
+        ):
             self._register_hooks(weakref.ref(self), [group])
 
     def _validate_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - overridden
@@ -277,6 +330,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_next_block_id", 0)
         self.__dict__.setdefault("_member_index", {})
         self.__dict__.setdefault("_hook_handles", [])
+        self.__dict__.setdefault("_dist", None)
+        self.__dict__.setdefault("_tiers", None)
 
     @staticmethod
     def _param_name(group: dict[str, Any], gi: int, pi: int) -> str:
@@ -324,10 +379,14 @@ class BlockOptimizer(torch.optim.Optimizer):
                     bucket.members.append(Member(p, gi, pi, layout, blk, name, self._next_block_id))
                     self._next_block_id += 1
         buckets = list(table.values())
+        if self._dist is not None:  # owners of every block; with sharded state, only this rank's rows stay
+            buckets = self._dist.partition(self, buckets)
         self._member_index = {}
         for bucket in buckets:
             for row, m in enumerate(bucket.members):
                 self._member_index[(m.group_index, m.param_index, m.block.index)] = (bucket, row)
+        if self._tiers is not None:  # decides each bucket's tier (BudgetError when the budgets cannot hold them)
+            self._tiers.begin(self, buckets)
         for bucket in buckets:
             group = self.param_groups[bucket.group_index]
             bucket.state = self._init_bucket_state(bucket, group)
@@ -336,11 +395,17 @@ class BlockOptimizer(torch.optim.Optimizer):
                 restore = pstate.get("_restore")
                 if restore is not None and m.block.index < len(restore) and restore[m.block.index]:
                     _sd.restore_block(bucket.state, row, restore[m.block.index], m.label)
-                pstate["blocks"][m.block.index] = {k: v[row] for k, v in bucket.state.items()}
+                if self._tiers is None:
+                    pstate["blocks"][m.block.index] = {k: v[row] for k, v in bucket.state.items()}
+            if self._tiers is not None:  # into its tier, before the next bucket's state is created
+                self._tiers.adopt(self, bucket)
         for group in self.param_groups:
             for p in group["params"]:
                 self.state[p].pop("_restore", None)
+                if self._tiers is not None:  # tiered: the blocks are read through state_dict()
+                    self.state[p].pop("blocks", None)
         self._buckets = buckets
+        self._members_by_param = None
         return buckets
 
     # -- stepping ---------------------------------------------------------------------------------------------
@@ -360,10 +425,79 @@ class BlockOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self.runtime.begin_step()
         try:
-            self._step_buckets(self._ensure_buckets())
+            buckets = self._ensure_buckets()
+            if self._dist is not None:
+                self._dist.before_step(self)
+            if self._folded:
+                self._check_folded()
+            self._step_buckets(buckets)
+            if self._dist is not None:
+                self._dist.after_step(self)
         finally:
+            self._folded.clear()
             self.runtime.end_step()
         return loss
+
+    # -- fold_statistics="backward" ----------------------------------------------------------------------------
+    def _fold_in_backward(self, param: torch.Tensor) -> None:
+        """Computes the statistics of ``param``'s blocks from its fresh gradient (committed by `step`).
+
+        The first step of a parameter folds in ``step()`` (it also creates the state). A second backward
+        before ``step()`` (gradient accumulation) raises: the hook would fold a partial gradient.
+        """
+        _refuse_fold_when_distributed()
+        if self._buckets is None or param.grad is None or not self._has_stepped(self.state[param]):
+            return
+        if self._members_by_param is None:
+            table: dict[int, list[tuple[Bucket, int]]] = defaultdict(list)
+            for (gi, pi, _), (bucket, row) in self._member_index.items():
+                table[id(self.param_groups[gi]["params"][pi])].append((bucket, row))
+            self._members_by_param = dict(table)
+        with torch.no_grad():
+            for bucket, row in self._members_by_param.get(id(param), []):
+                if (id(bucket), row) in self._folded:
+                    raise RuntimeError(
+                        f"{type(self).__name__}: backward() ran twice before step() for {bucket.members[row].label}; "
+                        "RuntimeConfig(fold_statistics='backward') supports one backward per step (no gradient "
+                        "accumulation); use fold_statistics='step'"
+                    )
+                group = self.param_groups[bucket.group_index]
+                rows = _Rows(bucket, [row])
+                G, finite = self.stacked_grads(rows, group["state_dtype"])
+                stats = self._statistics(bucket, rows, G, finite, group)
+                self._folded[(id(bucket), row)] = (param.grad, param.grad._version, stats)
+
+    def _has_stepped(self, pstate: dict[str, Any]) -> bool:
+        """Whether the parameter's state exists and its next step is an ordinary one (folding applies)."""
+        return pstate.get("step", 0) > 0
+
+    def _check_folded(self) -> None:
+        """Refuses a step whose gradients changed after the hooks folded them (clipping, un-scaling, all-reduce)."""
+        _refuse_fold_when_distributed()
+        for (bid, row), (grad, version, _) in self._folded.items():
+            bucket = next(b for b in self._buckets or [] if id(b) == bid)
+            p = bucket.members[row].param
+            if p.grad is not grad or grad._version != version:
+                self._folded.clear()
+                raise RuntimeError(
+                    f"{type(self).__name__}: the gradient of {bucket.members[row].label} changed between backward() "
+                    "and step() (clipping, GradScaler un-scaling, an all-reduce or accumulation); "
+                    "RuntimeConfig(fold_statistics='backward') needs the gradient backward produced: use "
+                    "fold_statistics='step' (the default)"
+                )
+
+    def folded_statistics(self, bucket: Bucket, rows: _Rows) -> dict[str, torch.Tensor] | None:
+        """The statistics the hooks folded for these rows, stacked; None unless every row was folded."""
+        if not self._folded:
+            return None
+        entries = [self._folded.get((id(bucket), r)) for r in rows.rows]
+        if any(e is None for e in entries):
+            return None
+        keys = entries[0][2].keys()
+        return {k: torch.cat([e[2][k] for e in entries]) for k in keys}
+
+    def _statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, finite: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
 
     def _step_buckets(self, buckets: list[Bucket]) -> None:
         work: list[tuple[Bucket, _Rows, Any]] = []
@@ -449,11 +583,6 @@ class BlockOptimizer(torch.optim.Optimizer):
     def _install_batch(self, tag: dict[str, Any], results: Sequence[Any]) -> None:  # pragma: no cover
         raise NotImplementedError
 
-    @staticmethod
-    def host_matrices(x: torch.Tensor) -> np.ndarray:
-        """Copies stacked ``(B, n, n)`` matrices to a C-contiguous host array (one transfer)."""
-        return np.ascontiguousarray(x.detach().to("cpu").numpy())
-
     def record_refresh_outcome(
         self, bucket: Bucket, row_list: Sequence[int], ok: Sequence[bool], messages: Sequence[str], tolerance: int
     ) -> None:
@@ -504,10 +633,14 @@ class BlockOptimizer(torch.optim.Optimizer):
         """
         self._ensure_buckets()
         out = super().state_dict()
+        if self._tiers is not None:  # the offloaded bytes themselves (copies), brought in from every tier
+            _fill_blocks(self, out, self._tiers.block_copies(self))
         out["asteria"] = _sd.header(self)
         # In-flight refreshes: waited for and stored with their results, so a resumed run installs the same
         # results at the same steps (bit-identical in deterministic mode).
         out["asteria"]["pending"] = self.runtime.export_pending()
+        if self._dist is not None:  # a per-rank state: see asteria.gather_state_dict for a full one
+            out["asteria"]["distributed"] = self._dist.header(out["asteria"]["pending"])
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -518,7 +651,10 @@ class BlockOptimizer(torch.optim.Optimizer):
         Raises:
             ValueError: If the checkpoint does not match this optimizer (type, groups, shapes, keys).
         """
+        _dist.check_loadable(self, state_dict)
         new_state = _sd.convert_for_load(self, state_dict)
+        if self._tiers is not None:  # the current state out of the tiers, so a failed load can roll back to it
+            self._detach_tiers()
         old = (self.state, self._buckets, [dict(g) for g in self.param_groups])
         try:
             for group, saved in zip(self.param_groups, state_dict["param_groups"]):
@@ -531,13 +667,24 @@ class BlockOptimizer(torch.optim.Optimizer):
                 self.state[p] = pstate
             self._buckets = None
             self._ensure_buckets()
-            self.runtime.import_pending(state_dict["asteria"].get("pending", []), self.installer)
+            pending = state_dict["asteria"].get("pending", [])
+            if self._dist is not None:
+                pending = self._dist.restrict_pending(pending)
+            self.runtime.import_pending(pending, self.installer)
         except Exception:
             self.state, self._buckets = old[0], old[1]
             for group, saved in zip(self.param_groups, old[2]):
                 group.clear()
                 group.update(saved)
             raise
+
+    def _detach_tiers(self) -> None:
+        """Tiered state: copies every block out of the tiers into ``state[p]["blocks"]`` (the buckets are then
+        rebuilt from them) and releases the tiers' space."""
+        if self._tiers is not None and self._buckets:
+            for p, blocks in self._tiers.detach(self).items():
+                self.state[p]["blocks"] = blocks
+        self._buckets = None
 
     def close(self) -> None:
         """Stops the refresh runtime (worker threads) and removes the hooks. The optimizer cannot refresh afterwards."""
@@ -551,3 +698,13 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _fill_blocks(opt: BlockOptimizer, out: dict[str, Any], blocks: dict[Any, list[dict[str, torch.Tensor]]]) -> None:
+    """Puts each parameter's block copies into a packed ``state_dict()`` (torch numbers parameters in group order)."""
+    index = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if index in out["state"] and p in blocks:
+                out["state"][index] = {**out["state"][index], "blocks": blocks[p]}
+            index += 1

@@ -9,6 +9,7 @@ The optimizer-specific math (direction, statistics, install) is in pure function
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,18 +18,20 @@ import torch
 
 from asteria.optim.base import BlockOptimizer, Bucket, _Rows, check_betas, check_dtype, check_range
 from asteria.optim.blocking import ParamLayout, soap_layout
+from asteria.optim.results import all_finite, stack_results, to_device
 from asteria.runtime.pipeline import RefreshJob
 
 __all__ = ["EigenbasisOptimizer", "eigh_ridge_for"]
 
 
-def eigh_ridge_for(a: np.ndarray, ridge: float | None) -> float:
+def eigh_ridge_for(trace: float, n: int, ridge: float | None) -> float:
     """Ridge added to the diagonal before the initial eigh.
 
     Args:
-        a: The (n, n) host matrix.
+        trace: The trace of the (n, n) statistic.
+        n: Its size.
         ridge: A fixed ridge (1e-30 reproduces the SOAP/KL reference code), or None for the scale-aware
-            default ``1e-9 · trace(a)/n`` (at least 1e-30), which does not change the eigenvectors but keeps
+            default ``1e-9 · trace/n`` (at least 1e-30), which does not change the eigenvectors but keeps
             LAPACK away from the exactly singular, tiny-eigenvalue factors of the first steps.
 
     Returns:
@@ -36,9 +39,8 @@ def eigh_ridge_for(a: np.ndarray, ridge: float | None) -> float:
     """
     if ridge is not None:
         return float(ridge)
-    n = a.shape[0]
-    scale = float(np.trace(a)) / max(n, 1)
-    return max(1e-9 * scale, 1e-30) if np.isfinite(scale) else 1e-30
+    scale = float(trace) / max(n, 1)
+    return max(1e-9 * scale, 1e-30) if math.isfinite(scale) else 1e-30
 
 
 class EigenbasisOptimizer(BlockOptimizer):
@@ -72,6 +74,9 @@ class EigenbasisOptimizer(BlockOptimizer):
     def _row_key(self, param_state: dict[str, Any]) -> Any:
         return (bool(param_state["initialized"]), int(param_state["step"]))
 
+    def _has_stepped(self, pstate: dict[str, Any]) -> bool:
+        return bool(pstate.get("initialized", False))
+
     def _advance_param_state(self, pstate: dict[str, Any]) -> None:
         if not pstate["initialized"]:
             pstate["initialized"] = True  # the first call does not count as a step (reference semantics)
@@ -104,6 +109,7 @@ class EigenbasisOptimizer(BlockOptimizer):
         perms: list[torch.Tensor],
         ok: torch.Tensor,
         group: dict[str, Any],
+        rotations: list[torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -130,13 +136,17 @@ class EigenbasisOptimizer(BlockOptimizer):
 
     def _submit_initial_bases(self, bucket: Bucket, rows: _Rows, group: dict[str, Any]) -> None:
         jobs = []
-        for i in range(len(bucket.shape)):
-            host = self.host_matrices(rows.state[f"factor_{i}"])
+        for i, d in enumerate(bucket.shape):
+            x = rows.state[f"factor_{i}"]
+            snap = self.runtime.snapshot(x, route=self.runtime.route(d, x.device))
+            # the first basis is computed synchronously anyway: reading the traces here costs no overlap
+            traces = torch.diagonal(x, dim1=-2, dim2=-1).sum(-1, dtype=torch.float64).tolist()
             for k, m in enumerate(rows.members):
                 jobs.append(
                     RefreshJob(
-                        "eigh", m.block_id, i, 0, 1, host[k],
-                        options=dict(ridge=eigh_ridge_for(host[k], group["eigh_ridge"]), descending=True),
+                        "eigh", m.block_id, i, 0, 1, snap.matrices[0][k],
+                        options=dict(ridge=eigh_ridge_for(traces[k], d, group["eigh_ridge"]), descending=True),
+                        ready=snap.ready,
                     )
                 )
         tag = {"what": "initial", "version": 0, "blocks": self.member_keys(rows)}
@@ -151,11 +161,17 @@ class EigenbasisOptimizer(BlockOptimizer):
         """Snapshots the rows' factors and installed bases at step t and submits the refresh jobs."""
         jobs = []
         deadline = self.runtime.deadline(t)
-        for i in range(len(bucket.shape)):
-            a = self.host_matrices(rows.state[f"factor_{i}"])
-            q = self.host_matrices(rows.state[f"basis_{i}"])
+        for i, d in enumerate(bucket.shape):
+            x = rows.state[f"factor_{i}"]
+            snap = self.runtime.snapshot(x, rows.state[f"basis_{i}"], route=self.runtime.route(d, x.device))
+            a, q = snap.matrices
             for k, m in enumerate(rows.members):
-                jobs.append(RefreshJob("eigenbasis_refresh", m.block_id, i, t, deadline, a[k], q[k], self._refresh_options()))
+                jobs.append(
+                    RefreshJob(
+                        "eigenbasis_refresh", m.block_id, i, t, deadline, a[k], q[k], self._refresh_options(),
+                        ready=snap.ready,
+                    )
+                )
         tag = {"what": "basis", "version": t, "blocks": self.member_keys(rows)}
         self.runtime.submit(jobs, self.installer(tag), tag=tag)
 
@@ -171,16 +187,18 @@ class EigenbasisOptimizer(BlockOptimizer):
         msgs = [""] * n
         bases: list[list[np.ndarray | None]] = [[None] * n for _ in range(k_dims)]
         perms: list[list[np.ndarray | None]] = [[None] * n for _ in range(k_dims)]
+        rots: list[list[Any]] = [[None] * n for _ in range(k_dims)]
         for j, res in enumerate(results):
             i, k = j // n, j % n
             q = res.outputs.get(output) if res.ok else None
-            if q is None or not np.isfinite(q).all():
+            if q is None or not all_finite(q):
                 ok[k] = False
                 msgs[k] = res.message if not res.ok else "non-finite basis"
                 continue
             bases[i][k] = q
             perms[i][k] = res.outputs.get("permutation")
-        self._install(bucket, row_list, bases, perms, ok, version, group)
+            rots[i][k] = res.outputs.get("rotation")
+        self._install(bucket, row_list, bases, perms, ok, version, group, rots)
         self.record_refresh_outcome(bucket, row_list, ok, msgs, group["num_tolerated_failures"])
 
     def _install(
@@ -192,25 +210,31 @@ class EigenbasisOptimizer(BlockOptimizer):
         ok: list[bool],
         version: int,
         group: dict[str, Any],
+        rots: list[list[Any]] | None = None,
     ) -> None:
         if not any(ok):
             return
         rows = _Rows(bucket, row_list)
         n = len(row_list)
         new_bases, new_perms = [], []
+        # R = Q_oldᵀ·Q_new from the refresh jobs (host jobs compute it off the training thread); used only
+        # when every installed row has one, else the install computes it
+        have_rot = rots is not None and all(r is not None for i in range(len(bucket.shape)) for k, r in enumerate(rots[i]) if ok[k])
+        rotations = [] if have_rot else None
         for i, d in enumerate(bucket.shape):
             cur = rows.state[f"basis_{i}"]
-            q = torch.stack(
-                [torch.from_numpy(np.asarray(b)) if b is not None else cur[k].cpu() for k, b in enumerate(bases[i])]
-            ).to(device=cur.device, dtype=cur.dtype)
-            ident = np.arange(d, dtype=np.int64)
-            p = torch.stack(
-                [torch.from_numpy(np.asarray(pp, dtype=np.int64)) if pp is not None else torch.from_numpy(ident) for pp in perms[i]]
-            ).to(cur.device)
+            q = stack_results([b if b is not None else cur[k] for k, b in enumerate(bases[i])], cur.device, cur.dtype)
+            ident = torch.arange(d, dtype=torch.int64)
+            p = stack_results([pp if pp is not None else ident for pp in perms[i]], cur.device, torch.int64)
             new_bases.append(q)
             new_perms.append(p)
-        okm = torch.tensor(ok, dtype=torch.bool, device=bucket.device)
-        updated = self._install_rows(rows.state, new_bases, new_perms, okm, group)
+            if rotations is not None:
+                eye = torch.eye(d, dtype=cur.dtype)
+                rotations.append(
+                    stack_results([r if ok[k] else eye for k, r in enumerate(rots[i])], cur.device, cur.dtype)
+                )
+        okm = to_device(torch.tensor(ok, dtype=torch.bool), bucket.device)
+        updated = self._install_rows(rows.state, new_bases, new_perms, okm, group, rotations)
         for key, value in updated.items():
             rows.set(key, value)
         version_t = rows.state["basis_version"].clone()

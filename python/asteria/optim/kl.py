@@ -159,6 +159,7 @@ def install_kl_bases(
     ok: torch.Tensor,
     m_in_basis: torch.Tensor | None = None,
     v_in_basis: torch.Tensor | None = None,
+    rotations: Sequence[torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
     """KL install: swap Q; D carries over column by column (permuted only if π is not the identity).
 
@@ -173,7 +174,7 @@ def install_kl_bases(
     out_s = [torch.where(vmask, torch.gather(s, 1, p), s) for s, p in zip(sqrt_inv, perms)]
     m_out = v_out = None
     if m_in_basis is not None:
-        m_out = torch.where(ops.expand_mask(ok, m_in_basis), rotate_into_new_bases(m_in_basis, bases, new_bases), m_in_basis)
+        m_out = torch.where(ops.expand_mask(ok, m_in_basis), rotate_into_new_bases(m_in_basis, bases, new_bases, rotations), m_in_basis)
     if v_in_basis is not None:
         v_new = v_in_basis
         for i, p in enumerate(perms):
@@ -291,19 +292,35 @@ class _KLBase(EigenbasisOptimizer):
         self.write_params(rows, apply_post_update_weight_decay(W, U, group["lr"], group["lr"], group["weight_decay"], finite))
         rows.set("nonfinite_steps", st["nonfinite_steps"] + (~finite).to(torch.int64))
         # statistics (consumed by the next step's direction and by refreshes)
+        stats = self.folded_statistics(bucket, rows)
+        if stats is None:
+            stats = self._statistics(bucket, rows, G, finite, group)
+        for key, value in stats.items():
+            rows.set(key, value)
+        rows.commit()
+        if self._refresh_due(t, group):
+            self._submit_refresh(bucket, rows, t, group)
+
+    def _statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, finite: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The factors and eigenvalue estimates after folding G (pure: reads the state, returns new values)."""
+        if not bucket.factored:
+            return {}
+        st = rows.state
+        k = len(bucket.shape)
+        bases = [st[f"basis_{i}"] for i in range(k)]
+        sqrt_inv = [st[f"eigen_sqrt_inv_{i}"] for i in range(k)]
         clamps = [clamp_value(d, group["using_clamping"], group["max_clamp_value"]) for d in bucket.shape]
         factors = [st[f"factor_{i}"] for i in range(k)]
         fn = kl_statistics_2d if k == 2 else kl_statistics_3d
         new_f, new_s = fn(G, factors, bases, sqrt_inv, self._beta(group), clamps)
         fmask, smask = finite.reshape(-1, 1, 1), finite.reshape(-1, 1)
+        out = {}
         for i in range(k):
-            rows.set(f"factor_{i}", torch.where(fmask, new_f[i], factors[i]))
-            rows.set(f"eigen_sqrt_inv_{i}", torch.where(smask, new_s[i], sqrt_inv[i]))
-        rows.commit()
-        if self._refresh_due(t, group):
-            self._submit_refresh(bucket, rows, t, group)
+            out[f"factor_{i}"] = torch.where(fmask, new_f[i], factors[i])
+            out[f"eigen_sqrt_inv_{i}"] = torch.where(smask, new_s[i], sqrt_inv[i])
+        return out
 
-    def _install_rows(self, state: dict[str, torch.Tensor], new_bases: list[torch.Tensor], perms: list[torch.Tensor], ok: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _install_rows(self, state: dict[str, torch.Tensor], new_bases: list[torch.Tensor], perms: list[torch.Tensor], ok: torch.Tensor, group: dict[str, Any], rotations: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         k = len(new_bases)
         bases, s, m, v = install_kl_bases(
             [state[f"basis_{i}"] for i in range(k)],
@@ -313,6 +330,7 @@ class _KLBase(EigenbasisOptimizer):
             ok,
             state["exp_avg"] if self._klsoap else None,
             state["exp_avg_sq"] if self._klsoap else None,
+            rotations,
         )
         out = {f"basis_{i}": q for i, q in enumerate(bases)}
         out.update({f"eigen_sqrt_inv_{i}": x for i, x in enumerate(s)})

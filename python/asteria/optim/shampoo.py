@@ -12,6 +12,7 @@ import torch
 from asteria.optim import tensor_ops as ops
 from asteria.optim.base import BlockOptimizer, Bucket, _Rows, check_betas, check_dtype, check_range
 from asteria.optim.blocking import ParamLayout, shampoo_layout
+from asteria.optim.results import all_finite, stack_results, to_device
 from asteria.runtime.config import RuntimeConfig
 from asteria.runtime.pipeline import RefreshJob
 
@@ -115,7 +116,7 @@ def install_roots(
         new: The new roots, aligned with ``roots``.
         ok: ``(B,)`` bool mask of rows whose every job succeeded.
     """
-    mask = ok.reshape(-1, 1, 1).to(roots[0].device)
+    mask = to_device(ok.reshape(-1, 1, 1), roots[0].device)
     for X, X_new in zip(roots, new):
         X.copy_(torch.where(mask, X_new.to(device=X.device, dtype=X.dtype), X))
 
@@ -291,9 +292,11 @@ class Shampoo(BlockOptimizer):
             G, finite = self.stacked_grads(rows, group["state_dtype"])
             dims, exps = self._dims(bucket, group)
             with torch.profiler.record_function("asteria.Shampoo.factors"):
-                new = update_factors([rows.state[f"factor_{i}"] for i in dims], G, dims, group["betas"][1], finite)
-                for i, L in zip(dims, new):
-                    rows.set(f"factor_{i}", L)
+                stats = self.folded_statistics(bucket, rows)
+                if stats is None:
+                    stats = self._statistics(bucket, rows, G, finite, group)
+                for key, value in stats.items():
+                    rows.set(key, value)
             rows.commit()
             if dims and self._refresh_due(t, group):
                 self._submit_roots(bucket, rows, dims, exps, t, group)
@@ -304,6 +307,12 @@ class Shampoo(BlockOptimizer):
             group = self.param_groups[bucket.group_index]
             self._direction_and_update(bucket, rows, G, finite, t, group)
             rows.commit()
+
+    def _statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, finite: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The factors after folding G (pure: reads the state, returns new values)."""
+        dims, _ = self._dims(bucket, group)
+        new = update_factors([rows.state[f"factor_{i}"] for i in dims], G, dims, group["betas"][1], finite)
+        return {f"factor_{i}": L for i, L in zip(dims, new)}
 
     def _refresh_due(self, t: int, group: dict[str, Any]) -> bool:
         f, start = group["precondition_frequency"], group["start_preconditioning_step"]
@@ -319,12 +328,14 @@ class Shampoo(BlockOptimizer):
         jobs: list[RefreshJob] = []
         for i in dims:
             A = rows.state[f"factor_{i}"]
-            host = self.host_matrices(A / bc2 if bc2 != 1.0 else A)
+            route = self.runtime.route(int(A.shape[-1]), A.device, group["root_method"])
+            snap = self.runtime.snapshot(A / bc2 if bc2 != 1.0 else A, route=route)
             for k, m in enumerate(rows.members):
                 jobs.append(
                     RefreshJob(
-                        "inverse_root", m.block_id, i, t, deadline, host[k],
+                        "inverse_root", m.block_id, i, t, deadline, snap.matrices[0][k],
                         options=dict(root=1.0 / exps[i], epsilon=float(group["epsilon"]), method=group["root_method"]),
+                        ready=snap.ready,
                     )
                 )
         tag = {"what": "roots", "version": t, "blocks": self.member_keys(rows)}
@@ -343,7 +354,7 @@ class Shampoo(BlockOptimizer):
         for j, res in enumerate(results):
             i, k = dims[j // n], j % n
             root = res.outputs.get("root") if res.ok else None
-            if root is None or not np.isfinite(root).all():
+            if root is None or not all_finite(root):
                 ok[k] = False
                 msgs[k] = res.message if not res.ok else "non-finite inverse root"
             else:
@@ -352,14 +363,12 @@ class Shampoo(BlockOptimizer):
         self.record_refresh_outcome(bucket, row_list, ok, msgs, group["num_tolerated_failures"])
 
     def _install(self, bucket: Bucket, row_list: list[int], dims: list[int], outs: dict[int, list[Any]], ok: list[bool], t: int) -> None:
-        idx = torch.tensor(row_list, dtype=torch.long, device=bucket.device)
+        idx = to_device(torch.tensor(row_list, dtype=torch.long), bucket.device)
         okm = torch.tensor(ok, dtype=torch.bool)
         roots, new = [], []
         for i in dims:
             cur = bucket.state[f"root_{i}"].index_select(0, idx)
-            stacked = torch.stack(
-                [torch.from_numpy(o) if o is not None else cur[k].cpu() for k, o in enumerate(outs[i])]
-            ).to(device=cur.device, dtype=cur.dtype)
+            stacked = stack_results([o if o is not None else cur[k] for k, o in enumerate(outs[i])], cur.device, cur.dtype)
             roots.append(cur)
             new.append(stacked)
         install_roots(roots, new, okm)

@@ -80,14 +80,19 @@ def update_soap_factors(
 
 
 def rotate_into_new_bases(
-    x: torch.Tensor, old: Sequence[torch.Tensor], new: Sequence[torch.Tensor]
+    x: torch.Tensor,
+    old: Sequence[torch.Tensor],
+    new: Sequence[torch.Tensor],
+    rotations: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Re-expresses ``x`` (basis coordinates) in the new bases: ``Q_newᵀ (Q_old x Q_oldᵀ) Q_new`` in 2-D.
 
-    Computed as one contraction per dim with ``R_i = Q_old,iᵀ Q_new,i``.
+    Computed as one contraction per dim with ``R_i = Q_old,iᵀ Q_new,i``; ``rotations`` gives the ``R_i``
+    when the refresh job already computed them (off the training thread).
     """
     for i, (qo, qn) in enumerate(zip(old, new)):
-        x = ops.contract(x, torch.matmul(qo.transpose(1, 2), qn), i)
+        R = rotations[i] if rotations is not None else torch.matmul(qo.transpose(1, 2), qn)
+        x = ops.contract(x, R, i)
     return x
 
 
@@ -98,6 +103,7 @@ def install_soap_bases(
     m: torch.Tensor,
     v: torch.Tensor,
     ok: torch.Tensor,
+    rotations: Sequence[torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """SOAP install: permute v by π along every dim, rotate m exactly into the new basis, swap Q.
 
@@ -110,11 +116,12 @@ def install_soap_bases(
         m: First moment in the installed basis.
         v: Second moment in the installed basis.
         ok: ``(B,)`` rows to install (others keep everything).
+        rotations: ``R_i = Q_old,iᵀ Q_new,i`` per dim when the refresh computed them, else None.
 
     Returns:
         ``(bases, m, v)`` after the install.
     """
-    m_new = rotate_into_new_bases(m, bases, new_bases)
+    m_new = rotate_into_new_bases(m, bases, new_bases, rotations)
     v_new = v
     for i, p in enumerate(perms):
         v_new = ops.permute_along(v_new, p, i)
@@ -237,17 +244,28 @@ class SOAP(EigenbasisOptimizer):
         self.write_params(rows, apply_post_update_weight_decay(W, U, step_size, group["lr"], group["weight_decay"], finite))
         rows.set("nonfinite_steps", st["nonfinite_steps"] + (~finite).to(torch.int64))
         if bucket.factored:
-            new = update_soap_factors([st[f"factor_{i}"] for i in range(k)], G, self._shampoo_beta(group), finite)
-            for i, L in enumerate(new):
-                rows.set(f"factor_{i}", L)
+            stats = self.folded_statistics(bucket, rows)
+            if stats is None:
+                stats = self._statistics(bucket, rows, G, finite, group)
+            for key, value in stats.items():
+                rows.set(key, value)
         rows.commit()
         if bucket.factored and self._refresh_due(t, group):
             self._submit_refresh(bucket, rows, t, group)
 
-    def _install_rows(self, state: dict[str, torch.Tensor], new_bases: list[torch.Tensor], perms: list[torch.Tensor], ok: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, finite: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The factors after folding G (pure: reads the state, returns new values)."""
+        if not bucket.factored:
+            return {}
+        k = len(bucket.shape)
+        new = update_soap_factors([rows.state[f"factor_{i}"] for i in range(k)], G, self._shampoo_beta(group), finite)
+        return {f"factor_{i}": L for i, L in enumerate(new)}
+
+    def _install_rows(self, state: dict[str, torch.Tensor], new_bases: list[torch.Tensor], perms: list[torch.Tensor], ok: torch.Tensor, group: dict[str, Any], rotations: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         k = len(new_bases)
         bases, m, v = install_soap_bases(
-            [state[f"basis_{i}"] for i in range(k)], new_bases, perms, state["exp_avg"], state["exp_avg_sq"], ok
+            [state[f"basis_{i}"] for i in range(k)], new_bases, perms, state["exp_avg"], state["exp_avg_sq"], ok,
+            rotations,
         )
         out = {f"basis_{i}": q for i, q in enumerate(bases)}
         out["exp_avg"] = m

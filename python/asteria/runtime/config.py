@@ -2,10 +2,9 @@
 
 `RuntimeConfig` is a keyword-only dataclass validated in ``__post_init__`` (STYLE.md pattern 6). It
 decides how the expensive, infrequent refresh work (eigendecompositions, inverse roots, eigenbasis
-refreshes) reaches the C++ `RefreshScheduler` and when its results are installed. Options whose
-machinery is not implemented yet (memory tiers, distributed refresh) are accepted only at their default
-value and otherwise refused with a `NotImplementedError` that says so, so a configuration never silently
-means something else. The default is the asynchronous runtime with staleness 5 and deterministic installs.
+refreshes) reaches the C++ `RefreshScheduler` and when its results are installed, and where the optimizer
+state lives (the memory budgets of `asteria.runtime.tiers`). Every value is checked here, so a
+configuration never silently means something else. The default is the asynchronous runtime with staleness 5 and deterministic installs.
 """
 
 from __future__ import annotations
@@ -18,6 +17,8 @@ __all__ = ["RuntimeConfig", "DEFAULT_RUNTIME_CONFIG", "DEFAULT_STALENESS"]
 
 _REFRESH_MODES = ("sync", "async")
 _INSTALL_MODES = ("deterministic", "eager")
+_REFRESH_DEVICES = ("auto", "host", "gpu")
+_FOLD_MODES = ("step", "backward")
 
 
 DEFAULT_STALENESS = 5
@@ -48,13 +49,56 @@ class RuntimeConfig:
             (``cores - torch.get_num_threads()``, at least 1, at most 8). BLAS runs single-threaded
             inside each job. An int >= 1 or None.
         hooks: Register a ``post_accumulate_grad`` hook per parameter that collects finished refresh jobs
-            while backward still runs (work that cannot change the numbers). Default True.
-        device_budget: Device-memory budget for optimizer state (bytes, or a string such as "2GiB").
-            Not implemented yet: must be None.
-        host_budget: Pinned host-memory budget. Not implemented yet: must be None.
-        nvme_path: Directory for the NVMe tier. Not implemented yet: must be None.
-        process_group: ``torch.distributed`` group for multi-process refresh. Only ``"auto"`` is
-            accepted for now, and single-process behaviour is used.
+            and, with memory tiers, starts reading the first NVMe-tier buckets of the coming step while
+            backward still runs (work that cannot change the numbers). Default True.
+        device_budget: Bytes of optimizer state kept in the memory the optimizer computes in: the GPU's
+            memory for parameters on a GPU (including the work buffers that host and NVMe state is
+            streamed through), ordinary process memory for parameters on the CPU. An int >= 0 or a string
+            such as ``"2GiB"``, ``"512MiB"`` or ``"1.5GB"`` (stored as an int); None: no limit (everything
+            stays there, the default).
+        host_budget: Bytes of page-locked host memory (asteria's pinned pool) for optimizer state that does
+            not fit the device budget, including the staging buffers of the NVMe tier. Same forms; None:
+            no pinned tier.
+        nvme_path: An existing, writable directory, ideally on an NVMe drive: state that fits neither
+            budget goes to a private swap file in a fresh subdirectory (mode 0700, removed on close).
+            None: no NVMe tier (a state larger than the budgets is then an error naming the numbers).
+            See `asteria.runtime.tiers`.
+        process_group: ``torch.distributed`` group of a multi-process run. ``"auto"`` (the default): the
+            default group when ``torch.distributed`` is initialised with more than one process, else a
+            single-process run; None: never distributed; a ``ProcessGroup``: that group (used as it is,
+            with its own timeout and a flat exchange). In a distributed run each block's refresh is
+            computed by one owner rank (chosen by cost) and the results are exchanged in batched
+            collectives at the install step, so every rank installs the same result at the same step;
+            installs are always deterministic there (``install="eager"`` is treated as
+            ``"deterministic"``, which meets its bound). See `asteria.runtime.distributed`.
+        shard_state: Distributed runs only: each rank keeps the per-step state of the blocks it owns,
+            updates those blocks, and the updated parameters are all-gathered every step (ZeRO-1 style),
+            so per-rank optimizer memory is about ``total / world_size``. Default False.
+        dist_timeout: Seconds a collective of the optimizer may wait for the other ranks before a clear
+            error is raised (a rank died or stopped taking part). It must exceed the longest refresh
+            round (the owner computes before it joins, e.g. the first bases at step 1). A number > 0;
+            default 600.
+        local_world_size: Ranks per node for the node-aware exchange (results cross between nodes once,
+            leader to leader, and are broadcast inside each node). None: ``LOCAL_WORLD_SIZE`` from the
+            environment (set by ``torchrun``), else every rank on one node. Ranks ``[k·n, (k+1)·n)``
+            form node k. An int >= 1 or None.
+        refresh_device: Where refresh jobs of statistics on a CUDA device run. ``"auto"`` (the default): on
+            the host workers (LAPACK), as the reference system does, except blocks of dimension at least
+            ``gpu_refresh_min_dim``, which run on the GPU (cuSOLVER on a low-priority stream) when asteria
+            was built with its CUDA backend. ``"host"``: always the host workers. ``"gpu"``: always the GPU
+            (an error without the CUDA backend or with state on the CPU). Statistics on the CPU always use
+            the host workers. Routing is a function of the block size only, never of timing, so runs and
+            resumes are reproducible.
+        gpu_refresh_min_dim: The block dimension from which ``refresh_device="auto"`` routes a refresh to
+            the GPU. An int >= 1; default 2048.
+        fold_statistics: ``"step"`` (the default) folds each gradient into the statistics inside
+            ``step()``, after the user's all-reduce, clipping, un-scaling or accumulation. ``"backward"``
+            folds it in the parameter's post-accumulate-grad hook while backward still runs (overlapping
+            that work with the rest of backward); it is for plain single-process loops that call
+            ``step()`` after every ``backward()`` and do not modify gradients in between. It is refused
+            when the model is wrapped in DistributedDataParallel, when a gradient scaler is in use or in a
+            distributed run (detected at the first step), where the gradients the hook sees are not the
+            ones the step uses.
     """
 
     refresh: str = "async"
@@ -66,8 +110,24 @@ class RuntimeConfig:
     host_budget: int | str | None = None
     nvme_path: str | os.PathLike[str] | None = None
     process_group: Any = "auto"
+    shard_state: bool = False
+    dist_timeout: float = 600.0
+    local_world_size: int | None = None
+    refresh_device: str = "auto"
+    gpu_refresh_min_dim: int = 2048
+    fold_statistics: str = "step"
 
     def __post_init__(self) -> None:
+        if self.refresh_device not in _REFRESH_DEVICES:
+            raise ValueError(
+                f"RuntimeConfig.refresh_device must be one of {_REFRESH_DEVICES}, got {self.refresh_device!r}"
+            )
+        if isinstance(self.gpu_refresh_min_dim, bool) or not isinstance(self.gpu_refresh_min_dim, int) or self.gpu_refresh_min_dim < 1:
+            raise ValueError(f"RuntimeConfig.gpu_refresh_min_dim must be an int >= 1, got {self.gpu_refresh_min_dim!r}")
+        if self.fold_statistics not in _FOLD_MODES:
+            raise ValueError(
+                f"RuntimeConfig.fold_statistics must be one of {_FOLD_MODES}, got {self.fold_statistics!r}"
+            )
         if self.refresh not in _REFRESH_MODES:
             raise ValueError(f"RuntimeConfig.refresh must be one of {_REFRESH_MODES}, got {self.refresh!r}")
         if self.staleness is not None and (
@@ -84,8 +144,10 @@ class RuntimeConfig:
             raise ValueError(f"RuntimeConfig.hooks must be a bool, got {self.hooks!r}")
         for name in ("device_budget", "host_budget"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, (int, str)) or isinstance(value, bool):
-                raise ValueError(f"RuntimeConfig.{name} must be None, a byte count or a string like '2GiB', got {value!r}")
+            if value is not None:
+                object.__setattr__(self, name, parse_bytes(value, f"RuntimeConfig.{name}"))
+        if self.nvme_path is not None:
+            object.__setattr__(self, "nvme_path", _check_nvme_path(self.nvme_path))
         if self.refresh == "sync":
             if self.staleness not in (None, 0):
                 raise ValueError(
@@ -101,16 +163,28 @@ class RuntimeConfig:
         elif self.staleness is None:
             object.__setattr__(self, "staleness", DEFAULT_STALENESS)
 
-        # Options whose machinery does not exist yet: refuse rather than ignore.
-        for name in ("device_budget", "host_budget", "nvme_path"):
-            if getattr(self, name) is not None:
-                raise NotImplementedError(
-                    f"RuntimeConfig.{name} (tiered optimizer state) is not implemented yet; leave it None"
-                )
-        if not (isinstance(self.process_group, str) and self.process_group == "auto"):
-            raise NotImplementedError(
-                "RuntimeConfig.process_group is not implemented yet (distributed refresh); leave it 'auto'"
+        if not (self.process_group is None or self.process_group == "auto" or _is_process_group(self.process_group)):
+            raise ValueError(
+                "RuntimeConfig.process_group must be 'auto', None or a torch.distributed.ProcessGroup, got "
+                f"{self.process_group!r}"
             )
+        if not isinstance(self.shard_state, bool):
+            raise ValueError(f"RuntimeConfig.shard_state must be a bool, got {self.shard_state!r}")
+        if (
+            isinstance(self.dist_timeout, bool)
+            or not isinstance(self.dist_timeout, (int, float))
+            or not 0 < self.dist_timeout < float("inf")
+        ):
+            raise ValueError(f"RuntimeConfig.dist_timeout must be a number of seconds > 0, got {self.dist_timeout!r}")
+        if self.local_world_size is not None and (
+            isinstance(self.local_world_size, bool) or not isinstance(self.local_world_size, int) or self.local_world_size < 1
+        ):
+            raise ValueError(f"RuntimeConfig.local_world_size must be None or an int >= 1, got {self.local_world_size!r}")
+
+    @property
+    def tiered(self) -> bool:
+        """True when a memory budget or an NVMe path is set (the state is managed by `asteria.runtime.tiers`)."""
+        return self.device_budget is not None or self.host_budget is not None or self.nvme_path is not None
 
     def resolved_workers(self) -> int:
         """Returns the number of scheduler worker threads to start (see ``workers``)."""
@@ -127,6 +201,66 @@ class RuntimeConfig:
         except Exception:  # noqa: BLE001 - torch missing or broken: assume one training thread
             training = 1
         return max(1, min(8, cores - training))
+
+
+def _is_process_group(value: Any) -> bool:
+    """Whether ``value`` is a ``torch.distributed.ProcessGroup`` (False when torch.distributed is missing)."""
+    try:
+        import torch.distributed as dist  # noqa: PLC0415
+
+        return dist.is_available() and isinstance(value, dist.ProcessGroup)
+    except Exception:  # noqa: BLE001 - torch missing or built without distributed support
+        return False
+
+
+_BYTE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def parse_bytes(value: Any, name: str = "value") -> int:
+    """Returns the byte count of ``value``: an int >= 0, or a string such as "2GiB", "512 MiB", "1.5GB", "4096".
+
+    Units are B, KB/MB/GB/TB (powers of 1000) and KiB/MiB/GiB/TiB (powers of 1024), any case.
+
+    Raises:
+        ValueError: Naming ``name``, the value and the accepted forms.
+    """
+    import re  # noqa: PLC0415
+
+    forms = "an int >= 0 or a string such as '2GiB', '512MiB' or '1.5GB'"
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be {forms}, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{name} must be {forms}, got {value!r}")
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if m is not None and m.group(2).lower() in _BYTE_UNITS:
+            return int(float(m.group(1)) * _BYTE_UNITS[m.group(2).lower()])
+    raise ValueError(f"{name} must be {forms}, got {value!r}")
+
+
+def _check_nvme_path(path: Any) -> str:
+    """Validates ``nvme_path``: an existing directory the process can write into (its text form is returned)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"RuntimeConfig.nvme_path must be None or a directory path, got {path!r}")
+    text = os.fspath(path)
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"RuntimeConfig.nvme_path must be a non-empty directory path, got {path!r}")
+    if not os.path.exists(text):
+        raise ValueError(f"RuntimeConfig.nvme_path {text!r} does not exist; create the directory first (on the NVMe drive)")
+    if not os.path.isdir(text):
+        raise ValueError(f"RuntimeConfig.nvme_path {text!r} is not a directory")
+    if not os.access(text, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"RuntimeConfig.nvme_path {text!r} is not writable by this process (read-only file system or "
+            "permissions); choose a writable directory"
+        )
+    return text
 
 
 DEFAULT_RUNTIME_CONFIG = RuntimeConfig()

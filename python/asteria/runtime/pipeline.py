@@ -17,6 +17,10 @@ Installs happen only at the optimizer's install points inside ``step()`` (betwee
 step and the direction that uses them), never from another thread. At most one refresh per block is in
 flight: the optimizer skips refresh steps with `accepted_refresh_step`, a rule of s, o, S and f only.
 
+In a distributed run (`asteria.runtime.distributed` sets ``distributed`` and ``exchange``) installs are
+deterministic, ``submit`` hands the scheduler only the jobs this rank owns, and at the install step one
+exchange round gives every rank every result of the due batches, so all ranks install the same bytes.
+
 For checkpoints, `export_pending` waits for the in-flight batches and returns their results with the
 optimizer's *tag* (a picklable description of what the batch refreshes); `import_pending` re-creates them
 so a resumed run installs the same results at the same steps.
@@ -35,6 +39,8 @@ import numpy as np
 import torch
 
 from asteria.runtime.config import DEFAULT_RUNTIME_CONFIG, RuntimeConfig
+from asteria.runtime.gpu import route_for
+from asteria.runtime.shadow import Snapshot, snapshot_on_device, snapshot_to_host
 from asteria.runtime.telemetry import StepTimeline
 from asteria.runtime.workers import Runtime
 
@@ -95,9 +101,13 @@ class RefreshJob:
         factor: Which Kronecker factor (tensor dim) of the block.
         version: Snapshot step s.
         deadline: Step boundary at which the result is installed (s + o + S).
-        a: The (n, n) C-contiguous float32/float64 matrix (copied by the scheduler at submit).
-        q: The installed basis for ``"eigenbasis_refresh"``, else None.
+        a: The (n, n) float32/float64 snapshot (`RefreshPipeline.snapshot`): a numpy view of a pinned lease
+            (host route; the scheduler reads it in place) or any C-contiguous array (copied at submit), or a
+            CUDA tensor (device route).
+        q: The installed basis for ``"eigenbasis_refresh"``, else None (same kind as ``a``).
         options: Keyword options for the scheduler call (ridge, descending, root, epsilon, sort, ...).
+        ready: The CUDA event of the snapshot's device-to-host copy, waited for by the worker (host route of
+            CUDA statistics), else None.
     """
 
     kind: str
@@ -108,6 +118,14 @@ class RefreshJob:
     a: np.ndarray
     q: np.ndarray | None = None
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    ready: Any = None
+
+
+def _to_cpu_tensor(v: Any) -> torch.Tensor:
+    """A result array (numpy, or a CUDA tensor of the device route) as an owned CPU tensor."""
+    if isinstance(v, torch.Tensor):
+        return v.detach().to("cpu").clone()
+    return torch.from_numpy(np.array(v))
 
 
 @dataclasses.dataclass
@@ -133,6 +151,7 @@ class _Pending:
     deadline: int
     tag: Any = None
     results: list[Any] | None = None  # set when restored from a checkpoint
+    plan: Any = None  # distributed: the exchange's plan of the batch (job ids are None for jobs owned elsewhere)
 
 
 class RefreshPipeline:
@@ -167,6 +186,10 @@ class RefreshPipeline:
         self._runtime.attach(self)
         self._pending: list[_Pending] = []
         self._seq = 0
+        # Distributed runs (set by asteria.runtime.distributed): installs are deterministic, and with an
+        # exchange each job is submitted by its owner only and the results are exchanged at the install step.
+        self.distributed = False
+        self.exchange: Any = None
         self._closed = False
         self._stats_sources: dict[str, Callable[[], Any]] = {}
         self.timeline = StepTimeline()
@@ -217,8 +240,10 @@ class RefreshPipeline:
         self.timeline.begin_step()
 
     def end_step(self) -> None:
-        """Marks the end of an optimizer step (telemetry)."""
+        """Marks the end of an optimizer step (telemetry; the memory tiers start their last write-back)."""
         self.timeline.end_step()
+        if self._runtime.tiers_active:
+            self._runtime.tiers.end_step()
 
     def on_grad_ready(self) -> None:
         """Called from the post-accumulate-grad hooks: collects finished jobs without blocking.
@@ -252,22 +277,38 @@ class RefreshPipeline:
             if job.kind not in JOB_KINDS:
                 raise ValueError(f"[RefreshPipeline.submit] unknown job kind {job.kind!r}; expected one of {JOB_KINDS}")
         sched = self.scheduler
-        ids = [self._submit_one(sched, job) for job in jobs]
-        self._counters["jobs_submitted"] += len(ids)
-        self.timeline.add_submitted(len(ids))
+        plan = self.exchange.plan(jobs) if self.exchange is not None else None
+        owned = plan.owned_by(self.exchange.rank) if plan is not None else [True] * len(jobs)
+        ids = [self._submit_one(sched, job) if mine else None for job, mine in zip(jobs, owned)]
+        submitted = sum(owned)
+        self._counters["jobs_submitted"] += submitted
+        self.timeline.add_submitted(submitted)
         self._seq += 1
-        self._pending.append(_Pending(self._seq, ids, install, int(jobs[0].version), deadlines.pop(), tag))
+        self._pending.append(_Pending(self._seq, ids, install, int(jobs[0].version), deadlines.pop(), tag, plan=plan))
 
-    @staticmethod
-    def _submit_one(sched: Any, job: RefreshJob) -> int:
-        if job.kind == "eigh":
-            return sched.submit_eigh(job.block_id, job.version, job.deadline, job.a, **job.options)
-        if job.kind == "inverse_root":
-            return sched.submit_inverse_root(job.block_id, job.version, job.deadline, job.a, **job.options)
-        return sched.submit_eigenbasis_refresh(job.block_id, job.version, job.deadline, job.a, job.q, **job.options)
+    def _submit_one(self, sched: Any, job: RefreshJob) -> Any:  # noqa: ARG002 - the runtime routes the job
+        return self._runtime.submit_job(job)
+
+    # -- shadow snapshots --------------------------------------------------------------------------------
+    def route(self, n: int, device: torch.device, method: str = "eigh") -> str:
+        """Where a refresh of an (n, n) statistic on ``device`` runs: ``"host"`` or ``"device"`` (a pure
+        function of the configuration, the device and n; see `asteria.runtime.gpu.route_for`)."""
+        return route_for(self.config.refresh_device, self.config.gpu_refresh_min_dim, n, device, method)
+
+    def snapshot(self, *tensors: torch.Tensor, route: str = "host") -> Snapshot:
+        """Freezes stacked ``(B, n, n)`` statistics (and bases) for refresh jobs.
+
+        Host route: pinned leases of the runtime's shadow pool (a non-blocking device-to-host copy on a side
+        stream for CUDA tensors). Device route: a device clone. The returned `Snapshot` has, per tensor, the
+        per-matrix views to put in `RefreshJob.a`/``q``, and the copy's event for `RefreshJob.ready`.
+        """
+        if route == "device":
+            return snapshot_on_device(tensors)
+        stream = self._runtime.copy_stream(tensors[0].device) if tensors and tensors[0].is_cuda else None
+        return snapshot_to_host(tensors, self._runtime.shadow_pool, stream)
 
     def _ready(self, p: _Pending) -> bool:
-        return p.results is not None or all(self._runtime.is_done(j) for j in p.job_ids)
+        return p.results is not None or all(j is None or self._runtime.is_done(j) for j in p.job_ids)
 
     def install_due(self, step: int) -> int:
         """Installs the batches the install rule says are due at the step boundary ``step``.
@@ -283,15 +324,15 @@ class RefreshPipeline:
         """
         if not self._pending:
             return 0
-        eager = self.config.install == "eager"
+        eager = self.config.install == "eager" and not self.distributed
         if eager or any(p.deadline <= step for p in self._pending):
             self._runtime.collect()
         due = [p for p in self._pending if p.deadline <= step or (eager and self._ready(p))]
         if not due:
             return 0
         due.sort(key=lambda p: (p.deadline, p.seq))
-        for pending in due:
-            results = self._gather(pending)
+        gathered = self._gather_round(due, step)
+        for pending, results in zip(due, gathered):
             self._pending.remove(pending)
             failed = []
             for res in results:
@@ -314,12 +355,25 @@ class RefreshPipeline:
             pending.install(results)
         return len(due)
 
+    def _gather_round(self, due: list[_Pending], step: int) -> list[list[Any]]:
+        """The results of the due batches; in a distributed run, one exchange round completes them on every rank."""
+        gathered = [self._gather(p) for p in due]
+        if self.exchange is not None:
+            idx = [i for i, p in enumerate(due) if p.plan is not None]
+            if idx:
+                done = self.exchange.complete(
+                    step, [(due[i].plan, gathered[i]) for i in idx], [(due[i].version, due[i].deadline) for i in idx]
+                )
+                for i, results in zip(idx, done):
+                    gathered[i] = results
+        return gathered
+
     def _gather(self, pending: _Pending) -> list[Any]:
         if pending.results is not None:
             return list(pending.results)
-        late = not all(self._runtime.is_done(j) for j in pending.job_ids)
+        late = not all(j is None or self._runtime.is_done(j) for j in pending.job_ids)
         start = time.perf_counter()
-        results = [self._runtime.take(jid) for jid in pending.job_ids]
+        results = [self._runtime.take(jid) if jid is not None else None for jid in pending.job_ids]
         waited = time.perf_counter() - start
         self._counters["wait_s"] += waited
         if late:
@@ -343,24 +397,27 @@ class RefreshPipeline:
             if p.results is None:
                 self._runtime.collect()
                 p.results = self._gather(p)
-            out.append(
-                {
-                    "tag": p.tag,
-                    "version": p.version,
-                    "deadline": p.deadline,
-                    "results": [
-                        {
-                            "ok": bool(r.ok),
-                            "status": str(r.status),
-                            "message": str(r.message),
-                            "outputs": {k: torch.from_numpy(np.array(v)) for k, v in r.outputs.items()},
-                            "version": int(r.version),
-                            "deadline": int(r.deadline),
-                        }
-                        for r in p.results
-                    ],
-                }
-            )
+            entry = {
+                "tag": p.tag,
+                "version": p.version,
+                "deadline": p.deadline,
+                "results": [
+                    {
+                        "ok": bool(r.ok),
+                        "status": str(r.status),
+                        "message": str(r.message),
+                        "outputs": {k: _to_cpu_tensor(v) for k, v in r.outputs.items()},
+                        "version": int(r.version),
+                        "deadline": int(r.deadline),
+                    }
+                    if r is not None
+                    else None  # distributed: computed by another rank, exchanged at the install step
+                    for r in p.results
+                ],
+            }
+            if p.plan is not None:
+                entry["plan"] = p.plan.to_dict()
+            out.append(entry)
         return out
 
     def import_pending(self, entries: Sequence[dict[str, Any]], make_installer: Callable[[Any], Callable[[Sequence[Any]], None]]) -> None:
@@ -372,6 +429,14 @@ class RefreshPipeline:
         """
         self.discard_pending()
         for e in entries:
+            plan = None
+            if any(r is None for r in e["results"]):
+                if self.exchange is None or "plan" not in e:
+                    raise ValueError(
+                        "this checkpoint holds the refresh results of one rank of a distributed run only; load it on "
+                        "the same rank of a run with the same world size, or gather it with asteria.gather_state_dict"
+                    )
+                plan = type(self.exchange).plan_from_dict(e["plan"])
             results = [
                 StoredResult(
                     ok=bool(r["ok"]),
@@ -381,11 +446,13 @@ class RefreshPipeline:
                     version=int(r["version"]),
                     deadline=int(r["deadline"]),
                 )
+                if r is not None
+                else None
                 for r in e["results"]
             ]
             self._seq += 1
             self._pending.append(
-                _Pending(self._seq, [], make_installer(e["tag"]), int(e["version"]), int(e["deadline"]), e["tag"], results)
+                _Pending(self._seq, [], make_installer(e["tag"]), int(e["version"]), int(e["deadline"]), e["tag"], results, plan)
             )
 
     def discard_pending(self) -> None:
@@ -393,10 +460,32 @@ class RefreshPipeline:
         for p in self._pending:
             if p.results is None and not self._runtime.closed:
                 for jid in p.job_ids:
-                    self._runtime.cancel(jid)
+                    if jid is not None:
+                        self._runtime.cancel(jid)
         self._pending = []
 
     # -- reporting -----------------------------------------------------------------------------------------
+    def memory_report(self) -> dict[str, Any]:
+        """Bytes of the optimizer's state per tier and per lifecycle class (see `asteria.runtime.tiers.memory_report`)."""
+        fn = self._stats_sources.get("memory")
+        if fn is None:
+            raise RuntimeError("[RefreshPipeline] no optimizer registered a memory report")
+        return fn()
+
+    def refresh_buffer_bytes(self) -> dict[str, int]:
+        """Bytes the refresh runtime holds for this pipeline's pending batches: ``shadow`` (snapshots of jobs not
+        finished: the shadow pool's leases in use, for the whole runtime) and ``result`` (finished results waiting
+        for their install step)."""
+        result = 0
+        for p in self._pending:
+            items = p.results if p.results is not None else [self._runtime.result_of(j) for j in p.job_ids if j is not None]
+            for r in items:
+                if r is not None:
+                    result += sum(int(getattr(v, "nbytes", 0)) for v in r.outputs.values())
+        pool = getattr(self._runtime, "_pool", None)
+        shadow = int(pool.stats()["in_use"]) if pool is not None and self._pending else 0
+        return {"shadow": shadow, "result": result}
+
     def add_stats_source(self, name: str, fn: Callable[[], Any]) -> None:
         """Adds a named value computed by ``fn`` to `stats` (e.g. the optimizer's non-finite step count)."""
         self._stats_sources[name] = fn

@@ -6,6 +6,11 @@ optimizers on one pool the results are collected here, under one lock, and hande
 submitted them; ``wait`` goes through the same lock so a job can never be collected twice or waited on
 after another caller collected it.
 
+It also owns what the jobs' inputs live in: the pinned pool of *shadow snapshots* (`shadow_pool`, leases
+the scheduler reads in place), a side CUDA stream per device for their device-to-host copies, and, in CUDA
+builds, one cuSOLVER engine per device for the refreshes routed to the GPU (`asteria.runtime.gpu`). Job
+handles are ints for host jobs and ``("device", index, id)`` tuples for device jobs.
+
 Lifecycle: ``close()`` (also ``with``, ``del`` and interpreter exit through `atexit`) cancels queued jobs
 and joins the workers; a job already running finishes first (a refresh is bounded; the scheduler's test
 delay is interrupted), so shutting down never hangs on queued work.
@@ -14,6 +19,7 @@ delay is interrupted), so shutting down never hangs on queued work.
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 import weakref
 from typing import Any
@@ -64,6 +70,13 @@ class Runtime:
         self._done: dict[int, Any] = {}
         self._pipelines: weakref.WeakSet[Any] = weakref.WeakSet()
         self._closed = False
+        self._pool: Any = None
+        self._tiers: Any = None
+        self._copy_streams: dict[int, Any] = {}
+        self._engines: dict[int, Any] = {}
+        # CUDA events host jobs wait for (snapshot copies), alive until the job is taken or cancelled
+        self._events: dict[Any, Any] = {}
+        self._orphans: list[tuple[Any, Any]] = []
         _LIVE.add(self)
 
     # -- scheduler ---------------------------------------------------------------------------------
@@ -84,6 +97,80 @@ class Runtime:
             )
         return self._scheduler
 
+    @property
+    def shadow_pool(self) -> Any:
+        """The ``_core.PinnedPool`` holding shadow snapshots (created on first use).
+
+        Its budget is half of the machine's physical memory (``host_budget`` is the state tier's; snapshots are
+        transient and reported as class ``shadow``); in a CUDA build with a visible device its mappings are
+        registered with CUDA so snapshot copies are asynchronous DMA.
+        """
+        if self._pool is None:
+            from asteria import _core
+            from asteria.runtime.gpu import cuda_backend_available
+
+            self._pool = _core.PinnedPool(budget_bytes=_shadow_budget(), cuda_register=cuda_backend_available())
+        return self._pool
+
+    def copy_stream(self, device: Any) -> Any:
+        """The side CUDA stream carrying snapshot copies off ``device`` (created on first use)."""
+        import torch
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self._copy_streams:
+            self._copy_streams[index] = torch.cuda.Stream(device=index)
+        return self._copy_streams[index]
+
+    def device_refresh(self, device: Any) -> Any:
+        """The `DeviceRefresh` (cuSOLVER engine on a low-priority stream) of a CUDA ``device``."""
+        import torch
+
+        from asteria.runtime.gpu import DeviceRefresh
+
+        if self._closed:
+            raise RuntimeError("[Runtime] the runtime was closed")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self._engines:
+            self._engines[index] = DeviceRefresh(torch.device("cuda", index))
+        return self._engines[index]
+
+    def submit_job(self, job: Any) -> Any:
+        """Submits one `RefreshJob`: to a device engine when its matrices are CUDA tensors, else to the host
+        scheduler (waiting, on the worker, for the snapshot's copy event when it has one). Returns the handle."""
+        import torch
+
+        if isinstance(job.a, torch.Tensor) and job.a.is_cuda:
+            eng = self.device_refresh(job.a.device)
+            return ("device", eng.device.index, eng.submit(job))
+        sched = self.scheduler
+        opts = dict(job.options)
+        if job.ready is not None:
+            opts["wait_event"] = int(job.ready.cuda_event)
+        if job.kind == "eigh":
+            jid = sched.submit_eigh(job.block_id, job.version, job.deadline, job.a, **opts)
+        elif job.kind == "inverse_root":
+            jid = sched.submit_inverse_root(job.block_id, job.version, job.deadline, job.a, **opts)
+        else:
+            jid = sched.submit_eigenbasis_refresh(job.block_id, job.version, job.deadline, job.a, job.q, **opts)
+        if job.ready is not None:
+            self._events[jid] = job.ready  # the worker synchronises on it: it must outlive the job
+        return jid
+
+    @property
+    def tiers(self) -> Any:
+        """The `asteria.runtime.tiers.TierManager` of the optimizer state (created on first use), or None when
+        the configuration sets no budget and no nvme_path."""
+        if self._tiers is None and self.config.tiered and not self._closed:
+            from asteria.runtime.tiers import TierManager  # noqa: PLC0415
+
+            self._tiers = TierManager(self.config)
+        return self._tiers
+
+    @property
+    def tiers_active(self) -> bool:
+        """True once a `TierManager` exists."""
+        return self._tiers is not None
+
     def attach(self, pipeline: Any) -> None:
         """Registers a pipeline (for `stats` and `close`)."""
         self._pipelines.add(pipeline)
@@ -97,43 +184,69 @@ class Runtime:
         Returns:
             The number of results collected.
         """
-        if self._scheduler is None or self._closed:
+        if (self._scheduler is None and not self._engines) or self._closed:
             return 0
         if not self._lock.acquire(blocking=blocking):
             return 0
         try:
-            results = self._scheduler.poll()
-            for res in results:
-                self._done[int(res.job_id)] = res
-            return len(results)
+            n = 0
+            if self._scheduler is not None:
+                results = self._scheduler.poll()
+                for res in results:
+                    self._done[int(res.job_id)] = res
+                n += len(results)
+            for index, eng in self._engines.items():
+                for res in eng.poll():
+                    self._done[("device", index, res.job_id)] = res
+                    n += 1
+            return n
         finally:
             self._lock.release()
 
-    def is_done(self, job_id: int) -> bool:
+    def result_of(self, job_id: Any) -> Any:
+        """The completed result of ``job_id`` if it is waiting in the table (after `collect`), else None."""
+        return self._done.get(job_id)
+
+    def is_done(self, job_id: Any) -> bool:
         """True when job ``job_id`` has completed and is waiting in the table (call `collect` first)."""
         return job_id in self._done
 
-    def take(self, job_id: int) -> Any:
+    def take(self, job_id: Any) -> Any:
         """Returns job ``job_id``'s result, blocking until it completes (the GIL is released meanwhile)."""
         with self._lock:
             res = self._done.pop(job_id, None)
             if res is None:
-                res = self.scheduler.wait(job_id)
+                if isinstance(job_id, tuple):
+                    res = self._engines[job_id[1]].wait(job_id[2])
+                else:
+                    res = self.scheduler.wait(job_id)
+            self._events.pop(job_id, None)
             return res
 
-    def cancel(self, job_id: int) -> None:
-        """Cancels a job that has not started and forgets its result."""
+    def cancel(self, job_id: Any) -> None:
+        """Cancels a job that has not started and forgets its result (device jobs run to completion)."""
         with self._lock:
             self._done.pop(job_id, None)
+            if isinstance(job_id, tuple):
+                return
             if self._scheduler is not None and not self._closed:
-                self._scheduler.cancel(job_id)
+                if not self._scheduler.cancel(job_id) and job_id in self._events:
+                    # running: the worker may still wait on the event; keep it until the job is collected
+                    self._orphans.append((job_id, self._events.pop(job_id)))
+                    return
+            self._events.pop(job_id, None)
 
     # -- reporting and lifecycle --------------------------------------------------------------------
     def scheduler_stats(self) -> dict[str, Any]:
         """The scheduler's own stats (queue depth, per-worker busy seconds, run times); {} before start."""
-        if self._scheduler is None or self._closed:
+        if (self._scheduler is None and not self._engines) or self._closed:
             return {}
-        return dict(self._scheduler.stats())
+        out = dict(self._scheduler.stats()) if self._scheduler is not None else {}
+        if self._engines:
+            out["devices"] = {index: eng.stats() for index, eng in self._engines.items()}
+        if self._pool is not None:
+            out["shadow_pool"] = dict(self._pool.stats())
+        return out
 
     def stats(self) -> dict[str, Any]:
         """Scheduler stats plus, per attached optimizer pipeline, its `RefreshPipeline.stats`."""
@@ -147,9 +260,19 @@ class Runtime:
             return
         self._closed = True
         sched, self._scheduler = self._scheduler, None
+        engines, self._engines = self._engines, {}
         self._done.clear()
-        if sched is not None:
-            sched.close()
+        try:
+            if sched is not None:
+                sched.close()  # joins the workers: no job waits on an event after this
+        finally:
+            for eng in engines.values():
+                eng.close()
+            self._events.clear()
+            self._orphans.clear()
+            tiers, self._tiers = self._tiers, None
+            if tiers is not None:  # removes the NVMe swap directory
+                tiers.close()
 
     def __enter__(self) -> Runtime:
         return self
@@ -162,3 +285,16 @@ class Runtime:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def _shadow_budget() -> int:
+    """Bytes the shadow-snapshot pool may map: half of physical memory.
+
+    ``host_budget`` is the budget of the optimizer *state's* pinned tier (`asteria.runtime.tiers`); snapshots
+    are transient refresh buffers reported separately (class ``shadow`` of ``opt.runtime.memory_report()``).
+    """
+    try:
+        phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - non-POSIX
+        phys = 8 << 30
+    return max(64 << 20, int(phys) // 2)

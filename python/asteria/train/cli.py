@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 import traceback
@@ -150,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="where to train (default: auto = cuda if available)")
     machine.add_argument("--threads", type=_int_at_least(1),
                          help="torch.set_num_threads for training (default: PyTorch's choice)")
+    machine.add_argument("--device-budget", metavar="BYTES",
+                         help="memory tiers of the second-order optimizers' state: bytes kept where "
+                              "the optimizer computes, e.g. 64MiB (default: no limit)")
+    machine.add_argument("--host-budget", metavar="BYTES",
+                         help="bytes of pinned host memory for state beyond the device budget, "
+                              "including the NVMe staging buffers, e.g. 256MiB (default: none)")
+    machine.add_argument("--nvme-path", metavar="DIR",
+                         help="directory (on a fast drive) for state that fits neither budget; a "
+                              "private swap file there is removed at the end (default: none)")
 
     out = p.add_argument_group("output and checkpoints")
     out.add_argument("--report", metavar="DIR",
@@ -173,6 +183,7 @@ _CONFIG_OPTIONS = (
     "optimizer", "refresh", "staleness", "precondition_frequency", "lr", "weight_decay",
     "model", "context", "batch_size", "steps", "time_budget", "warmup", "grad_clip", "seed",
     "eval_every", "eval_batches", "corpus_bytes", "threads",
+    "device_budget", "host_budget", "nvme_path",
 )
 
 
@@ -247,6 +258,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"asteria-train: error: {exc}\n")
 
+    from .distributed import init_from_env
+
+    ctx = init_from_env(device)  # under torchrun: only rank 0 prints and writes the report
+    if not ctx.is_main:
+        args.quiet = True
+        say = lambda *a: None  # noqa: E731
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     report_dir = _report_dir(args, runs)
@@ -256,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(corpus.describe())
     say(f"model: {first.model}, {n_params:,} parameters ({n_params / 1e6:.2f}M); "
         f"batch {first.batch_size} x {first.context} bytes; device {device}, "
-        f"{torch.get_num_threads()} threads")
+        f"{torch.get_num_threads()} threads" + (f"; {ctx.world_size} processes (DDP), batch "
+                                                f"{first.batch_size} per process" if ctx.enabled else ""))
     length = []
     if first.steps is not None:
         length.append(f"{first.steps} steps")
@@ -270,8 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results = []
     interrupted = False
-    with report.MetricsWriter(report_dir / "metrics.jsonl") as writer:
-        if checkpoint is not None:
+    writer_cm = report.MetricsWriter(report_dir / "metrics.jsonl") if ctx.is_main else contextlib.nullcontext(None)
+    with writer_cm as writer:
+        if checkpoint is not None and writer is not None:
             for record in checkpoint["records"]:
                 writer(record)
         for i, cfg in enumerate(runs):
@@ -299,6 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 interrupted = True
                 break
 
+    if not ctx.is_main:
+        return 1 if any(r.status in ("failed", "diverged") for r in results) else 0
     summary = report.summarize(results, target_loss=args.target_loss)
     report.write_summary(report_dir, summary)
     if not args.no_plots:

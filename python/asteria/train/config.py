@@ -44,6 +44,10 @@ class RunConfig:
         corpus_bytes: cap on the corpus size.
         device: ``cpu`` or ``cuda``.
         threads: ``torch.set_num_threads`` value; None leaves PyTorch's choice.
+        device_budget, host_budget, nvme_path: memory tiers of a second-order optimizer's state
+            (``asteria.RuntimeConfig``; budgets in bytes or strings such as ``"64MiB"``); None: the
+            library's defaults (no limit, everything in memory). They never change the numbers, so a
+            resumed run may change them. AdamW ignores them.
     """
 
     name: str = ""
@@ -66,6 +70,9 @@ class RunConfig:
     corpus_bytes: int = DEFAULT_MAX_BYTES
     device: str = "cpu"
     threads: int | None = None
+    device_budget: int | str | None = None
+    host_budget: int | str | None = None
+    nvme_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZER_NAMES:
@@ -117,6 +124,16 @@ class RunConfig:
             raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        try:
+            from asteria.runtime.config import parse_bytes  # noqa: PLC0415
+        except Exception:  # the compiled library is unavailable: AdamW ignores the budgets anyway
+            parse_bytes = None
+        for field in ("device_budget", "host_budget"):
+            value = getattr(self, field)
+            if value is not None and parse_bytes is not None:
+                parse_bytes(value, "--" + field.replace("_", "-"))
+        if self.nvme_path is not None and not isinstance(self.nvme_path, str):
+            raise ValueError(f"nvme_path must be a directory path, got {self.nvme_path!r}")
         if not self.name:
             self.name = self.optimizer
             if is_second_order(self.optimizer) and self.refresh == "async":

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 
 from .config import NUMERIC_FIELDS, RunConfig
+from . import distributed as _dist
 from .corpus import Corpus, train_batch, val_batches
 from .model import GPT, param_groups, preset
 from .optimizers import (
@@ -204,6 +205,7 @@ def train(
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = cfg.device
+    ctx = _dist.init_from_env(device)  # torchrun: join the process group (see asteria.train.distributed)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model = GPT(preset(cfg.model, context=cfg.context)).to(device)
@@ -219,13 +221,15 @@ def train(
             refresh=cfg.refresh,
             staleness=cfg.staleness,
             precondition_frequency=cfg.precondition_frequency,
+            memory={"device_budget": cfg.device_budget, "host_budget": cfg.host_budget,
+                    "nvme_path": cfg.nvme_path},
         )
     except OptimizerUnavailable as exc:
         result.status, result.message = "unavailable", str(exc)
         return result
     try:
-        return _run(cfg, corpus, model, opt, result, on_record=on_record, progress=progress,
-                    save=save, checkpoint=checkpoint, stop_at=stop_at, position=position)
+        return _run(cfg, corpus, model, opt, result, on_record=on_record, progress=progress and ctx.is_main,
+                    save=save, checkpoint=checkpoint, stop_at=stop_at, position=position, ctx=ctx)
     finally:
         # Stop the refresh worker threads, whatever happened.
         close = getattr(getattr(opt, "runtime", None), "close", None)
@@ -275,8 +279,9 @@ def _run(
     checkpoint: dict[str, Any] | None,
     stop_at: int | None,
     position: int,
+    ctx: _dist.DistContext = _dist.DistContext(),
 ) -> RunResult:
-    """The body of :func:`train` once model and optimizer exist (same arguments)."""
+    """The body of :func:`train` once model and optimizer exist (same arguments; ``ctx``: the torchrun rank)."""
     device = cfg.device
     vbatches = val_batches(corpus.val, cfg.batch_size, cfg.context, cfg.eval_batches)
     step, wall = 0, 0.0
@@ -297,6 +302,7 @@ def _run(
             {"step": 0, "wall": 0.0, "val_loss": evaluate(model, vbatches, device)}
         )
 
+    net = _dist.wrap_model(model, ctx)  # DistributedDataParallel under torchrun
     probe = RuntimeProbe(opt)
     last_step = cfg.steps if cfg.steps is not None else math.inf
     if stop_at is not None:
@@ -322,7 +328,11 @@ def _run(
         stopper.__enter__()
         model.train()
         while step < last_step:
-            if cfg.time_budget is not None and wall - session_start_wall >= cfg.time_budget:
+            over_budget = cfg.time_budget is not None and wall - session_start_wall >= cfg.time_budget
+            if ctx.enabled:  # every rank stops at the same step
+                _, any_stop = _dist.agree(ctx, 0.0, over_budget or stopper.requested)
+                over_budget = any_stop and not stopper.requested
+            if over_budget:
                 break
             if stopper.requested:
                 result.status = "interrupted"
@@ -334,15 +344,19 @@ def _run(
             for group in opt.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
-            x, y = train_batch(corpus.train, cfg.batch_size, cfg.context, cfg.seed, step)
+            x, y = train_batch(corpus.train, cfg.batch_size * ctx.world_size, cfg.context, cfg.seed, step)
+            if ctx.enabled:  # this rank's rows of the global batch
+                x, y = x[_dist.rows(ctx, cfg.batch_size)], y[_dist.rows(ctx, cfg.batch_size)]
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            _, loss = model(x, y)
+            _, loss = net(x, y)
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             loss_value = loss.item()  # also synchronises the device
+            if ctx.enabled:  # the loss of the global batch, identical on every rank
+                loss_value, _ = _dist.agree(ctx, loss_value, False)
             step_time = time.perf_counter() - t0
             consistent = True
             events = probe.after_step()
@@ -370,7 +384,7 @@ def _run(
                 cfg.steps is None or step < cfg.steps
             )
             final = end and not paused  # evaluate at the end, unless only pausing (stop_at)
-            if result.status == "ok" and (
+            if result.status == "ok" and ctx.is_main and (
                 (cfg.eval_every and step % cfg.eval_every == 0) or final
             ):
                 val = evaluate(model, vbatches, device)
@@ -406,8 +420,8 @@ def _run(
     result.tier_bytes = probe.tier_bytes()
     if save is not None and not consistent:
         result.message += f"; no checkpoint written (step {step} was half done)"
-    elif save is not None:
-        save_checkpoint(
+    elif save is not None and (optimizer_state := _dist.full_optimizer_state(opt, ctx)) is not None:
+        save_checkpoint(  # rank 0 of a multi-process run writes the full state, gathered from every rank
             save,
             {
                 "format": CHECKPOINT_FORMAT,
@@ -416,7 +430,7 @@ def _run(
                 "step": step,
                 "wall": wall,
                 "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
+                "optimizer": optimizer_state,
                 "rng": _rng_state(),
                 "records": result.records,
                 "val_history": result.val_history,

@@ -96,6 +96,7 @@ def build_optimizer(
     refresh: str = "sync",
     staleness: int | None = None,
     precondition_frequency: int | None = None,
+    memory: dict[str, Any] | None = None,
 ) -> torch.optim.Optimizer:
     """Create the optimizer for a training run.
 
@@ -109,6 +110,8 @@ def build_optimizer(
         staleness: bound S of asynchronous refresh; None keeps the library default.
         precondition_frequency: steps between preconditioner refreshes; None keeps the
             library default.
+        memory: ``device_budget``, ``host_budget`` and ``nvme_path`` for the runtime (None values
+            are left out); ignored by AdamW.
 
     Returns:
         The optimizer.
@@ -141,6 +144,7 @@ def build_optimizer(
     runtime_kwargs: dict[str, Any] = {"refresh": refresh}
     if staleness is not None:
         runtime_kwargs["staleness"] = staleness
+    runtime_kwargs.update({k: v for k, v in (memory or {}).items() if v is not None})
     try:
         runtime = runtime_cls(**runtime_kwargs)
     except (NotImplementedError, OptimizerUnavailable) as exc:
@@ -176,8 +180,18 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     This is what the optimizer keeps per parameter (moments, statistics, bases, roots).
     Storage shared by several tensors (views) is counted once; tensors kept outside
     ``opt.state`` (for instance by a runtime's tiered store) are reported separately from
-    ``opt.runtime.stats()`` when available.
+    ``opt.runtime.stats()`` when available; when the state is tiered (memory budgets), the
+    result is the runtime's ``memory_report()["state_bytes"]``, the bytes of every state tensor
+    whatever its tier.
     """
+    report = getattr(getattr(opt, "runtime", None), "memory_report", None)
+    if callable(report):
+        try:
+            rep = report()
+            if isinstance(rep, dict) and rep.get("tiered"):
+                return int(rep["state_bytes"])
+        except Exception:  # fall back to counting opt.state
+            pass
     seen: set[tuple[str, int]] = set()
     total = 0
     for tensor in _iter_tensors(list(opt.state.values())):
@@ -281,6 +295,7 @@ class RuntimeProbe:
         runtime = getattr(opt, "runtime", None)
         self._stats_fn = getattr(runtime, "stats", None) if runtime is not None else None
         self.available = callable(self._stats_fn)
+        self._runtime = runtime
         counters = getattr(runtime, "counters", None) if runtime is not None else None
         self._counters_fn = counters if callable(counters) else self._stats_fn
         self._flat: dict[str, float] = {}
@@ -319,5 +334,24 @@ class RuntimeProbe:
         return StepEvents(grew(REFRESH_COUNTER_WORDS), grew(INSTALL_COUNTER_WORDS), stall)
 
     def tier_bytes(self) -> dict[str, float]:
-        """Bytes per memory tier from the runtime's stats (keys mentioning ``bytes``)."""
+        """Bytes per memory tier: from ``opt.runtime.memory_report()`` when the runtime has one (``device``,
+        ``host``, ``nvme``, ``pageable``, ``refresh``, ``state``, ``staging``, ``tiered`` and the pager's
+        ``pager_read``/``pager_written`` bytes and GB/s), else the stats' keys mentioning ``bytes``."""
+        report = getattr(self._runtime, "memory_report", None)
+        if callable(report):
+            try:
+                rep = report()
+            except Exception:  # a report failure must not end training; fall back to the stats
+                rep = None
+            if isinstance(rep, dict) and "tiers" in rep:
+                out = {k: float(v) for k, v in rep["tiers"].items()}
+                out["state"] = float(rep["state_bytes"])
+                out["tiered"] = float(bool(rep.get("tiered")))
+                out["staging"] = float(rep.get("buffers", {}).get("staging_bytes", 0))
+                pager = rep.get("pager") or {}
+                for src, dst in (("bytes_read", "pager_read"), ("bytes_written", "pager_written"),
+                                 ("read_gbps", "pager_read_gbps"), ("write_gbps", "pager_write_gbps")):
+                    if src in pager:
+                        out[dst] = float(pager[src])
+                return out
         return {k: v for k, v in flatten_stats(self.last).items() if "bytes" in k.lower()}

@@ -296,7 +296,25 @@ def format_table(summary: dict[str, Any]) -> str:
         "step med/p99/max: step time; wall: training time (evaluation excluded);",
         "to target: step / training time of the first evaluation at or below the target.",
     ]
+    notes += _tier_lines(summary)
     return "\n".join(lines + notes + [""] + summary["verdict"])
+
+
+def _tier_lines(summary: dict[str, Any]) -> list[str]:
+    """One line per run whose optimizer state was tiered (memory budgets): bytes per tier and pager speed."""
+    out = []
+    for s in summary["runs"]:
+        t = s.get("tier_bytes") or {}
+        if not t.get("tiered"):
+            continue
+        line = (f"memory tiers of {s['name']}: device {_fmt_bytes(t.get('device', 0))}, host "
+                f"{_fmt_bytes(t.get('host', 0))} (+ staging {_fmt_bytes(t.get('staging', 0))}), NVMe "
+                f"{_fmt_bytes(t.get('nvme', 0))}")
+        if "pager_read" in t:
+            line += (f"; pager read {_fmt_bytes(t['pager_read'])} at {t.get('pager_read_gbps', 0):.2f} GB/s, "
+                     f"wrote {_fmt_bytes(t['pager_written'])} at {t.get('pager_write_gbps', 0):.2f} GB/s")
+        out.append(line)
+    return ([""] + out) if out else []
 
 
 def write_summary(report_dir: str | os.PathLike, summary: dict[str, Any]) -> Path:
@@ -471,9 +489,19 @@ def _memory_plot(results: list[RunResult], path: Path) -> None:
     params = [r.num_parameters * 4 / 2**20 for r in results]
     y = np.arange(len(names))
     ax.barh(y + 0.2, params, height=0.38, color="#bbbbbb", label="model parameters (fp32)")
-    ax.barh(y - 0.2, state, height=0.38,
-            color=[COLORS[i % len(COLORS)] for i in range(len(names))],
-            label="optimizer state (tensors in optimizer.state)")
+    tiered = [bool((r.tier_bytes or {}).get("tiered")) for r in results]
+    colors = [COLORS[i % len(COLORS)] for i in range(len(names))]
+    plain = [v if not t else 0.0 for v, t in zip(state, tiered)]
+    ax.barh(y - 0.2, plain, height=0.38, color=colors, label="optimizer state (tensors in optimizer.state)")
+    if any(tiered):  # the state of runs with memory budgets, split by tier
+        left = np.zeros(len(names))
+        for tier, hatch, alpha in (("device", None, 1.0), ("host", "//", 0.6), ("nvme", "xx", 0.3)):
+            width = np.array([(r.tier_bytes or {}).get(tier, 0.0) / 2**20 if t else 0.0
+                              for r, t in zip(results, tiered)])
+            ax.barh(y - 0.2, width, height=0.38, left=left, color=colors, alpha=alpha, hatch=hatch,
+                    edgecolor="black", linewidth=0.4,
+                    label=f"optimizer state in the {'NVMe' if tier == 'nvme' else tier} tier")
+            left += width
     for yi, v, w in zip(y, state, params):
         ratio = f" ({v / w:.1f}x the model)" if w else ""
         ax.text(v, yi - 0.2, f" {v:.2f} MiB{ratio}", va="center", fontsize=8)
@@ -481,7 +509,8 @@ def _memory_plot(results: list[RunResult], path: Path) -> None:
     ax.set_yticks(y, names)
     ax.invert_yaxis()
     ax.set_xlabel("memory (MiB)")
-    ax.set_title("Optimizer state memory per configuration")
+    ax.set_title("Optimizer state memory per configuration"
+                 + (" (bytes per tier with memory budgets)" if any(tiered) else ""))
     ax.grid(True, axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.savefig(path)

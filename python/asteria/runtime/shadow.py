@@ -1,0 +1,116 @@
+"""Shadow snapshots: the statistics a refresh job reads, frozen at its snapshot step.
+
+A refresh runs while training keeps updating the statistics, so each job reads a private copy made at
+the snapshot step (DESIGN.md, "Asynchronous refresh"). Where that copy lives depends on where the job runs:
+
+* **host route** (LAPACK on the scheduler's worker threads): one lease of the runtime's `PinnedPool`
+  per stacked ``(B, n, n)`` tensor, each matrix starting on a 64-byte boundary. The scheduler reads the
+  lease in place (no second copy: a numpy view of a lease is passed zero-copy and keeps the lease alive
+  until the job is done). For a CUDA tensor the copy is a non-blocking device-to-host DMA: a device-side
+  clone on the training stream (microseconds), then the transfer on a side stream ordered with CUDA
+  events, and the worker waits for the copy's event before it starts, so the training stream never
+  waits for the transfer. With CUDA present the pool's mappings are registered (``cudaHostRegister``),
+  which is what makes the transfer a true asynchronous DMA.
+* **device route** (cuSOLVER on the runtime's low-priority stream): a device clone on the training stream;
+  the engine's stream waits for it with an event (no host synchronisation).
+
+`Snapshot` holds the per-matrix views and what must stay alive until the jobs finish (the CUDA event).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["ALIGN_BYTES", "Snapshot", "matrix_stride", "snapshot_to_host", "snapshot_on_device"]
+
+ALIGN_BYTES = 64
+"""Every matrix of a host snapshot starts on a 64-byte boundary (LAPACK reads it in place)."""
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """Per tensor, the per-matrix snapshot views (numpy arrays on the host route, CUDA tensors on the device
+    route), and the CUDA event the host job must wait for (None when the copy is already complete)."""
+
+    matrices: list[list[Any]]
+    ready: Any = None
+    route: str = "host"
+    nbytes: int = 0
+
+
+def matrix_stride(n: int, itemsize: int) -> int:
+    """Bytes between consecutive (n, n) matrices of a host snapshot (rounded up to `ALIGN_BYTES`)."""
+    raw = n * n * itemsize
+    return -(-raw // ALIGN_BYTES) * ALIGN_BYTES
+
+
+def _host_views(lease: Any, B: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, list[np.ndarray]]:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    stride = matrix_stride(n, itemsize)
+    raw = np.frombuffer(lease, dtype=np.uint8, count=B * stride)
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    views = [raw[k * stride : k * stride + n * n * itemsize].view(np_dtype).reshape(n, n) for k in range(B)]
+    flat = torch.from_numpy(raw).view(dtype)  # (B * stride / itemsize,)
+    dst = flat.as_strided((B, n, n), (stride // itemsize, n, 1))
+    return dst, views
+
+
+def snapshot_to_host(tensors: Sequence[torch.Tensor], pool: Any, copy_stream: Any = None) -> Snapshot:
+    """Copies stacked ``(B, n, n)`` float32/float64 tensors into pinned leases (the host route).
+
+    Args:
+        tensors: The statistics (and bases) to freeze; CPU or CUDA tensors of one device.
+        pool: The runtime's ``_core.PinnedPool``.
+        copy_stream: For CUDA tensors, the side stream carrying the device-to-host copies.
+
+    Returns:
+        A `Snapshot` whose ``ready`` is the copy's CUDA event (None for CPU tensors, copied at once).
+
+    Raises:
+        MemoryError: If the pool's budget cannot hold the snapshot (the message names the numbers).
+    """
+    out: list[list[np.ndarray]] = []
+    ready = None
+    total = 0
+    on_cuda = bool(tensors) and tensors[0].is_cuda
+    if on_cuda:
+        current = torch.cuda.current_stream(tensors[0].device)
+        copy_stream.wait_stream(current)
+    for x in tensors:
+        if x.dtype not in (torch.float32, torch.float64) or x.dim() != 3 or x.shape[1] != x.shape[2]:
+            raise ValueError(f"[snapshot] expected stacked (B, n, n) float32/float64 matrices, got {tuple(x.shape)} {x.dtype}")
+        B, n = int(x.shape[0]), int(x.shape[1])
+        nbytes = B * matrix_stride(n, x.element_size())
+        lease = pool.acquire(nbytes)
+        total += nbytes
+        dst, views = _host_views(lease, B, n, x.dtype)
+        src = x.detach()
+        if on_cuda:
+            # a device-side clone on the training stream (fast), then the slow transfer on the side stream
+            src = src.clone()
+            src.record_stream(copy_stream)
+            with torch.cuda.stream(copy_stream):
+                dst.copy_(src, non_blocking=True)
+        else:
+            dst.copy_(src)
+        out.append(views)
+    if on_cuda:
+        ready = torch.cuda.Event()
+        ready.record(copy_stream)
+    return Snapshot(out, ready, "host", total)
+
+
+def snapshot_on_device(tensors: Sequence[torch.Tensor]) -> Snapshot:
+    """Clones stacked CUDA tensors on the training stream (the device route); views per matrix."""
+    out = []
+    total = 0
+    for x in tensors:
+        snap = x.detach().clone(memory_format=torch.contiguous_format)
+        total += snap.numel() * snap.element_size()
+        out.append([snap[k] for k in range(snap.shape[0])])
+    return Snapshot(out, None, "device", total)

@@ -1,0 +1,104 @@
+"""Shadow snapshots in pinned leases (runtime/shadow.py) and their zero-copy hand-off to the scheduler."""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import asteria
+from asteria import _core
+from asteria.runtime.shadow import ALIGN_BYTES, matrix_stride, snapshot_to_host
+
+
+@pytest.fixture
+def pool():
+    return _core.PinnedPool(budget_bytes=64 << 20)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 5, 16, 33])
+def test_snapshot_copies_every_matrix_aligned(pool, dtype, n):
+    x = torch.randn(3, n, n, dtype=dtype)
+    snap = snapshot_to_host([x, 2 * x], pool)
+    assert snap.ready is None and snap.route == "host"
+    assert snap.nbytes == 2 * 3 * matrix_stride(n, x.element_size())
+    for t, views in zip((x, 2 * x), snap.matrices):
+        for k, v in enumerate(views):
+            assert v.ctypes.data % ALIGN_BYTES == 0 and v.flags.c_contiguous
+            np.testing.assert_array_equal(v, t[k].numpy())
+    assert pool.stats()["leases"] == 2
+
+
+def test_snapshot_is_frozen_while_training_updates_the_statistics(pool):
+    x = torch.eye(8, dtype=torch.float64).expand(1, 8, 8).clone() * 3.0
+    snap = snapshot_to_host([x], pool)
+    x.mul_(100.0)  # the next steps keep updating the live statistics
+    with _core.RefreshScheduler(workers=1, test_delay_s=0.05) as sched:
+        jid = sched.submit_eigh(0, 1, 2, snap.matrices[0][0])
+        res = sched.wait(jid)
+    np.testing.assert_allclose(res.outputs["eigenvalues"], np.full(8, 3.0))
+
+
+def test_scheduler_reads_the_lease_in_place_and_keeps_it_alive(pool):
+    x = torch.diag(torch.arange(1.0, 9.0)).expand(2, 8, 8).clone()
+    snap = snapshot_to_host([x], pool)
+    view = snap.matrices[0][1]
+    with _core.RefreshScheduler(workers=1, test_delay_s=0.2) as sched:
+        jid = sched.submit_eigh(0, 1, 2, view)
+        view[0, 0] = 100.0  # written after submit: visible to the job only if it was not copied
+        del snap, view
+        gc.collect()
+        assert pool.stats()["leases"] == 1  # the job holds the lease
+        res = sched.wait(jid)
+    assert res.ok and float(res.outputs["eigenvalues"].max()) == pytest.approx(100.0)
+    deadline = time.time() + 5
+    while pool.stats()["leases"] and time.time() < deadline:
+        time.sleep(0.01)
+    assert pool.stats()["leases"] == 0
+
+
+def test_unaligned_lease_views_are_copied(pool):
+    lease = pool.acquire(4096)
+    raw = np.frombuffer(lease, dtype=np.uint8)
+    a = raw[4 : 4 + 16 * 4].view(np.float32).reshape(4, 4)
+    a[:] = np.eye(4, dtype=np.float32)
+    with _core.RefreshScheduler(workers=1, test_delay_s=0.2) as sched:
+        jid = sched.submit_eigh(0, 1, 2, a)
+        a[0, 0] = 50.0  # not visible: an unaligned view is snapshotted by copy
+        res = sched.wait(jid)
+    np.testing.assert_allclose(res.outputs["eigenvalues"], np.ones(4))
+
+
+def test_snapshot_budget_error_names_the_numbers():
+    small = _core.PinnedPool(budget_bytes=8192)
+    with pytest.raises(MemoryError, match="budget"):
+        snapshot_to_host([torch.zeros(4, 64, 64)], small)
+
+
+def test_snapshot_rejects_non_square(pool):
+    with pytest.raises(ValueError, match=r"\(B, n, n\)"):
+        snapshot_to_host([torch.zeros(2, 3, 4)], pool)
+
+
+def test_optimizer_snapshots_live_in_the_shadow_pool():
+    model = torch.nn.Linear(32, 16)
+    opt = asteria.SOAP(model.parameters(), precondition_frequency=2, runtime=asteria.RuntimeConfig(staleness=3))
+    pool = opt.runtime.runtime.shadow_pool
+    try:
+        for _ in range(8):
+            opt.zero_grad()
+            model(torch.randn(8, 32)).sum().backward()
+            opt.step()
+        assert pool.stats()["peak_in_use"] > 0  # the snapshots went through the pool
+        assert "shadow_pool" in opt.runtime.runtime.scheduler_stats()
+    finally:
+        opt.close()
+    gc.collect()
+    deadline = time.time() + 5
+    while pool.stats()["leases"] and time.time() < deadline:  # every snapshot is returned once its job is gone
+        time.sleep(0.01)
+    assert pool.stats()["leases"] == 0
