@@ -486,6 +486,14 @@ class BlockOptimizer(torch.optim.Optimizer):
                     "fold_statistics='step' (the default)"
                 )
 
+    def fold_statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, finite: torch.Tensor, group: dict[str, Any]) -> None:
+        """Sets the rows' statistics after this step's gradient: those the hooks folded, else computed now."""
+        stats = self.folded_statistics(bucket, rows)
+        if stats is None:
+            stats = self._statistics(bucket, rows, G, finite, group)
+        for key, value in stats.items():
+            rows.set(key, value)
+
     def folded_statistics(self, bucket: Bucket, rows: _Rows) -> dict[str, torch.Tensor] | None:
         """The statistics the hooks folded for these rows, stacked; None unless every row was folded."""
         if not self._folded:

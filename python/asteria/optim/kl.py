@@ -292,11 +292,7 @@ class _KLBase(EigenbasisOptimizer):
         self.write_params(rows, apply_post_update_weight_decay(W, U, group["lr"], group["lr"], group["weight_decay"], finite))
         rows.set("nonfinite_steps", st["nonfinite_steps"] + (~finite).to(torch.int64))
         # statistics (consumed by the next step's direction and by refreshes)
-        stats = self.folded_statistics(bucket, rows)
-        if stats is None:
-            stats = self._statistics(bucket, rows, G, finite, group)
-        for key, value in stats.items():
-            rows.set(key, value)
+        self.fold_statistics(bucket, rows, G, finite, group)
         rows.commit()
         if self._refresh_due(t, group):
             self._submit_refresh(bucket, rows, t, group)

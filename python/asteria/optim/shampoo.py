@@ -292,11 +292,7 @@ class Shampoo(BlockOptimizer):
             G, finite = self.stacked_grads(rows, group["state_dtype"])
             dims, exps = self._dims(bucket, group)
             with torch.profiler.record_function("asteria.Shampoo.factors"):
-                stats = self.folded_statistics(bucket, rows)
-                if stats is None:
-                    stats = self._statistics(bucket, rows, G, finite, group)
-                for key, value in stats.items():
-                    rows.set(key, value)
+                self.fold_statistics(bucket, rows, G, finite, group)
             rows.commit()
             if dims and self._refresh_due(t, group):
                 self._submit_roots(bucket, rows, dims, exps, t, group)

@@ -244,11 +244,7 @@ class SOAP(EigenbasisOptimizer):
         self.write_params(rows, apply_post_update_weight_decay(W, U, step_size, group["lr"], group["weight_decay"], finite))
         rows.set("nonfinite_steps", st["nonfinite_steps"] + (~finite).to(torch.int64))
         if bucket.factored:
-            stats = self.folded_statistics(bucket, rows)
-            if stats is None:
-                stats = self._statistics(bucket, rows, G, finite, group)
-            for key, value in stats.items():
-                rows.set(key, value)
+            self.fold_statistics(bucket, rows, G, finite, group)
         rows.commit()
         if bucket.factored and self._refresh_due(t, group):
             self._submit_refresh(bucket, rows, t, group)
