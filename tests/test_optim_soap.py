@@ -245,3 +245,32 @@ def test_nonfinite_gradient_is_skipped():
     for key in ("exp_avg", "exp_avg_sq", "factor_0", "factor_1", "basis_0"):
         assert torch.equal(after[key], before[key]), key
     assert int(after["nonfinite_steps"]) == 1
+
+
+def test_install_uses_the_rotation_computed_by_the_refresh_job(monkeypatch):
+    """Refresh installs take R = Q_oldᵀ·Q_new from the job (off the training thread), and it is the R they would
+    compute themselves."""
+    import asteria.optim.soap as soap_mod
+
+    seen = []
+    original = soap_mod.install_soap_bases
+
+    def spy(bases, new_bases, perms, m, v, ok, rotations=None):
+        if rotations is not None:
+            for q, qn, r in zip(bases, new_bases, rotations):
+                seen.append(float((r - torch.matmul(q.transpose(1, 2), qn)).abs().max()))
+        return original(bases, new_bases, perms, m, v, ok, rotations)
+
+    monkeypatch.setattr(soap_mod, "install_soap_bases", spy)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(12, 10)
+    opt = SOAP(model.parameters(), precondition_frequency=2, runtime=RuntimeConfig(staleness=1))
+    try:
+        for _ in range(8):
+            opt.zero_grad()
+            model(torch.randn(16, 12)).pow(2).sum().backward()
+            opt.step()
+    finally:
+        opt.close()
+    assert seen, "no refresh install received the job's rotation"
+    assert max(seen) < 1e-5

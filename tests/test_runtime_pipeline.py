@@ -487,3 +487,25 @@ def test_counters_match_stats_without_the_timeline():
     assert all(stats[k] == v for k, v in counters.items())
     assert "timeline" not in counters and "summary" not in counters
     opt.close()
+
+
+def test_cancelled_jobs_leave_nothing_behind():
+    """A cancelled job's result (cancelled while queued, or finished while running) is dropped when it comes
+    back instead of staying in the runtime's table."""
+    from asteria import _core
+    from asteria.runtime.workers import Runtime
+
+    rt = Runtime(RuntimeConfig(), scheduler=_core.RefreshScheduler(workers=1))
+    try:
+        running = rt.scheduler.submit_sleep(0, 1, 2, 0.2)
+        queued = rt.scheduler.submit_sleep(0, 1, 3, 0.2)
+        time.sleep(0.05)
+        rt.cancel(running)
+        rt.cancel(queued)
+        deadline = time.time() + 5
+        while rt._forgotten and time.time() < deadline:
+            rt.collect()
+            time.sleep(0.02)
+        assert rt._forgotten == {} and rt._done == {}
+    finally:
+        rt.close()

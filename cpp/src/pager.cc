@@ -529,6 +529,24 @@ void Pager::note_end(bool write) {
   if (--n == 0) (write ? write_busy_ns_ : read_busy_ns_) += now_ns() - (write ? write_busy_since_ns_ : read_busy_since_ns_);
 }
 
+Pager::Extent& Pager::idle_extent(ExtentId extent, const char* what) {
+  auto it = extents_.find(extent);
+  ASTERIA_CHECK(it != extents_.end(), kInvalidArgument, "[pager::" << what << "] unknown extent " << extent);
+  ASTERIA_CHECK(it->second.in_flight == 0, kInvalidArgument,
+                "[pager::" << what << "] extent " << extent << " has I/O in flight; wait for it before the next "
+                           << what);
+  return it->second;
+}
+
+TicketId Pager::issue(Extent& e, const Ticket& t, PagerFaultKind& fault) {
+  e.in_flight += 1;
+  const TicketId id = next_ticket_++;
+  tickets_.emplace(id, t);
+  fault = take_fault(t.write);
+  note_start(t.write);
+  return id;
+}
+
 TicketId Pager::write(ExtentId extent, const void* src, std::size_t bytes) {
   ASTERIA_CHECK(src != nullptr && reinterpret_cast<std::uintptr_t>(src) % 4096 == 0, kInvalidArgument,
                 "[pager::write] the source buffer must be 4096-byte aligned (use a PinnedPool lease)");
@@ -539,28 +557,20 @@ TicketId Pager::write(ExtentId extent, const void* src, std::size_t bytes) {
   PagerFaultKind fault;
   {
     std::lock_guard<std::mutex> g(mu_);
-    auto it = extents_.find(extent);
-    ASTERIA_CHECK(it != extents_.end(), kInvalidArgument, "[pager::write] unknown extent " << extent);
-    Extent& e = it->second;
+    Extent& e = idle_extent(extent, "write");
     ASTERIA_CHECK(bytes > 0 && bytes <= e.capacity, kInvalidArgument,
                   "[pager::write] extent " << extent << " holds " << e.capacity << " bytes, asked to write " << bytes);
-    ASTERIA_CHECK(e.in_flight == 0, kInvalidArgument,
-                  "[pager::write] extent " << extent << " has I/O in flight; wait for it before writing again");
     // Out of place once the extent holds valid data: its current contents stay readable until the
     // new copy is complete.
     offset = e.written ? take_location(e.capacity) : e.offset;
-    e.in_flight += 1;
-    id = next_ticket_++;
     Ticket t;
     t.write = true;
     t.extent = extent;
     t.bytes = bytes;
     t.crc = crc;
     t.offset = offset;
-    tickets_.emplace(id, t);
+    id = issue(e, t, fault);
     len = pager_io_size(bytes);
-    fault = take_fault(true);
-    note_start(true);
   }
   backend_->submit(id, true, const_cast<void*>(src), len, offset, fault);
   return id;
@@ -575,26 +585,18 @@ TicketId Pager::read(ExtentId extent, void* dst) {
   PagerFaultKind fault;
   {
     std::lock_guard<std::mutex> g(mu_);
-    auto it = extents_.find(extent);
-    ASTERIA_CHECK(it != extents_.end(), kInvalidArgument, "[pager::read] unknown extent " << extent);
-    Extent& e = it->second;
+    Extent& e = idle_extent(extent, "read");
     ASTERIA_CHECK(e.written, kInvalidArgument,
                   "[pager::read] extent " << extent << " holds no valid data (it was never written successfully)");
-    ASTERIA_CHECK(e.in_flight == 0, kInvalidArgument,
-                  "[pager::read] extent " << extent << " has I/O in flight; wait for it before reading");
-    e.in_flight += 1;
-    id = next_ticket_++;
     Ticket t;
     t.extent = extent;
     t.dst = dst;
     t.bytes = e.bytes;
     t.crc = e.crc;
     t.offset = e.offset;
-    tickets_.emplace(id, t);
+    id = issue(e, t, fault);
     offset = e.offset;
     len = pager_io_size(e.bytes);
-    fault = take_fault(false);
-    note_start(false);
   }
   backend_->submit(id, false, dst, len, offset, fault);
   return id;

@@ -165,6 +165,10 @@ class Pager {
   std::uint64_t take_location(std::size_t capacity);  // mu_ held
   void note_start(bool write);  // busy-time bookkeeping (mu_ held)
   void note_end(bool write);
+  // The extent a new request may use: it exists and has no request in flight (mu_ held; throws otherwise).
+  Extent& idle_extent(ExtentId extent, const char* what);
+  // Records a request on `e` and returns its ticket id; `fault` gets the test hook's decision (mu_ held).
+  TicketId issue(Extent& e, const Ticket& t, PagerFaultKind& fault);
 
   PagerOptions opts_;
   std::string dir_, path_;

@@ -278,7 +278,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._dist = _dist.DistributedCoordinator.attach(self)
         # fold_statistics="backward": per-row statistics computed in the hooks, committed by step()
         self._fold_backward = self.runtime.config.fold_statistics == "backward"
-        self._folded: dict[tuple[int, int], tuple[torch.Tensor, int, dict[str, torch.Tensor]]] = {}
+        self._folded: dict[tuple[int, int], tuple[Bucket, torch.Tensor, int, dict[str, torch.Tensor]]] = {}
         self._members_by_param: dict[int, list[tuple[Bucket, int]]] | None = None
         if self._fold_backward and not self.runtime.config.hooks:
             raise ValueError("RuntimeConfig(fold_statistics='backward') folds in the gradient hooks; it needs hooks=True")
@@ -465,7 +465,7 @@ class BlockOptimizer(torch.optim.Optimizer):
                 rows = _Rows(bucket, [row])
                 G, finite = self.stacked_grads(rows, group["state_dtype"])
                 stats = self._statistics(bucket, rows, G, finite, group)
-                self._folded[(id(bucket), row)] = (param.grad, param.grad._version, stats)
+                self._folded[(id(bucket), row)] = (bucket, param.grad, param.grad._version, stats)
 
     def _has_stepped(self, pstate: dict[str, Any]) -> bool:
         """Whether the parameter's state exists and its next step is an ordinary one (folding applies)."""
@@ -474,8 +474,7 @@ class BlockOptimizer(torch.optim.Optimizer):
     def _check_folded(self) -> None:
         """Refuses a step whose gradients changed after the hooks folded them (clipping, un-scaling, all-reduce)."""
         _refuse_fold_when_distributed()
-        for (bid, row), (grad, version, _) in self._folded.items():
-            bucket = next(b for b in self._buckets or [] if id(b) == bid)
+        for (_, row), (bucket, grad, version, _) in self._folded.items():
             p = bucket.members[row].param
             if p.grad is not grad or grad._version != version:
                 self._folded.clear()
@@ -501,8 +500,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         entries = [self._folded.get((id(bucket), r)) for r in rows.rows]
         if any(e is None for e in entries):
             return None
-        keys = entries[0][2].keys()
-        return {k: torch.cat([e[2][k] for e in entries]) for k in keys}
+        keys = entries[0][3].keys()
+        return {k: torch.cat([e[3][k] for e in entries]) for k in keys}
 
     def _statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, finite: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError

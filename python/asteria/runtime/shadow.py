@@ -78,21 +78,21 @@ def snapshot_to_host(tensors: Sequence[torch.Tensor], pool: Any, copy_stream: An
     ready = None
     total = 0
     on_cuda = bool(tensors) and tensors[0].is_cuda
-    if on_cuda:
-        current = torch.cuda.current_stream(tensors[0].device)
-        copy_stream.wait_stream(current)
     for x in tensors:
         if x.dtype not in (torch.float32, torch.float64) or x.dim() != 3 or x.shape[1] != x.shape[2]:
             raise ValueError(f"[snapshot] expected stacked (B, n, n) float32/float64 matrices, got {tuple(x.shape)} {x.dtype}")
-        B, n = int(x.shape[0]), int(x.shape[1])
-        nbytes = B * matrix_stride(n, x.element_size())
+    # CUDA: device-side clones on the training stream first (fast), then the side stream waits for them and
+    # carries the slow transfers; the training stream may overwrite the statistics right away
+    sources = [x.detach().clone() if on_cuda else x.detach() for x in tensors]
+    if on_cuda:
+        copy_stream.wait_stream(torch.cuda.current_stream(tensors[0].device))
+    for src in sources:
+        B, n = int(src.shape[0]), int(src.shape[1])
+        nbytes = B * matrix_stride(n, src.element_size())
         lease = pool.acquire(nbytes)
         total += nbytes
-        dst, views = _host_views(lease, B, n, x.dtype)
-        src = x.detach()
+        dst, views = _host_views(lease, B, n, src.dtype)
         if on_cuda:
-            # a device-side clone on the training stream (fast), then the slow transfer on the side stream
-            src = src.clone()
             src.record_stream(copy_stream)
             with torch.cuda.stream(copy_stream):
                 dst.copy_(src, non_blocking=True)

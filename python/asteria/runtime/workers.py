@@ -76,7 +76,9 @@ class Runtime:
         self._engines: dict[int, Any] = {}
         # CUDA events host jobs wait for (snapshot copies), alive until the job is taken or cancelled
         self._events: dict[Any, Any] = {}
-        self._orphans: list[tuple[Any, Any]] = []
+        # cancelled jobs whose result has not come back yet (dropped by `collect`), with the CUDA event the
+        # worker may still be waiting on
+        self._forgotten: dict[Any, Any] = {}
         _LIVE.add(self)
 
     # -- scheduler ---------------------------------------------------------------------------------
@@ -191,17 +193,22 @@ class Runtime:
         try:
             n = 0
             if self._scheduler is not None:
-                results = self._scheduler.poll()
-                for res in results:
-                    self._done[int(res.job_id)] = res
-                n += len(results)
+                for res in self._scheduler.poll():
+                    n += self._keep(int(res.job_id), res)
             for index, eng in self._engines.items():
                 for res in eng.poll():
-                    self._done[("device", index, res.job_id)] = res
-                    n += 1
+                    n += self._keep(("device", index, res.job_id), res)
             return n
         finally:
             self._lock.release()
+
+    def _keep(self, job_id: Any, res: Any) -> int:
+        """Files a completed job's result; the result of a cancelled job is dropped (lock held)."""
+        if job_id in self._forgotten:
+            del self._forgotten[job_id]
+            return 0
+        self._done[job_id] = res
+        return 1
 
     def result_of(self, job_id: Any) -> Any:
         """The completed result of ``job_id`` if it is waiting in the table (after `collect`), else None."""
@@ -226,15 +233,14 @@ class Runtime:
     def cancel(self, job_id: Any) -> None:
         """Cancels a job that has not started and forgets its result (device jobs run to completion)."""
         with self._lock:
-            self._done.pop(job_id, None)
-            if isinstance(job_id, tuple):
-                return
-            if self._scheduler is not None and not self._closed:
-                if not self._scheduler.cancel(job_id) and job_id in self._events:
-                    # running: the worker may still wait on the event; keep it until the job is collected
-                    self._orphans.append((job_id, self._events.pop(job_id)))
-                    return
-            self._events.pop(job_id, None)
+            event = self._events.pop(job_id, None)
+            if self._done.pop(job_id, None) is not None or self._closed:
+                return  # already collected: nothing more will come back
+            if not isinstance(job_id, tuple) and self._scheduler is not None:
+                self._scheduler.cancel(job_id)
+            # its result (cancelled, or finished if it was running) still comes back once: drop it then, and keep
+            # the event alive until the worker can no longer be waiting on it
+            self._forgotten[job_id] = event
 
     # -- reporting and lifecycle --------------------------------------------------------------------
     def scheduler_stats(self) -> dict[str, Any]:
@@ -269,7 +275,7 @@ class Runtime:
             for eng in engines.values():
                 eng.close()
             self._events.clear()
-            self._orphans.clear()
+            self._forgotten.clear()
             tiers, self._tiers = self._tiers, None
             if tiers is not None:  # removes the NVMe swap directory
                 tiers.close()
