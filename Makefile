@@ -12,20 +12,23 @@ BUILD_DIR     := build/py
 TSAN_DIR      := build/tsan
 ASAN_DIR      := build/asan
 CUDA_DIR      := build/cuda
+FUZZ_DIR      := build/fuzz
+FUZZ_SECONDS  ?= 30
 WHEEL_DIR     := build/wheel
 JOBS          ?= $(shell nproc 2>/dev/null || echo 2)
 STAGE         := scripts/stage
 CMAKE         := $(VENV)/bin/cmake
 CTEST         := $(VENV)/bin/ctest
-APT_PACKAGES  := g++ libgtest-dev libbenchmark-dev liburing-dev ccache pkg-config
+APT_PACKAGES  := g++ libgtest-dev libbenchmark-dev liburing-dev ccache pkg-config clang libclang-rt-14-dev
 NVCC          := $(shell command -v nvcc 2>/dev/null || { test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda/bin/nvcc; })
 
-.PHONY: all demo test deps venv build ctest tsan asan cuda-check pytest wheel-check bench clean help
+.PHONY: all demo test deps venv build ctest tsan asan fuzz cuda-check pytest wheel-check bench clean help
 all: build
 
 help:
 	@echo "make demo   - build and run the asteria-train comparison on the embedded corpus"
-	@echo "make test   - build once and run all tests (ctest, TSan and ASan/UBSan ctest, CUDA compile check, pytest, wheel check)"
+	@echo "make test   - build once and run all tests (ctest, TSan and ASan/UBSan ctest, fuzzing, CUDA compile check, pytest, wheel check)"
+	@echo "make fuzz   - build the libFuzzer harnesses of the checkpoint format and run them for FUZZ_SECONDS (default 30) in total"
 	@echo "make bench  - run the microbenchmarks and asteria-bench (slow)"
 
 # Debian packages: installed when missing and we are root (CI and fresh machines); otherwise
@@ -66,6 +69,22 @@ asan: deps venv
 	@$(STAGE) asan-test -- env ASAN_OPTIONS="detect_leaks=1:abort_on_error=1" UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
 	    $(CTEST) --test-dir $(ASAN_DIR) -LE bench -j$(JOBS) --output-on-failure
 
+# libFuzzer harnesses (clang, with ASan and UBSan) of everything that parses checkpoint bytes from
+# disk: the header parser and the reader. Built in $(FUZZ_DIR) from the pure sources only; run for
+# FUZZ_SECONDS in total on a scratch copy of the seed corpus in cpp/fuzz/corpus (never modified).
+# Crashing inputs land in $(FUZZ_DIR)/artifacts/. clang is looked up when the recipe runs, after deps.
+fuzz: deps venv
+	@if ! command -v clang++ >/dev/null 2>&1; then \
+	    echo "== [fuzz] skipped: clang++ not found (apt-get install clang libclang-rt-14-dev), the fuzzers were not built"; \
+	else \
+	    $(STAGE) fuzz-build -- sh -c '$(CMAKE) -S . -B $(FUZZ_DIR) -G Ninja -DCMAKE_MAKE_PROGRAM=$(CURDIR)/$(VENV)/bin/ninja \
+	        -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_CXX_COMPILER_LAUNCHER=ccache \
+	        -DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_BUILD_TYPE=RelWithDebInfo -DASTERIA_BUILD_FUZZERS=ON \
+	        -DASTERIA_BUILD_TESTS=OFF -DASTERIA_BUILD_PYTHON=OFF -DPython_EXECUTABLE=$(CURDIR)/$(PY) >/dev/null \
+	        && $(CMAKE) --build $(FUZZ_DIR) --target fuzzers' \
+	    && $(STAGE) fuzz-run -- cpp/fuzz/run.sh $(FUZZ_DIR) $(FUZZ_SECONDS); \
+	fi
+
 # Compile-only check of the CUDA backend: the cuSOLVER engine, asteria._core and cuda_test are built
 # with nvcc in $(CUDA_DIR) (cuSOLVER/cuBLAS from the NVIDIA wheels, installed into the venv when
 # missing); nothing runs. scripts/gpu-check builds and runs the GPU tests on a machine with a GPU.
@@ -88,7 +107,7 @@ pytest: build
 wheel-check: deps venv
 	@$(STAGE) wheel-check -- scripts/wheel-check $(PY) $(WHEEL_DIR) $(TORCH_VERSION)
 
-test: deps venv build ctest tsan asan cuda-check pytest wheel-check
+test: deps venv build ctest tsan asan fuzz cuda-check pytest wheel-check
 	@$(STAGE) --summary
 
 demo: deps venv build

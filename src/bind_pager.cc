@@ -76,19 +76,23 @@ void init_pager(py::module_& m) {
 
   py::class_<PyPager>(m, "Pager", "Extents of a private swap file, read and written asynchronously (io_uring or threads).")
       .def(py::init([](const std::string& directory, const std::string& backend, unsigned queue_depth, int io_threads,
-                       bool direct_io) {
+                       bool direct_io, bool keep_swap_name) {
              asteria::PagerOptions o;
              o.parent_dir = directory;
              o.backend = parse_backend(backend);
              o.queue_depth = queue_depth;
              o.io_threads = io_threads;
              o.direct_io = direct_io;  // the test hook is armed with set_test_fault()
+             o.keep_swap_name = keep_swap_name;
              auto p = std::make_unique<PyPager>();
              p->pager = std::make_unique<Pager>(o);
              return p;
            }),
            py::kw_only(), py::arg("directory") = "", py::arg("backend") = "auto", py::arg("queue_depth") = 64,
-           py::arg("io_threads") = 2, py::arg("direct_io") = true)
+           py::arg("io_threads") = 2, py::arg("direct_io") = true, py::arg("keep_swap_name") = false,
+           "directory: parent of the private swap directory ('' : $TMPDIR or /tmp). keep_swap_name: keep the swap "
+           "file's name and its directory until close() (for debugging); by default both are removed as soon as "
+           "the file is open, so nothing is left on disk even when the process is killed.")
       .def("allocate", [](PyPager& p, std::size_t nbytes) { return p.get().allocate(nbytes); }, py::arg("nbytes"))
       .def("release", [](PyPager& p, asteria::ExtentId e) { p.get().release(e); }, py::arg("extent"))
       .def(
@@ -154,8 +158,10 @@ void init_pager(py::module_& m) {
           "TEST HOOK: after `skip` matching requests succeed, the next `count` fail: 'eio', 'short' (half moves, "
           "then no progress), 'enospc' (writes), 'partial' (half moves first; the pager must finish it), 'none' "
           "disarms. Never use it in production.")
-      .def_property_readonly("directory", [](PyPager& p) { return p.get().directory(); })
-      .def_property_readonly("swap_path", [](PyPager& p) { return p.get().swap_path(); })
+      .def_property_readonly("directory", [](PyPager& p) { return p.get().directory(); },
+                             "The private swap directory (removed at creation unless keep_swap_name).")
+      .def_property_readonly("swap_path", [](PyPager& p) { return p.get().swap_path(); },
+                             "The swap file's path (unlinked at creation unless keep_swap_name).")
       .def("stats", [](PyPager& p) {
         auto s = p.get().stats();
         py::dict d;
@@ -163,6 +169,7 @@ void init_pager(py::module_& m) {
         d["fallback_reason"] = s.fallback_reason;
         d["direct_io"] = s.direct_io;
         d["directory"] = s.directory;
+        d["swap_name_kept"] = s.swap_name_kept;
         d["writes"] = s.writes;
         d["reads"] = s.reads;
         d["bytes_written"] = s.bytes_written;
@@ -180,7 +187,9 @@ void init_pager(py::module_& m) {
         d["write_busy_s"] = s.write_busy_s;
         return d;
       })
-      .def("close", &close_pager, "Wait for I/O in flight, then remove the swap directory (idempotent).")
+      .def("close", &close_pager,
+           "Wait for I/O in flight, then close the swap file, which frees its space, and remove a kept name "
+           "(idempotent).")
       .def_property_readonly("closed", [](PyPager& p) { return p.pager == nullptr; })
       .def("__enter__", [](PyPager& p) -> PyPager& { return p; }, py::return_value_policy::reference)
       .def("__exit__", [](PyPager& p, py::args) { close_pager(p); });

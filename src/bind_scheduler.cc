@@ -41,6 +41,39 @@ JobSpec base_spec(JobKind kind, std::uint64_t block_id, std::int64_t version, st
   return s;
 }
 
+asteria::SchedulerFault parse_fault(const std::string& kind, const std::string& job, std::uint64_t skip,
+                                    std::uint64_t count) {
+  asteria::SchedulerFault f;
+  using K = asteria::SchedulerFaultKind;
+  if (kind == "none") f.kind = K::kNone;
+  else if (kind == "solver") f.kind = K::kSolverFailure;
+  else if (kind == "exception") f.kind = K::kRuntimeError;
+  else if (kind == "bad_alloc") f.kind = K::kBadAlloc;
+  else if (kind == "nonfinite") f.kind = K::kNonFiniteResult;
+  else
+    ASTERIA_CHECK(false, kInvalidArgument,
+                  "[RefreshScheduler] test fault kind must be 'none', 'solver', 'exception', 'bad_alloc' or "
+                  "'nonfinite', got '" << kind << "'");
+  if (job == "eigh") f.job = JobKind::kEigh;
+  else if (job == "inverse_root") f.job = JobKind::kInverseRoot;
+  else if (job == "eigenbasis_refresh") f.job = JobKind::kEigenbasisRefresh;
+  else if (job == "task") f.job = JobKind::kTask;
+  else
+    ASTERIA_CHECK(job == "any", kInvalidArgument,
+                  "[RefreshScheduler] test fault job must be 'any', 'eigh', 'inverse_root', 'eigenbasis_refresh' or "
+                  "'task', got '" << job << "'");
+  f.skip = skip;
+  f.count = count;
+  return f;
+}
+
+constexpr const char* kFaultDoc =
+    "TEST HOOK (SchedulerOptions::test_fault), never for production: after `skip` matching jobs (`job`: 'any' or "
+    "one kind) ran normally, the next `count` fail: 'solver' (a LAPACK-style numerical failure), 'exception' "
+    "(the job body throws std::runtime_error), 'bad_alloc' (it throws std::bad_alloc), 'nonfinite' (a NaN is "
+    "written into the first output, which the worker's output check rejects); 'none' disarms. Each such job "
+    "completes as failed with a message naming its block and version; the workers keep serving later jobs.";
+
 }  // namespace
 
 void init_scheduler(py::module_& m) {
@@ -64,7 +97,9 @@ void init_scheduler(py::module_& m) {
   py::class_<RefreshScheduler>(m, "RefreshScheduler",
                                "Worker threads running refresh jobs earliest-deadline-first (see asteria/scheduler.h).")
       .def(py::init([](int workers, std::size_t queue_capacity, int blas_threads, bool flush_denormals,
-                       double test_delay_s, double test_jitter_s, std::uint64_t test_seed) {
+                       double test_delay_s, double test_jitter_s, std::uint64_t test_seed, const std::string& test_fault,
+                       const std::string& test_fault_job, std::uint64_t test_fault_skip,
+                       std::uint64_t test_fault_count) {
              asteria::SchedulerOptions o;
              o.workers = workers;
              o.queue_capacity = queue_capacity;
@@ -73,13 +108,21 @@ void init_scheduler(py::module_& m) {
              o.test_delay_seconds = test_delay_s;
              o.test_jitter_seconds = test_jitter_s;
              o.test_seed = test_seed;
+             o.test_fault = parse_fault(test_fault, test_fault_job, test_fault_skip, test_fault_count);
              return std::make_unique<RefreshScheduler>(o);
            }),
            py::kw_only(), py::arg("workers") = 1, py::arg("queue_capacity") = 4096, py::arg("blas_threads") = 1,
            py::arg("flush_denormals") = true, py::arg("test_delay_s") = 0.0, py::arg("test_jitter_s") = 0.0,
-           py::arg("test_seed") = 0,
+           py::arg("test_seed") = 0, py::arg("test_fault") = "none", py::arg("test_fault_job") = "any",
+           py::arg("test_fault_skip") = 0, py::arg("test_fault_count") = 1,
            "test_delay_s / test_jitter_s / test_seed: TEST HOOK (SchedulerOptions::test_delay_seconds): each job "
-           "first waits test_delay_s plus a uniform random extra in [0, test_jitter_s]; shutdown interrupts it.")
+           "first waits test_delay_s plus a uniform random extra in [0, test_jitter_s]; shutdown interrupts it.\n"
+           "test_fault / test_fault_job / test_fault_skip / test_fault_count: TEST HOOK, see set_test_fault.")
+      .def(
+          "set_test_fault",
+          [](RefreshScheduler& s, const std::string& kind, const std::string& job, std::uint64_t skip,
+             std::uint64_t count) { s.set_test_fault(parse_fault(kind, job, skip, count)); },
+          py::arg("kind"), py::kw_only(), py::arg("job") = "any", py::arg("skip") = 0, py::arg("count") = 1, kFaultDoc)
       .def(
           "submit_eigh",
           [](RefreshScheduler& s, std::uint64_t block_id, std::int64_t version, std::int64_t deadline,
@@ -147,6 +190,7 @@ void init_scheduler(py::module_& m) {
         d["completed"] = st.completed;
         d["failed"] = st.failed;
         d["cancelled"] = st.cancelled;
+        d["faults_injected"] = st.faults_injected;
         d["queued"] = st.queued;
         d["running"] = st.running;
         d["uncollected"] = st.uncollected;

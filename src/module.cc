@@ -10,6 +10,7 @@ void init_linalg(py::module_& m);
 void init_scheduler(py::module_& m);
 void init_pager(py::module_& m);
 void init_cuda(py::module_& m);
+void init_checkpoint(py::module_& m);
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "asteria's C++ runtime core (private: use the public `asteria` package)";
@@ -20,4 +21,5 @@ PYBIND11_MODULE(_core, m) {
   init_scheduler(m);
   init_pager(m);
   init_cuda(m);
+  init_checkpoint(m);
 }

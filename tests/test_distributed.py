@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 
+import asteria
 from asteria.optim.blocking import soap_layout
 from asteria.runtime import RuntimeConfig
 from asteria.runtime.distributed import (
@@ -407,7 +408,7 @@ def test_asteria_train_under_torchrun_writes_one_report_and_a_checkpoint_any_wor
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     assert len(records) == 3 and done.stdout.count("report written") == 1  # rank 0 alone reports
-    payload = torch.load(tmp_path / "run.pt", weights_only=True)
+    payload = asteria.load_checkpoint(tmp_path / "run.pt")  # an asteria checkpoint file (crash-safe container)
     assert "distributed" not in payload["optimizer"]["asteria"]  # the full state, gathered from both ranks
     # the 2-process checkpoint resumes in one process
     resumed = subprocess.run([sys.executable, "-m", "asteria.train", "--resume", str(tmp_path / "run.pt"), "--quiet",

@@ -15,6 +15,18 @@ def pool():
     return _core.PinnedPool(budget_bytes=64 << 20)
 
 
+def swap_fd_path(pager) -> str:
+    """/proc/self/fd/N of the pager's swap file: the way to reach a file whose name was removed."""
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target in (pager.swap_path, pager.swap_path + " (deleted)"):
+            return f"/proc/self/fd/{fd}"
+    raise AssertionError("the pager holds no descriptor on its swap file")
+
+
 @pytest.mark.parametrize("backend", ["auto", "threads"])
 def test_roundtrip_through_leases_is_bit_identical(tmp_path, pool, backend):
     with _core.Pager(directory=str(tmp_path), backend=backend) as pager:
@@ -50,22 +62,43 @@ def test_lease_stays_alive_while_in_flight(tmp_path, pool):
         assert np.all(np.frombuffer(out, dtype=np.uint8) == 7)
 
 
-def test_corruption_raises_oserror_naming_extent(tmp_path, pool):
-    with _core.Pager(directory=str(tmp_path)) as pager:
+@pytest.mark.parametrize("keep", [False, True])
+def test_corruption_raises_oserror_naming_extent(tmp_path, pool, keep):
+    with _core.Pager(directory=str(tmp_path), keep_swap_name=keep) as pager:
         lease = pool.acquire(4096)
         np.frombuffer(lease, dtype=np.uint8)[:] = 1
         e = pager.allocate(4096)
         pager.wait(pager.write(e, lease))
-        with open(pager.swap_path, "r+b") as f:
+        with open(pager.swap_path if keep else swap_fd_path(pager), "r+b") as f:
             f.seek(10)
             f.write(b"\xff")
-        with pytest.raises(OSError, match=f"extent {e} failed its CRC32C check"):
+        with pytest.raises(OSError, match=f"extent {e} failed its CRC32C check") as info:
             pager.wait(pager.read(e, pool.acquire(4096)))
+        assert (pager.swap_path if keep else f"the unlinked swap file in '{tmp_path}'") in str(info.value)
 
 
-def test_private_directory_modes_and_removal(tmp_path):
+def test_swap_file_has_no_name_once_open(tmp_path, pool):
+    """By default nothing of the swap file is visible on disk: a killed process can leave nothing behind."""
     pager = _core.Pager(directory=str(tmp_path))
+    assert os.path.dirname(pager.directory) == str(tmp_path)
+    assert os.listdir(tmp_path) == [] and not os.path.exists(pager.swap_path)
+    assert not pager.stats()["swap_name_kept"]
+    st = os.stat(swap_fd_path(pager))
+    assert st.st_nlink == 0 and stat.S_IMODE(st.st_mode) == 0o600 and stat.S_ISREG(st.st_mode)
+    src, dst = pool.acquire(8192), pool.acquire(8192)
+    np.frombuffer(src, dtype=np.uint8)[:] = 9
+    e = pager.allocate(8192)
+    pager.wait(pager.write(e, src))
+    pager.wait(pager.read(e, dst))
+    assert bytes(memoryview(dst)) == bytes(memoryview(src))
+    pager.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_kept_name_is_private_and_removed_on_close(tmp_path):
+    pager = _core.Pager(directory=str(tmp_path), keep_swap_name=True)
     d, f = pager.directory, pager.swap_path
+    assert pager.stats()["swap_name_kept"]
     assert os.path.dirname(d) == str(tmp_path)
     assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
     assert stat.S_IMODE(os.lstat(f).st_mode) == 0o600
@@ -74,6 +107,27 @@ def test_private_directory_modes_and_removal(tmp_path):
     assert not os.path.exists(d)
     with pytest.raises(ValueError, match="closed"):
         pager.allocate(10)
+
+
+def test_kept_name_removed_from_outside_keeps_working(tmp_path, pool):
+    """Deleting the swap file and its directory under a running pager breaks neither I/O nor close()."""
+    pager = _core.Pager(directory=str(tmp_path), keep_swap_name=True)
+    v1, v2, out = pool.acquire(3 * 4096), pool.acquire(3 * 4096), pool.acquire(3 * 4096)
+    np.frombuffer(v1, dtype=np.uint8)[:] = 1
+    np.frombuffer(v2, dtype=np.uint8)[:] = 2
+    e = pager.allocate(v1.nbytes)
+    pager.wait(pager.write(e, v1))
+    os.unlink(pager.swap_path)
+    os.rmdir(pager.directory)
+    pager.wait(pager.read(e, out))
+    assert bytes(memoryview(out)) == bytes(memoryview(v1))
+    f = pager.allocate(4096)
+    pager.wait(pager.write(e, v2))
+    pager.wait(pager.write(f, v1, nbytes=4096))
+    pager.wait(pager.read(e, out))
+    assert bytes(memoryview(out)) == bytes(memoryview(v2))
+    pager.close()
+    assert os.listdir(tmp_path) == []
 
 
 def test_unwritable_directory_is_a_clear_oserror(tmp_path):

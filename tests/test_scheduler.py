@@ -1,5 +1,6 @@
 """asteria._core.RefreshScheduler from Python: results, failures, cancellation, overlap, GIL."""
 
+import re
 import threading
 import time
 
@@ -135,3 +136,52 @@ def test_eigenbasis_refresh_returns_the_install_rotation(dtype):
     assert rot.dtype == dtype and rot.shape == (12, 12)
     tol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(rot, q.T.astype(np.float64) @ res.outputs["basis"].astype(np.float64), atol=tol)
+
+
+# ----------------------------------------------------------------------------------------- the fault-injection hook
+@pytest.mark.parametrize(
+    "kind,match",
+    [
+        ("solver", r"block 5, version 9\) failed: \[linalg::eigh\] symmetric eigendecomposition failed \(LAPACK syevd"),
+        ("exception", r"block 5, version 9\) failed: a runtime_error thrown by the job body"),
+        ("bad_alloc", r"block 5, version 9\) failed: out of memory on the worker \(std::bad_alloc\)"),
+        ("nonfinite", r"block 5, version 9\) failed: \[scheduler\] the output 'eigenvalues' holds NaN or Inf"),
+    ],
+)
+def test_injected_faults_fail_the_job_and_the_worker_goes_on(kind, match):
+    """The test hook (keyword arguments): the chosen job completes as failed with a message naming block and
+    version; earlier and later jobs are unaffected."""
+    with _core.RefreshScheduler(workers=2, test_fault=kind, test_fault_job="eigh", test_fault_skip=1) as s:
+        a = spd(8, 1)
+        first = s.wait(s.submit_eigh(4, 8, 9, a))
+        bad = s.wait(s.submit_eigh(5, 9, 10, a))
+        root = s.wait(s.submit_inverse_root(6, 9, 10, a, root=2, epsilon=1e-9))  # another kind: not counted
+        later = [s.wait(s.submit_eigh(7, 10 + i, 11 + i, a)) for i in range(4)]
+        assert first.ok and root.ok and all(r.ok for r in later)
+        assert not bad.ok and bad.status == "failed" and bad.outputs == {}
+        assert re.search(match, bad.message), bad.message
+        np.testing.assert_allclose(later[-1].outputs["eigenvalues"], first.outputs["eigenvalues"])
+        st = s.stats()
+        assert st["failed"] == 1 and st["faults_injected"] == 1 and st["completed"] == 7
+
+
+def test_set_test_fault_rearms_and_validates():
+    with _core.RefreshScheduler(workers=1) as s:
+        a = spd(6, 2)
+        s.set_test_fault("exception", count=2)
+        results = [s.wait(s.submit_eigh(i, i, i + 1, a)) for i in range(3)]
+        assert [r.ok for r in results] == [False, False, True]
+        s.set_test_fault("nonfinite", job="inverse_root")
+        assert s.wait(s.submit_eigh(0, 0, 1, a)).ok
+        r = s.wait(s.submit_inverse_root(3, 4, 5, a, root=2, epsilon=0.0))
+        assert not r.ok and "output 'root' holds NaN or Inf" in r.message
+        s.set_test_fault("none")
+        assert s.wait(s.submit_inverse_root(3, 5, 6, a, root=2, epsilon=0.0)).ok
+        with pytest.raises(ValueError, match="test fault kind"):
+            s.set_test_fault("sometimes")
+        with pytest.raises(ValueError, match="test fault job"):
+            s.set_test_fault("solver", job="qr")
+        with pytest.raises(ValueError, match="count >= 1"):
+            s.set_test_fault("solver", count=0)
+    with pytest.raises(ValueError, match="test fault kind"):
+        _core.RefreshScheduler(test_fault="boom")

@@ -1,8 +1,10 @@
 """Tests of the asteria-train command line (asteria.train.cli)."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -68,6 +70,7 @@ def test_single_unavailable_optimizer_fails(tmp_path, monkeypatch, capsys):
         (["--compare", "adamw,soap", "--save", "x.pt"], "--save checkpoints one run"),
         (["--optimizer", "adamw", "--refresh", "async"], "only to"),
         (["--resume", "/nonexistent/ckpt.pt"], "No such file"),
+        (["--optimizer", "adamw", "--save-every", "5"], "--save-every needs --save PATH"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_message(args, message, capsys):
@@ -78,7 +81,8 @@ def test_bad_arguments_exit_2_with_a_message(args, message, capsys):
 
 
 @pytest.mark.parametrize("args", [["--optimizer", "adamw", "--compare", "soap"],
-                                  ["--model", "huge"], ["--steps", "0"], ["--lr", "-1"]])
+                                  ["--model", "huge"], ["--steps", "0"], ["--lr", "-1"],
+                                  ["--save-every", "-1"]])
 def test_argparse_rejects(args, capsys):
     with pytest.raises(SystemExit) as exc:
         main(args)
@@ -145,3 +149,93 @@ def test_staleness_goes_to_async_configurations_only():
     assert [(r.name, r.staleness) for r in runs] == [("soap:sync", None), ("soap:async", 3)]
     with pytest.raises(ValueError, match="applies only to async"):
         plan_runs(build_parser().parse_args(["--optimizer", "soap", "--staleness", "3"]), "cpu")
+
+
+def test_resume_from_a_torn_checkpoint_is_a_clear_error(tmp_path, capsys):
+    ckpt = tmp_path / "run.pt"
+    assert main(["--optimizer", "adamw", "--report", str(tmp_path / "r"), "--save", str(ckpt), *FAST]) == 0
+    ckpt.write_bytes(ckpt.read_bytes()[:-10])
+    with pytest.raises(SystemExit) as exc:
+        main(["--resume", str(ckpt), "--quiet"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "is torn" in err and str(ckpt) in err and "resume from an earlier checkpoint" in err
+
+
+def _start(tmp_path, *extra):
+    """asteria-train in a subprocess on a run long enough to be stopped from outside."""
+    report = tmp_path / "report"
+    cmd = [sys.executable, "-m", "asteria.train", "--optimizer", "adamw", "--report", str(report),
+           "--no-plots", *FAST, "--steps", "5000", "--eval-every", "0", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, report / "metrics.jsonl"
+
+
+def _wait_for_steps(proc, metrics, n, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"asteria-train ended early ({proc.returncode}): {proc.stderr.read()}")
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail(f"asteria-train did not reach step {n} in {timeout} s")
+
+
+def test_sigterm_stops_the_run_and_writes_the_checkpoint(tmp_path):
+    """SIGTERM (a job scheduler's stop) is a first Ctrl-C: the run ends at the next step boundary,
+    the --save checkpoint holds exactly the steps that ran, and the process exits 143 promptly."""
+    from asteria.train.loop import load_checkpoint
+
+    ckpt = tmp_path / "run.pt"
+    proc, metrics = _start(tmp_path, "--save", str(ckpt))
+    try:
+        _wait_for_steps(proc, metrics, 3)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert took < 15, f"{took:.1f} s from SIGTERM to exit"
+    assert "SIGTERM: stopping after this step" in err
+    steps = len(metrics.read_text().splitlines())
+    ck = load_checkpoint(ckpt)
+    assert 3 <= ck["step"] == steps < 5000
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["runs"][0]["status"] == "interrupted"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_second_sigterm_aborts_at_once_and_keeps_the_last_checkpoint(tmp_path):
+    """The second SIGTERM is sent as soon as the first is acknowledged. Wherever it lands (the rest of
+    the step, the final checkpoint write, the report), the process ends at once and the checkpoint on
+    disk is a complete one: the last periodic checkpoint or the final one, never torn."""
+    from asteria.train.loop import load_checkpoint
+
+    ckpt = tmp_path / "run.pt"
+    proc, metrics = _start(tmp_path, "--save", str(ckpt), "--save-every", "2")
+    try:
+        _wait_for_steps(proc, metrics, 5)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        err = []
+        for line in proc.stderr:  # the first signal is acknowledged on stderr
+            err.append(line)
+            if "SIGTERM: stopping after this step" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest = proc.communicate(timeout=30)[1]
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = "".join(err) + rest
+    assert proc.returncode in (130, 143, -signal.SIGTERM), err
+    assert took < 15, f"{took:.1f} s from SIGTERM to exit"
+    ck = load_checkpoint(ckpt)  # complete and verified
+    assert ck["step"] >= 4
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []

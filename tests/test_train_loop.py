@@ -97,10 +97,135 @@ def test_resume_rejects_conflicting_settings(corpus, tmp_path):
 
 
 def test_not_a_checkpoint(tmp_path):
-    path = tmp_path / "x.pt"
-    torch.save({"hello": 1}, path)
-    with pytest.raises(ValueError, match="not an asteria-train checkpoint"):
+    import asteria
+
+    plain = tmp_path / "old.pt"
+    torch.save({"format": "asteria-train-checkpoint/1"}, plain)  # what older versions wrote
+    with pytest.raises(ValueError, match="not an asteria-train checkpoint: it is a plain torch.save file.*"
+                                         "asteria.save_checkpoint"):
+        load_checkpoint(plain)
+    foreign = tmp_path / "foreign.pt"
+    asteria.save_checkpoint({"hello": 1}, foreign)
+    with pytest.raises(ValueError, match="its payload is None, not 'asteria-train-checkpoint/1'"):
+        load_checkpoint(foreign)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(ValueError, match="not an asteria checkpoint file at all"):
+        load_checkpoint(text)
+
+
+def test_torn_and_corrupted_checkpoints_are_refused(corpus, tmp_path):
+    import asteria
+
+    path = tmp_path / "ckpt.pt"
+    train(_cfg(steps=2), corpus, progress=False, save=path)
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(asteria.CheckpointError, match="is torn.*resume from an earlier checkpoint"):
         load_checkpoint(path)
+    flipped = bytearray(good)
+    flipped[-100] ^= 1
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(asteria.CheckpointError, match="is corrupted"):
+        load_checkpoint(path)
+
+
+def _tensors_equal(a, b):
+    """Exact equality of two nested state dicts (bits of every tensor)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+        bits = lambda t: t.detach().reshape(-1).contiguous().view(torch.uint8)  # noqa: E731
+        assert torch.equal(bits(a), bits(b))
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _tensors_equal(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _tensors_equal(x, y)
+    else:
+        assert a == b
+
+
+class _Crash(Exception):
+    pass
+
+
+def _resume_from_periodic(corpus, tmp_path, **kw):
+    """8 steps straight vs. a run saving every 3 steps that crashes during step 5 and resumes from
+    the step-3 checkpoint: model and optimizer tensors end bit-identical."""
+    straight = tmp_path / "straight.pt"
+    full = train(_cfg(**kw), corpus, progress=False, save=straight)
+    assert full.checkpoints_written == 1
+    path = tmp_path / "periodic.pt"
+
+    def crash_at_5(record):
+        if record["step"] == 5:
+            raise _Crash("killed")
+
+    with pytest.raises(_Crash):
+        train(_cfg(**kw), corpus, progress=False, save=path, save_every=3, on_record=crash_at_5)
+    ckpt = load_checkpoint(path)
+    assert ckpt["step"] == 3 and len(ckpt["records"]) == 3
+    rest = train(config_for_resume(ckpt, {"threads": 1}), corpus, progress=False, checkpoint=ckpt,
+                 save=path, save_every=3)
+    assert rest.checkpoints_written == 2  # step 6, then the end (step 8)
+    assert [r["loss"] for r in rest.records] == [r["loss"] for r in full.records]
+    a, b = load_checkpoint(straight), load_checkpoint(path)
+    assert a["step"] == b["step"] == 8
+    _tensors_equal(a["model"], b["model"])
+    _tensors_equal(a["optimizer"], b["optimizer"])
+    _tensors_equal(a["rng"], b["rng"])
+
+
+def test_periodic_checkpoint_resumes_bit_identically_adamw(corpus, tmp_path):
+    _resume_from_periodic(corpus, tmp_path)
+
+
+def test_periodic_checkpoint_resumes_bit_identically_soap_async(corpus, tmp_path, monkeypatch):
+    asteria = pytest.importorskip("asteria")
+    from asteria.train.model import PRESETS
+
+    if not hasattr(asteria, "SOAP"):
+        pytest.skip("asteria.SOAP is not available yet")
+    monkeypatch.setitem(PRESETS, "micro", dict(n_layer=2, n_head=2, d_model=32))
+    # Refreshes every 2 steps installed 2 steps later: the step-3 checkpoint holds one in flight.
+    _resume_from_periodic(corpus, tmp_path, optimizer="soap", refresh="async", staleness=1,
+                          precondition_frequency=2, model="micro")
+
+
+def test_save_every_is_validated(corpus):
+    with pytest.raises(ValueError, match="save_every must be an integer >= 0"):
+        train(_cfg(), corpus, progress=False, save_every=-1)
+
+
+def test_sigterm_stops_at_a_step_boundary_and_a_second_signal_aborts(corpus, tmp_path):
+    import os
+    import signal
+
+    path = tmp_path / "ckpt.pt"
+
+    def term_at_step_3(record):
+        if record["step"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a job scheduler does
+
+    first = train(_cfg(), corpus, progress=False, save=path, on_record=term_at_step_3)
+    assert first.status == "interrupted" and first.stop_signal == signal.SIGTERM
+    assert first.message == "stopped by SIGTERM after step 3"
+    assert load_checkpoint(path)["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handler restored
+
+    def twice_at_step_4(record):
+        if record["step"] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # the second aborts at once
+
+    second = train(_cfg(), corpus, progress=False, save=path, save_every=2, on_record=twice_at_step_4)
+    assert second.status == "interrupted" and "aborted by SIGTERM" in second.message
+    assert "no checkpoint written" in second.message
+    assert load_checkpoint(path)["step"] == 2  # the last periodic checkpoint, intact
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 def test_unavailable_optimizer_is_a_status(corpus, monkeypatch):

@@ -22,42 +22,7 @@
 
 namespace asteria {
 
-// ----- CRC32C --------------------------------------------------------------------------------
 namespace {
-
-struct Crc32cTable {
-  std::uint32_t t[256];
-  Crc32cTable() {
-    for (std::uint32_t i = 0; i < 256; ++i) {
-      std::uint32_t c = i;
-      for (int k = 0; k < 8; ++k) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
-      t[i] = c;
-    }
-  }
-};
-
-std::uint32_t crc32c_table(const unsigned char* p, std::size_t n, std::uint32_t crc) noexcept {
-  static const Crc32cTable table;
-  for (std::size_t i = 0; i < n; ++i) crc = table.t[(crc ^ p[i]) & 0xFF] ^ (crc >> 8);
-  return crc;
-}
-
-#if defined(__x86_64__)
-__attribute__((target("sse4.2"))) std::uint32_t crc32c_hw(const unsigned char* p, std::size_t n,
-                                                           std::uint32_t crc) noexcept {
-  std::uint64_t c = crc;
-  while (n >= 8) {
-    std::uint64_t v;
-    std::memcpy(&v, p, 8);
-    c = __builtin_ia32_crc32di(c, v);
-    p += 8;
-    n -= 8;
-  }
-  auto c32 = static_cast<std::uint32_t>(c);
-  while (n--) c32 = __builtin_ia32_crc32qi(c32, *p++);
-  return c32;
-}
-#endif
 
 std::string errno_text(int e) { return std::string(std::strerror(e)); }
 
@@ -127,18 +92,6 @@ void check_fault(const PagerFault& f) {
 }
 
 }  // namespace
-
-std::uint32_t crc32c(const void* data, std::size_t bytes, std::uint32_t crc) noexcept {
-  const auto* p = static_cast<const unsigned char*>(data);
-  crc = ~crc;
-#if defined(__x86_64__)
-  static const bool hw = __builtin_cpu_supports("sse4.2");
-  crc = hw ? crc32c_hw(p, bytes, crc) : crc32c_table(p, bytes, crc);
-#else
-  crc = crc32c_table(p, bytes, crc);
-#endif
-  return ~crc;
-}
 
 // ----- backends ------------------------------------------------------------------------------
 struct Pager::Backend {
@@ -397,6 +350,7 @@ Pager::Pager(const PagerOptions& opts) : opts_(opts) {
   }
   dir_ = buf.data();  // mkdtemp creates it with mode 0700
   path_ = dir_ + "/extents.swap";
+  parent_ = parent;
   const int base = O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC;
   if (opts.direct_io) {
     fd_ = ::open(path_.c_str(), base | O_DIRECT, 0600);
@@ -404,7 +358,8 @@ Pager::Pager(const PagerOptions& opts) : opts_(opts) {
     if (fd_ < 0 && errno != EINVAL) {
       const int e = errno;
       ::rmdir(dir_.c_str());
-      throw Error(ErrorCategory::kIo, "[pager] cannot create '" + path_ + "': " + errno_text(e), e);
+      throw Error(ErrorCategory::kIo,
+                  "[pager] cannot create '" + path_ + "': " + errno_text(e) + "; choose a writable nvme_path", e);
     }
   }
   if (fd_ < 0) {
@@ -412,11 +367,23 @@ Pager::Pager(const PagerOptions& opts) : opts_(opts) {
     if (fd_ < 0) {
       const int e = errno;
       ::rmdir(dir_.c_str());
-      throw Error(ErrorCategory::kIo, "[pager] cannot create '" + path_ + "': " + errno_text(e), e);
+      throw Error(ErrorCategory::kIo,
+                  "[pager] cannot create '" + path_ + "': " + errno_text(e) + "; choose a writable nvme_path", e);
     }
   }
+  named_ = true;
+  if (!opts.keep_swap_name) {
+    // The open descriptor keeps the storage; with no name left, nothing stays on disk when the process
+    // dies, however it dies (SIGKILL, OOM kill): the kernel frees the space at the last close.
+    if (::unlink(path_.c_str()) == 0) {
+      named_ = false;
+      ::rmdir(dir_.c_str());
+    }
+  }
+  file_desc_ = named_ ? "'" + path_ + "'" : "the unlinked swap file in '" + parent_ + "'";
   stats_.direct_io = direct_;
   stats_.directory = dir_;
+  stats_.swap_name_kept = named_;
   if (opts.backend != PagerBackend::kThreads) {
 #if ASTERIA_WITH_LIBURING
     try {
@@ -424,8 +391,7 @@ Pager::Pager(const PagerOptions& opts) : opts_(opts) {
     } catch (const Error& e) {
       if (opts.backend == PagerBackend::kIoUring) {
         ::close(fd_);
-        ::unlink(path_.c_str());
-        ::rmdir(dir_.c_str());
+        remove_names();
         throw Error(ErrorCategory::kUnavailable,
                     std::string("[pager] io_uring was requested but cannot be set up (") + e.what() +
                         "); use backend='auto' or 'threads'");
@@ -435,8 +401,7 @@ Pager::Pager(const PagerOptions& opts) : opts_(opts) {
 #else
     if (opts.backend == PagerBackend::kIoUring) {
       ::close(fd_);
-      ::unlink(path_.c_str());
-      ::rmdir(dir_.c_str());
+      remove_names();
       throw Error(ErrorCategory::kUnavailable,
                   "[pager] io_uring was requested but asteria was built without liburing "
                   "(apt-get install liburing-dev, then rebuild)");
@@ -459,8 +424,14 @@ Pager::~Pager() {
   }
   backend_.reset();
   ::close(fd_);
-  ::unlink(path_.c_str());
+  remove_names();
+}
+
+void Pager::remove_names() noexcept {
+  if (!named_) return;  // removed at creation: never touch a path someone else may have created since
+  ::unlink(path_.c_str());  // either may be gone already (removed from outside): nothing to do then
   ::rmdir(dir_.c_str());
+  named_ = false;
 }
 
 std::uint64_t Pager::take_location(std::size_t capacity) {
@@ -663,13 +634,13 @@ void Pager::wait(TicketId ticket) {
   const Ticket t = it->second;
   tickets_.erase(it);
   if (t.error == 0) return;
-  const std::string where = " at offset " + std::to_string(t.offset) + " of " + path_;
+  const std::string where = " at offset " + std::to_string(t.offset) + " of " + file_desc_;
   const std::string ext = "extent " + std::to_string(t.extent);
   const std::string kept = t.write ? "; the extent keeps its previous contents and the data stays in memory"
                                    : "; the extent is intact and the read can be retried";
   if (t.error == EBADMSG) {
     throw Error(ErrorCategory::kIo,
-                "[pager::read] " + ext + " failed its CRC32C check (" + path_ + " at offset " + std::to_string(t.offset) +
+                "[pager::read] " + ext + " failed its CRC32C check (" + file_desc_ + " at offset " + std::to_string(t.offset) +
                     "): the swap file was corrupted; the data is not used",
                 EIO);
   }
@@ -678,14 +649,14 @@ void Pager::wait(TicketId ticket) {
     throw Error(ErrorCategory::kIo,
                 std::string("[pager::") + (t.write ? "write] short write to " : "read] short read of ") + ext + ": " +
                     std::to_string(t.moved) + " of " + std::to_string(expected) + " bytes" +
-                    (t.write ? " reached " : " came from ") + path_ + " at offset " + std::to_string(t.offset) +
+                    (t.write ? " reached " : " came from ") + file_desc_ + " at offset " + std::to_string(t.offset) +
                     " before the device stopped making progress: " + errno_text(EIO) + kept,
                 EIO);
   }
   if (t.write && (t.error == ENOSPC || t.error == EDQUOT || t.error == EFBIG)) {
     throw Error(ErrorCategory::kIo,
                 "[pager::write] " + errno_text(t.error) + ": needed " + std::to_string(pager_io_size(t.bytes)) +
-                    " bytes" + where + " for " + ext + kept + ". Free space there or choose another nvme_path",
+                    " bytes" + where + " for " + ext + kept + ". Free space in '" + parent_ + "' or choose another nvme_path",
                 t.error);
   }
   throw Error(ErrorCategory::kIo,

@@ -2,9 +2,12 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <exception>
+#include <limits>
 #include <new>
 #include <random>
+#include <stdexcept>
 
 #include "asteria/errors.h"
 
@@ -166,16 +169,85 @@ void atomic_max(std::atomic<std::int64_t>& a, std::int64_t v) {
   }
 }
 
-}  // namespace
+// A job's results never carry NaN or Inf to the caller: the check runs here, on the worker, off the
+// training thread (O(n²) against the job's O(n³)).
+void check_outputs_finite(const std::vector<std::pair<std::string, HostTensor>>& outputs) {
+  for (const auto& [name, t] : outputs) {
+    bool ok = true;
+    if (t.dtype == DType::kFloat32) ok = linalg::all_finite(t.numel(), t.ptr<float>());
+    if (t.dtype == DType::kFloat64) ok = linalg::all_finite(t.numel(), t.ptr<double>());
+    ASTERIA_CHECK(ok, kNumerical, "[scheduler] the output '" << name << "' holds NaN or Inf; the result is discarded");
+  }
+}
 
-std::vector<std::pair<std::string, HostTensor>> run_job(const JobSpec& spec) {
+void check_fault(const SchedulerFault& f) {
+  const int k = static_cast<int>(f.kind);
+  ASTERIA_CHECK(k >= 0 && k <= 4, kInvalidArgument, "[scheduler] unknown test fault kind " << k);
+  ASTERIA_CHECK(f.kind == SchedulerFaultKind::kNone || f.count >= 1, kInvalidArgument,
+                "[scheduler] a test fault needs count >= 1");
+  if (f.job) {
+    const int j = static_cast<int>(*f.job);
+    ASTERIA_CHECK(j >= 0 && j <= 3, kInvalidArgument, "[scheduler] unknown job kind " << j << " in the test fault");
+  }
+}
+
+// The test hook's failure, raised where the job body would fail (after the prerequisite, before the solver).
+[[noreturn]] void raise_fault(const JobSpec& s, SchedulerFaultKind fault) {
+  const long long n = s.inputs.empty() || s.inputs[0].shape.empty() ? 0 : static_cast<long long>(s.inputs[0].shape[0]);
+  switch (fault) {
+    case SchedulerFaultKind::kSolverFailure: {
+      const std::string tail = ", n=" + std::to_string(n) + ", injected by SchedulerOptions::test_fault)";
+      if (s.kind == JobKind::kEigenbasisRefresh)
+        throw Error(ErrorCategory::kNumerical, "[linalg::eigenbasis_refresh] QR factorisation failed (geqrf info=-4" + tail);
+      throw Error(ErrorCategory::kNumerical,
+                  std::string("[linalg::") + (s.kind == JobKind::kInverseRoot ? "inverse_root" : "eigh") +
+                      "] symmetric eigendecomposition failed (LAPACK syevd info=" + std::to_string(n > 0 ? n : 1) +
+                      tail + "; the previous result is kept. A larger ridge/epsilon usually fixes this.");
+    }
+    case SchedulerFaultKind::kRuntimeError:
+      throw std::runtime_error("a runtime_error thrown by the job body (injected by SchedulerOptions::test_fault)");
+    case SchedulerFaultKind::kBadAlloc:
+      throw std::bad_alloc();
+    default:
+      break;
+  }
+  ASTERIA_ASSERT(false);
+  std::abort();
+}
+
+std::vector<std::pair<std::string, HostTensor>> run_with_fault(const JobSpec& spec, SchedulerFaultKind fault) {
   validate(spec);
   if (spec.prerequisite) spec.prerequisite();
+  if (fault != SchedulerFaultKind::kNone && fault != SchedulerFaultKind::kNonFiniteResult) raise_fault(spec, fault);
   if (spec.kind == JobKind::kTask) {
     spec.task();
     return {};
   }
-  return spec.inputs[0].dtype == DType::kFloat32 ? run_typed<float>(spec) : run_typed<double>(spec);
+  auto out = spec.inputs[0].dtype == DType::kFloat32 ? run_typed<float>(spec) : run_typed<double>(spec);
+  if (fault == SchedulerFaultKind::kNonFiniteResult && !out.empty()) {
+    HostTensor& t = out.front().second;
+    if (t.dtype == DType::kFloat32) t.ptr<float>()[0] = std::numeric_limits<float>::quiet_NaN();
+    if (t.dtype == DType::kFloat64) t.ptr<double>()[0] = std::numeric_limits<double>::quiet_NaN();
+  }
+  check_outputs_finite(out);
+  return out;
+}
+
+// "job 7 (block 3, version 12) failed: <why>". Under memory exhaustion building the text can itself throw;
+// the fallback fits the small-string buffer, so it never allocates.
+std::string failure_message(JobId id, const JobSpec& spec, const char* why) noexcept {
+  try {
+    return "job " + std::to_string(id) + " (block " + std::to_string(spec.block_id) + ", version " +
+           std::to_string(spec.version) + ") failed: " + why;
+  } catch (...) {
+    return "out of memory";
+  }
+}
+
+}  // namespace
+
+std::vector<std::pair<std::string, HostTensor>> run_job(const JobSpec& spec) {
+  return run_with_fault(spec, SchedulerFaultKind::kNone);
 }
 
 // ----- the scheduler -------------------------------------------------------------------------
@@ -206,6 +278,8 @@ RefreshScheduler::RefreshScheduler(const SchedulerOptions& opts)
                 kInvalidArgument,
                 "[scheduler] test_delay_seconds and test_jitter_seconds must be in [0, 3600], got "
                     << opts.test_delay_seconds << " and " << opts.test_jitter_seconds);
+  check_fault(opts.test_fault);
+  fault_ = opts.test_fault;
   linalg::set_num_threads(opts.blas_threads);
   busy_ns_ = std::make_unique<std::atomic<std::int64_t>[]>(static_cast<std::size_t>(opts.workers));
   for (int i = 0; i < opts.workers; ++i) busy_ns_[i].store(0);
@@ -291,20 +365,27 @@ void RefreshScheduler::worker_main(int index) {
       std::unique_lock<std::mutex> lk(stop_mu_);
       interrupted = stop_cv_.wait_for(lk, std::chrono::duration<double>(secs), [&] { return stopping_.load(); });
     }
+    // Nothing a job throws leaves this block: the job completes as failed and the worker serves the next one.
     try {
       if (interrupted) {
         r.status = JobStatus::kCancelled;
         r.message = "cancelled during the test delay by shutdown";
       } else {
-        r.outputs = run_job(job->spec);
+        r.outputs = run_with_fault(job->spec, take_fault(job->spec));
       }
+    } catch (const std::bad_alloc&) {
+      r.outputs.clear();
+      r.status = JobStatus::kFailed;
+      r.message = failure_message(job->id, job->spec,
+                                  "out of memory on the worker (std::bad_alloc); free host memory or use fewer workers");
     } catch (const std::exception& e) {
+      r.outputs.clear();
       r.status = JobStatus::kFailed;
-      r.message = "job " + std::to_string(job->id) + " (block " + std::to_string(job->spec.block_id) + ", version " +
-                  std::to_string(job->spec.version) + ") failed: " + e.what();
+      r.message = failure_message(job->id, job->spec, e.what());
     } catch (...) {
+      r.outputs.clear();
       r.status = JobStatus::kFailed;
-      r.message = "job " + std::to_string(job->id) + " failed with an unknown exception";
+      r.message = failure_message(job->id, job->spec, "an exception of unknown type");
     }
     const std::int64_t t1 = now_ns();
     r.queued_seconds = static_cast<double>(t0 - job->submitted_ns) * 1e-9;
@@ -360,6 +441,7 @@ SchedulerStats RefreshScheduler::stats() const {
   s.completed = completed_.load();
   s.failed = failed_.load();
   s.cancelled = cancelled_.load();
+  s.faults_injected = faults_injected_.load();
   s.running = running_.load();
   s.queued = s.submitted > s.completed + s.running ? s.submitted - s.completed - s.running : 0;
   {
@@ -371,6 +453,25 @@ SchedulerStats RefreshScheduler::stats() const {
   s.total_run_seconds = total_run_ns_.load() * 1e-9;
   s.max_queued_seconds = max_queued_ns_.load() * 1e-9;
   return s;
+}
+
+SchedulerFaultKind RefreshScheduler::take_fault(const JobSpec& spec) {
+  std::lock_guard<std::mutex> g(fault_mu_);
+  const SchedulerFault& f = fault_;
+  if (f.kind == SchedulerFaultKind::kNone) return SchedulerFaultKind::kNone;
+  if (f.job && *f.job != spec.kind) return SchedulerFaultKind::kNone;
+  if (f.kind == SchedulerFaultKind::kNonFiniteResult && spec.kind == JobKind::kTask) return SchedulerFaultKind::kNone;
+  const std::uint64_t n = fault_seen_++;
+  if (n < f.skip || n - f.skip >= f.count) return SchedulerFaultKind::kNone;
+  faults_injected_.fetch_add(1);
+  return f.kind;
+}
+
+void RefreshScheduler::set_test_fault(const SchedulerFault& fault) {
+  check_fault(fault);
+  std::lock_guard<std::mutex> g(fault_mu_);
+  fault_ = fault;
+  fault_seen_ = 0;
 }
 
 void RefreshScheduler::shutdown() {

@@ -321,6 +321,129 @@ TEST(Scheduler, TestDelayHookSlowsJobsAndShutdownInterruptsIt) {
   EXPECT_EQ(ran.load(), 0);
 }
 
+// ----- the fault-injection test hook (SchedulerOptions::test_fault / set_test_fault) -----
+
+asteria::JobSpec eigh_job(std::uint64_t block, std::int64_t version, unsigned seed) {
+  asteria::JobSpec spec;
+  spec.kind = asteria::JobKind::kEigh;
+  spec.block_id = block;
+  spec.version = version;
+  spec.deadline = version + 1;
+  spec.inputs.push_back(spd(6, seed));
+  return spec;
+}
+
+TEST(Scheduler, InjectedSolverFailureLooksLikeALapackFailure) {
+  asteria::SchedulerOptions o = workers(1);
+  o.test_fault.kind = asteria::SchedulerFaultKind::kSolverFailure;
+  o.test_fault.job = asteria::JobKind::kEigh;
+  o.test_fault.skip = 1;  // the second eigh job fails
+  asteria::RefreshScheduler s(o);
+  auto t = s.wait(s.submit(task_job(0, [] {})));  // another kind: does not count
+  EXPECT_EQ(t.status, asteria::JobStatus::kOk) << t.message;
+  auto a = s.wait(s.submit(eigh_job(4, 10, 1)));
+  auto b = s.wait(s.submit(eigh_job(5, 11, 2)));
+  auto c = s.wait(s.submit(eigh_job(6, 12, 3)));
+  EXPECT_EQ(a.status, asteria::JobStatus::kOk) << a.message;
+  EXPECT_EQ(c.status, asteria::JobStatus::kOk) << c.message;
+  ASSERT_EQ(b.status, asteria::JobStatus::kFailed);
+  EXPECT_TRUE(b.outputs.empty());
+  for (const char* part : {"block 5", "version 11", "LAPACK syevd info=", "[linalg::eigh]", "ridge/epsilon"})
+    EXPECT_NE(b.message.find(part), std::string::npos) << part << " missing from: " << b.message;
+  auto st = s.stats();
+  EXPECT_EQ(st.failed, 1u);
+  EXPECT_EQ(st.faults_injected, 1u);
+}
+
+// Both exception types reach the worker's handlers; every job completes exactly once, the failed ones with the
+// exception's message, and the workers keep serving (several workers, the hook re-armed while they run: TSan).
+TEST(Scheduler, InjectedExceptionsFailTheJobAndTheWorkersKeepServing) {
+  for (auto kind : {asteria::SchedulerFaultKind::kRuntimeError, asteria::SchedulerFaultKind::kBadAlloc}) {
+    asteria::RefreshScheduler s(workers(3));
+    asteria::SchedulerFault f;
+    f.kind = kind;
+    f.skip = 5;
+    f.count = 7;
+    std::atomic<int> ran{0};
+    std::vector<asteria::JobId> ids;
+    for (int i = 0; i < 5; ++i) ids.push_back(s.submit(task_job(i, [&] { ++ran; })));
+    s.set_test_fault(f);  // concurrently with the workers taking those jobs
+    for (int i = 5; i < 40; ++i) {
+      if (i % 4 == 0)
+        ids.push_back(s.submit(eigh_job(static_cast<std::uint64_t>(i), i, static_cast<unsigned>(i))));
+      else
+        ids.push_back(s.submit(task_job(i, [&] { ++ran; })));
+    }
+    int failed = 0, ok = 0;
+    for (auto id : ids) {
+      auto r = s.wait(id);
+      if (r.status == asteria::JobStatus::kFailed) {
+        ++failed;
+        EXPECT_NE(r.message.find("(block "), std::string::npos) << r.message;
+        EXPECT_NE(r.message.find(", version "), std::string::npos) << r.message;
+        const char* what = kind == asteria::SchedulerFaultKind::kBadAlloc ? "std::bad_alloc" : "runtime_error thrown";
+        EXPECT_NE(r.message.find(what), std::string::npos) << r.message;
+      } else {
+        EXPECT_EQ(r.status, asteria::JobStatus::kOk) << r.message;
+        ++ok;
+      }
+    }
+    EXPECT_EQ(failed, 7);
+    EXPECT_EQ(ok, 40 - 7);
+    auto st = s.stats();
+    EXPECT_EQ(st.failed, 7u);
+    EXPECT_EQ(st.faults_injected, 7u);
+    EXPECT_EQ(st.completed, 40u);
+    // Served after the faults: one more job on every worker.
+    std::vector<asteria::JobId> more;
+    for (int i = 0; i < 6; ++i) more.push_back(s.submit(eigh_job(100, i, 50u + i)));
+    for (auto id : more) EXPECT_EQ(s.wait(id).status, asteria::JobStatus::kOk);
+  }
+}
+
+TEST(Scheduler, NonFiniteResultIsRejectedByTheWorker) {
+  asteria::SchedulerOptions o = workers(1);
+  o.test_fault.kind = asteria::SchedulerFaultKind::kNonFiniteResult;
+  o.test_fault.count = 2;
+  asteria::RefreshScheduler s(o);
+  EXPECT_EQ(s.wait(s.submit(task_job(0, [] {}))).status, asteria::JobStatus::kOk);  // no outputs: not counted
+  asteria::JobSpec root;
+  root.kind = asteria::JobKind::kInverseRoot;
+  root.block_id = 8;
+  root.version = 20;
+  root.root = 2;
+  root.epsilon = 1e-6;
+  root.inputs.push_back(spd(5, 4));
+  auto r = s.wait(s.submit(std::move(root)));
+  ASSERT_EQ(r.status, asteria::JobStatus::kFailed);
+  EXPECT_TRUE(r.outputs.empty());
+  EXPECT_NE(r.message.find("block 8, version 20"), std::string::npos) << r.message;
+  EXPECT_NE(r.message.find("output 'root' holds NaN or Inf"), std::string::npos) << r.message;
+  asteria::JobSpec refresh;
+  refresh.kind = asteria::JobKind::kEigenbasisRefresh;
+  refresh.inputs.push_back(spd(5, 5));
+  auto q = asteria::HostTensor::empty(asteria::DType::kFloat64, {5, 5});
+  for (int i = 0; i < 25; ++i) q.ptr<double>()[i] = i % 6 == 0 ? 1.0 : 0.0;
+  refresh.inputs.push_back(q);
+  auto r2 = s.wait(s.submit(std::move(refresh)));
+  EXPECT_EQ(r2.status, asteria::JobStatus::kFailed);
+  EXPECT_NE(r2.message.find("output 'basis' holds NaN or Inf"), std::string::npos) << r2.message;
+  auto r3 = s.wait(s.submit(eigh_job(1, 1, 9)));  // the hook is spent
+  EXPECT_EQ(r3.status, asteria::JobStatus::kOk) << r3.message;
+  EXPECT_EQ(s.stats().faults_injected, 2u);
+}
+
+TEST(Scheduler, BadTestFaultIsInvalidArgument) {
+  asteria::SchedulerOptions o = workers(1);
+  o.test_fault.kind = asteria::SchedulerFaultKind::kSolverFailure;
+  o.test_fault.count = 0;
+  EXPECT_THROW(asteria::RefreshScheduler bad(o), asteria::Error);
+  asteria::RefreshScheduler s(workers(1));
+  asteria::SchedulerFault f;
+  f.kind = static_cast<asteria::SchedulerFaultKind>(42);
+  EXPECT_THROW(s.set_test_fault(f), asteria::Error);
+}
+
 TEST(Scheduler, TestDelayHookRejectsBadValues) {
   asteria::SchedulerOptions o = workers(1);
   o.test_delay_seconds = -1.0;

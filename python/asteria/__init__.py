@@ -9,7 +9,10 @@ Public names: the optimizers ``Shampoo``, ``SOAP``, ``KLShampoo`` and ``KLSOAP``
 runtime settings ``RuntimeConfig`` and ``Runtime`` (a refresh worker pool several optimizers can share); ``config()`` (build and provider report);
 ``select_provider()`` (LAPACK provider); ``AsteriaError`` (errors of the native core); for distributed
 runs, ``gather_state_dict()`` (one full checkpoint from every rank's state) and ``DistributedError``;
-``BudgetError`` (the memory budgets cannot hold the optimizer state; a ``MemoryError``).
+``BudgetError`` (the memory budgets cannot hold the optimizer state; a ``MemoryError``);
+``StepFailedError`` (a step failed midway on an I/O error of the NVMe tier: reload the last checkpoint);
+crash-safe checkpoints: ``save_checkpoint()``, ``load_checkpoint()``, ``checkpoint_info()`` and
+``CheckpointError`` (a torn, corrupted or foreign checkpoint file; a ``ValueError``).
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ select_provider(None)
 
 from .optim import KLSOAP, SOAP, KLShampoo, RefreshFailureError, Shampoo  # noqa: E402
 from .runtime import Runtime, RuntimeConfig  # noqa: E402
-from .runtime.tiers import BudgetError  # noqa: E402
+from .runtime.tiers import BudgetError, StepFailedError  # noqa: E402
 from .runtime.distributed import DistributedError, gather_state_dict  # noqa: E402
+from .checkpoint import CheckpointError, checkpoint_info, load_checkpoint, save_checkpoint  # noqa: E402
 
 
 def config() -> dict:
@@ -47,6 +51,7 @@ def config() -> dict:
 __all__ = [
     "AsteriaError",
     "BudgetError",
+    "CheckpointError",
     "DistributedError",
     "KLSOAP",
     "KLShampoo",
@@ -55,8 +60,12 @@ __all__ = [
     "RuntimeConfig",
     "SOAP",
     "Shampoo",
+    "StepFailedError",
     "__version__",
+    "checkpoint_info",
     "config",
     "gather_state_dict",
+    "load_checkpoint",
+    "save_checkpoint",
     "select_provider",
 ]

@@ -12,9 +12,13 @@
 // Writes are out of place: a rewrite goes to a fresh location of the file and the extent moves there
 // only when the write succeeded, so a failed write (EIO, ENOSPC, short) leaves the extent's previous
 // contents readable and the caller's buffer untouched — nothing is lost.
-// Files: a fresh private directory (mkdtemp, mode 0700) inside the chosen parent holds one swap file
-// (created with O_EXCL | O_NOFOLLOW, mode 0600); the directory is removed when the Pager is
-// destroyed. O_DIRECT is used when the file system accepts it, buffered I/O otherwise.
+// Files: a fresh private directory (mkdtemp, mode 0700) inside the chosen parent gets one swap file
+// (created with O_EXCL | O_NOFOLLOW, mode 0600). By default the file's name and the directory are
+// removed right after the file is opened: the open descriptor keeps the storage, nothing else can open
+// it, and the kernel frees it when the process ends, however it ends (SIGKILL, OOM kill), so no swap
+// file holding model-derived data is ever left on disk. PagerOptions::keep_swap_name keeps both names
+// until the Pager is destroyed (for debugging). O_DIRECT is used when the file system accepts it,
+// buffered I/O otherwise.
 // Thread safety: every method may be called from any thread. write()/read() never block on I/O;
 // wait() blocks until the request completes. Buffers passed to write()/read() must stay valid and
 // untouched until wait() returns for that ticket.
@@ -28,6 +32,8 @@
 #include <string>
 #include <utility>
 #include <vector>
+
+#include "asteria/crc32c.h"  // crc32c(), the checksum of every extent
 
 namespace asteria {
 
@@ -62,6 +68,10 @@ struct PagerOptions {
   int io_threads = 2;
   // Ask for O_DIRECT (bypassing the page cache); buffered I/O is used when the file system refuses.
   bool direct_io = true;
+  // Keep the swap file's name (and its private directory) until the Pager is destroyed, e.g. to inspect
+  // the file while debugging. false (the default): both are removed as soon as the file is open, so a
+  // killed process leaves nothing behind. Removing them from outside while the Pager runs is harmless.
+  bool keep_swap_name = false;
   // Test hook (see PagerFault); kNone in production. set_test_fault() re-arms it later.
   PagerFault test_fault;
 };
@@ -70,7 +80,8 @@ struct PagerStats {
   std::string backend;          // "io_uring" or "threads"
   std::string fallback_reason;  // why io_uring is not used (empty when it is, or was not asked for)
   bool direct_io = false;       // O_DIRECT in effect
-  std::string directory;        // the private swap directory
+  std::string directory;        // the private swap directory (removed at creation unless swap_name_kept)
+  bool swap_name_kept = false;  // the swap file and its directory still have names (keep_swap_name)
   std::uint64_t writes = 0, reads = 0, bytes_written = 0, bytes_read = 0;
   std::uint64_t extents = 0, file_bytes = 0;
   std::uint64_t io_errors = 0, crc_failures = 0;
@@ -86,16 +97,14 @@ struct PagerStats {
 using ExtentId = std::uint64_t;
 using TicketId = std::uint64_t;
 
-// CRC32C (Castagnoli) of `bytes` bytes, continuing from `crc` (0 to start).
-std::uint32_t crc32c(const void* data, std::size_t bytes, std::uint32_t crc = 0) noexcept;
-
 // Bytes an I/O buffer for `bytes` bytes must provide: rounded up to 4096.
 inline std::size_t pager_io_size(std::size_t bytes) noexcept { return (bytes + 4095) / 4096 * 4096; }
 
 class Pager {
  public:
   explicit Pager(const PagerOptions& opts = {});
-  // Waits for I/O in flight, closes the file and removes the private directory.
+  // Waits for I/O in flight and closes the file (its storage is freed then); a kept name and the
+  // private directory are removed.
   ~Pager();
   // Not copyable or movable: the reaper thread and the ring refer to `this`.
   Pager(const Pager&) = delete;
@@ -132,8 +141,9 @@ class Pager {
   bool register_buffers(const std::vector<std::pair<void*, std::size_t>>& buffers);
   // Re-arms the test hook (see PagerFault): counting starts from the next request.
   void set_test_fault(const PagerFault& fault);
+  // The private directory and the swap file's path. Unless keep_swap_name was set, neither exists any
+  // more (both were removed once the file was open); they still say where the storage lives.
   const std::string& directory() const noexcept { return dir_; }
-  // Path of the swap file (for tests that corrupt or remove it).
   const std::string& swap_path() const noexcept { return path_; }
 
   struct Backend;  // implementation detail, public for the backends in pager.cc
@@ -163,6 +173,7 @@ class Pager {
   void complete(TicketId id, int error, std::size_t moved);
   PagerFaultKind take_fault(bool write);  // the test hook's decision for the next request (mu_ held)
   std::uint64_t take_location(std::size_t capacity);  // mu_ held
+  void remove_names() noexcept;  // unlinks a kept swap file name and removes the directory
   void note_start(bool write);  // busy-time bookkeeping (mu_ held)
   void note_end(bool write);
   // The extent a new request may use: it exists and has no request in flight (mu_ held; throws otherwise).
@@ -171,7 +182,9 @@ class Pager {
   TicketId issue(Extent& e, const Ticket& t, PagerFaultKind& fault);
 
   PagerOptions opts_;
-  std::string dir_, path_;
+  std::string dir_, path_, parent_;
+  std::string file_desc_;  // how error messages name the file ("'<path>'", or "the unlinked swap file in '<parent>'")
+  bool named_ = false;     // the file's name and directory exist (keep_swap_name, or the unlink failed)
   int fd_ = -1;
   bool direct_ = false;
   std::unique_ptr<Backend> backend_;

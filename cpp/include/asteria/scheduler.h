@@ -5,8 +5,9 @@
 // Thread safety: every method may be called from any thread. submit() copies nothing but the
 // job description (inputs are owned by the job), pushes it on a lock-free MPMC ring and wakes a
 // worker; it never waits for a worker. poll() never blocks; wait() blocks until the job is done.
-// A job that fails (non-finite input, solver failure, any exception) completes with status
-// kFailed and a message naming the job; it never takes the process down. Worker threads run with
+// A job that fails (non-finite input, solver failure, a result holding NaN or Inf, any exception,
+// std::bad_alloc included) completes with status kFailed and a message naming the job, its block and
+// its version; it never takes the process down, and the worker goes on with the next job. Worker threads run with
 // flush-to-zero / denormals-are-zero set. Destruction cancels queued jobs and joins the workers
 // after the running ones finish; it never hangs on queued work.
 
@@ -18,6 +19,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <queue>
 #include <semaphore>
 #include <string>
@@ -94,6 +96,24 @@ struct JobResult {
   double run_seconds = 0;     // start -> done
 };
 
+// TEST HOOK, off by default: makes chosen jobs fail on purpose so that the callers' failure policy
+// (keep the previous preconditioner, warn, count, raise past the tolerance) can be tested without a
+// failing solver or an exhausted allocator. Never set it in production code.
+enum class SchedulerFaultKind : int {
+  kNone = 0,
+  kSolverFailure = 1,    // the job fails as a LAPACK failure does (a kNumerical error naming the routine)
+  kRuntimeError = 2,     // the job body throws std::runtime_error
+  kBadAlloc = 3,         // the job body throws std::bad_alloc (an allocation failure on the worker)
+  kNonFiniteResult = 4,  // the job runs, then a NaN is written into its first output (jobs with outputs only);
+                         // the worker's check of the outputs must reject it
+};
+struct SchedulerFault {
+  SchedulerFaultKind kind = SchedulerFaultKind::kNone;
+  std::optional<JobKind> job;  // which jobs count (empty: every kind; kNonFiniteResult skips kTask jobs)
+  std::uint64_t skip = 0;      // matching jobs that run normally first (0: the next one fails)
+  std::uint64_t count = 1;     // matching jobs that fail after those (>= 1)
+};
+
 struct SchedulerOptions {
   // Worker threads (1..256). One refresh runs per worker at a time.
   int workers = 1;
@@ -112,10 +132,13 @@ struct SchedulerOptions {
   double test_delay_seconds = 0.0;
   double test_jitter_seconds = 0.0;
   std::uint64_t test_seed = 0;
+  // Test hook (see SchedulerFault); kNone in production. set_test_fault() re-arms it later.
+  SchedulerFault test_fault;
 };
 
 struct SchedulerStats {
   std::size_t submitted = 0, completed = 0, failed = 0, cancelled = 0;
+  std::size_t faults_injected = 0;  // jobs the test hook made fail
   std::size_t queued = 0;   // waiting to run (best effort)
   std::size_t running = 0;  // running now (best effort)
   std::size_t uncollected = 0;  // completed but not yet returned by poll/wait
@@ -145,12 +168,16 @@ class RefreshScheduler {
   // Cancels queued jobs, lets running ones finish, joins the workers. Idempotent.
   void shutdown();
   int workers() const noexcept { return static_cast<int>(threads_.size()); }
+  // Re-arms the test hook (see SchedulerFault): counting starts from the next job a worker starts.
+  // Throws kInvalidArgument for a malformed fault.
+  void set_test_fault(const SchedulerFault& fault);
 
  private:
   struct Job;
   void worker_main(int index);
   std::shared_ptr<Job> next_job();
   void finish(const std::shared_ptr<Job>& job, JobResult&& r);
+  SchedulerFaultKind take_fault(const JobSpec& spec);  // the test hook's decision for a job starting now
 
   SchedulerOptions opts_;
   MpmcQueue<std::shared_ptr<Job>> ingress_;
@@ -171,13 +198,18 @@ class RefreshScheduler {
   std::atomic<bool> stopping_{false};
   std::mutex stop_mu_;  // with stop_cv_: wakes workers sleeping in the test delay at shutdown
   std::condition_variable stop_cv_;
+  std::mutex fault_mu_;  // guards fault_, fault_seen_
+  SchedulerFault fault_;
+  std::uint64_t fault_seen_ = 0;  // matching jobs started since the hook was armed
+  std::atomic<std::size_t> faults_injected_{0};
   std::atomic<std::size_t> submitted_{0}, completed_{0}, failed_{0}, cancelled_{0}, running_{0};
   std::unique_ptr<std::atomic<std::int64_t>[]> busy_ns_;
   std::atomic<std::int64_t> max_run_ns_{0}, total_run_ns_{0}, max_queued_ns_{0};
   std::vector<std::thread> threads_;
 };
 
-// Runs one job synchronously on the calling thread (what a worker does). Throws on failure.
+// Runs one job synchronously on the calling thread (what a worker does, without the test hook).
+// Throws on failure, including when an output holds NaN or Inf.
 std::vector<std::pair<std::string, HostTensor>> run_job(const JobSpec& spec);
 
 }  // namespace asteria

@@ -5,7 +5,7 @@ from asteria.runtime.config import DEFAULT_STALENESS, RuntimeConfig
 from asteria.runtime.pipeline import RefreshFailureWarning, RefreshJob, RefreshPipeline, accepted_refresh_step
 from asteria.runtime.platform import Platform
 from asteria.runtime.telemetry import StepTimeline
-from asteria.runtime.tiers import BudgetError, TierManager, memory_report
+from asteria.runtime.tiers import BudgetError, StepFailedError, TierIOWarning, TierManager, memory_report
 from asteria.runtime.workers import Runtime
 
 __all__ = [
@@ -17,7 +17,9 @@ __all__ = [
     "RefreshPipeline",
     "Runtime",
     "RuntimeConfig",
+    "StepFailedError",
     "StepTimeline",
+    "TierIOWarning",
     "TierManager",
     "accepted_refresh_step",
     "memory_report",

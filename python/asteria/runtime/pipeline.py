@@ -236,8 +236,10 @@ class RefreshPipeline:
 
     # -- per-step telemetry ----------------------------------------------------------------------
     def begin_step(self) -> None:
-        """Marks the start of an optimizer step (telemetry)."""
+        """Marks the start of an optimizer step (telemetry; the memory tiers note it for their failure policy)."""
         self.timeline.begin_step()
+        if self._runtime.tiers_active:
+            self._runtime.tiers.begin_step()
 
     def end_step(self) -> None:
         """Marks the end of an optimizer step (telemetry; the memory tiers start their last write-back)."""

@@ -37,23 +37,44 @@ committed and left before the next one).
 buckets and their batched composition are the same, so training with any budgets is bit-identical to training
 with everything in memory (DESIGN.md invariant 4).
 
-**Errors.** A failed write-back (EIO, ENOSPC, short write) raises an OSError naming the file and the numbers;
-the bucket's data stays in its staging buffer (and the swap file keeps the previous copy), so nothing is lost
-and the write is retried when the buffer is needed again. A failed read leaves the swap file intact.
+**I/O errors.** Every failed request of the NVMe tier is retried once at once (writes go to a fresh place of
+the swap file; a retry that succeeds issues a `TierIOWarning` and is counted in ``movement["io_retries"]``). When
+the retry fails too:
 
-**Threat model of state on disk.** Optimizer state is derived from the gradients, so it can leak information
-about the training data. The swap file is created with mode 0600 in a fresh mode-0700 directory (O_EXCL,
-no symlinks followed) and removed, with its directory, when the optimizer's runtime is closed; it is never
-referenced from a checkpoint (``state_dict()`` holds the bytes themselves). It is not encrypted: use an
-encrypted file system for ``nvme_path`` when the drive is not trusted.
+* a failed write-back (EIO, ENOSPC, short write) loses nothing: the bucket's bytes stay in their staging buffer
+  (and the swap file keeps the previous copy), the write is tried again when the buffer is needed, and the
+  OSError names the bucket, the bytes, ``nvme_path`` and the fix (free space there, another ``nvme_path``, a
+  larger ``host_budget``). A write-back that fails while its bucket is used again is not even an error: the
+  buffer holds the data.
+* a failed read (EIO, short read, CRC mismatch) leaves the swap file as it was; nothing wrong is ever used.
+
+What the error means for the optimizer depends on when it happens in ``step()``:
+
+* before any bucket of the step was used (the first bucket's read, the write-backs of the previous step):
+  nothing changed, the OSError says so, and ``step()`` may be called again once the cause is fixed;
+* after some buckets were updated (their parameters and state) and before others were: parameters and state no
+  longer match. The optimizer refuses to go on: the OSError says so, and from then on ``step()``,
+  ``state_dict()`` and every access to its tiered state raise `StepFailedError` (so no inconsistent checkpoint
+  can be saved). ``load_state_dict()`` of the last checkpoint (with the model's own) makes it usable again.
+
+**Swap file lifecycle and threat model.** Optimizer state is derived from the gradients, so it can leak
+information about the training data. The swap file is created with mode 0600 in a fresh mode-0700 directory
+(O_EXCL, no symlinks followed) and, by default, its name and the directory are removed as soon as the file is
+open: the pager's descriptor keeps the storage, nothing else can open it by name, and the kernel frees it when
+the process ends — also when it is killed (SIGKILL, the OOM killer), so no state is ever left behind under
+``nvme_path``. ``memory_report()["pager"]["directory"]`` still names where the storage lives (a path that no
+longer exists). The file is never referenced from a checkpoint (``state_dict()`` holds the bytes themselves).
+It is not encrypted: use an encrypted file system for ``nvme_path`` when the drive is not trusted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno as _errno
 import itertools
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -70,7 +91,9 @@ __all__ = [
     "BudgetError",
     "CLASSES",
     "DEFAULT_COLD_KEYS",
+    "StepFailedError",
     "TIERS",
+    "TierIOWarning",
     "TierManager",
     "TieredState",
     "memory_report",
@@ -88,6 +111,19 @@ class BudgetError(MemoryError):
     """The memory budgets cannot hold the optimizer state (the message gives the numbers and the fix)."""
 
 
+class StepFailedError(RuntimeError):
+    """An optimizer step failed midway (an I/O error of the NVMe tier after some buckets were updated), so the
+    parameters and the optimizer state no longer match: the optimizer refuses to continue until the last
+    checkpoint is loaded (the message says what failed)."""
+
+
+class TierIOWarning(RuntimeWarning):
+    """A request of the NVMe tier failed once and succeeded when retried (the drive may be failing)."""
+
+
+_NO_SPACE = (_errno.ENOSPC, _errno.EDQUOT, _errno.EFBIG)
+
+
 def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
@@ -102,6 +138,11 @@ def _fmt(n: float) -> str:
 
 def _nb(n: int) -> str:
     return f"{n:,} bytes ({_fmt(n)})"
+
+
+def _first(e: OSError) -> str:
+    """An OSError's message without the ``[Errno N]`` prefix."""
+    return str(e.strerror) if e.strerror else str(e)
 
 
 @dataclasses.dataclass
@@ -204,7 +245,7 @@ class TieredState(MutableMapping):
 
     def _v(self) -> dict[str, torch.Tensor]:
         rec = self._rec
-        if rec is self._mgr._current and rec.views is not None:
+        if rec is self._mgr._current and rec.views is not None and not self._mgr._failed:
             return rec.views
         return self._mgr._use(rec)
 
@@ -285,6 +326,13 @@ class TierManager:
         self._registered = False
         self._cuda_register = False  # register the pinned pool with CUDA (GPU buckets, CUDA build)
         self._prefetch_armed = True
+        # failures (see the module docstring): a step in progress, whether it used a bucket yet, and per owner
+        # (optimizer id) why it refuses to continue / why its tiered state was discarded
+        self._in_step = False
+        self._step_used = False
+        self._failed: dict[int, str] = {}
+        self._discarded: dict[int, str] = {}
+        self._watched: set[int] = set()  # owners whose death clears their entries (ids are reused)
         self._peak = {"device": 0, "host": 0}
         self._counters = {
             "h2d_bytes": 0,
@@ -293,6 +341,7 @@ class TierManager:
             "prefetch_reads": 0,
             "prefetch_hits": 0,
             "write_backs": 0,
+            "io_retries": 0,
             "io_wait_s": 0.0,
             "budget_checks": 0,
         }
@@ -363,6 +412,10 @@ class TierManager:
             self._process_dead()
             for rec in self._owner_records(opt):
                 self._unregister(rec)
+            if id(opt) not in self._watched:
+                self._watched.add(id(opt))
+                weakref.finalize(opt, self._forget_owner, id(opt))
+            self._check_recovered(opt, buckets)
             if not buckets:
                 return
             descs = [self._describe(opt, b) for b in buckets]
@@ -383,13 +436,24 @@ class TierManager:
                 homes = homes_all[len(live):]
             work_devices = [b.device for b, c in zip(buckets, copies) if c]
             work_devices += [r.device for r in self._records if r.alive and not self._in_place(r.device)]
-            saved = self._take_out(moves) if moves else {}
-            self._resize_work(work_bytes, work_devices, exact=bool(moves))
-            self._resize_stage(stage_bytes, stage_n, exact=bool(moves))
-            for rec, home in moves.items():
-                rec.home = home
-                rec.copies = not self._in_place(rec.device) and home != "device"
-                self._place(rec, saved[rec])
+            try:
+                saved = self._take_out(moves) if moves else {}
+            except OSError as e:  # nothing moved yet
+                raise self._rebuild_error(opt, e) from e
+            pending = dict(moves)
+            try:
+                self._resize_work(work_bytes, work_devices, exact=bool(moves))
+                self._resize_stage(stage_bytes, stage_n, exact=bool(moves))
+                for rec, home in moves.items():
+                    rec.home = home
+                    rec.copies = not self._in_place(rec.device) and home != "device"
+                    self._place(rec, saved[rec])
+                    del pending[rec]
+            except OSError as e:  # the buckets taken out and not placed again exist only in `saved`: lost
+                for rec in pending:
+                    self._fail_owner(rec.owner_id, rec.owner_name, f"its state was being moved between tiers: {_first(e)}")
+                    self._unregister(rec)
+                raise self._rebuild_error(opt, e) from e
             for bucket, desc, home, cp in zip(buckets, descs, homes, copies):
                 label = _bucket_label(bucket)
                 rec = _Record(opt, bucket, label, bucket.device, desc, next(self._seq))
@@ -414,19 +478,24 @@ class TierManager:
             for e in rec.entries:
                 if e.offset is None:
                     rec.apart[e.key] = state[e.key]
-            self._place(rec, state)
+            try:
+                self._place(rec, state)
+            except OSError as e:
+                raise self._rebuild_error(opt, e) from e
             rec.adopted = True
             state.clear()
             bucket.state = TieredState(self, rec)
             self._note_usage()
 
     def _take_out(self, moves: dict[_Record, str]) -> dict[_Record, dict[str, torch.Tensor]]:
-        """Copies the state of buckets changing tier out of their tiers (into ordinary memory) and frees those."""
+        """Copies the state of buckets changing tier out of their tiers (into ordinary memory) and frees those
+        homes. Every copy is taken before any home is freed, so an I/O error leaves every bucket where it was."""
         self.flush()
         saved = {}
         for rec in moves:
-            saved[rec] = {k: v.clone() for k, v in self._use(rec).items()}
+            saved[rec] = {k: v.clone() for k, v in self._make_current(rec).items()}
             self._current = None
+        for rec in moves:
             self._free_home(rec)
         return saved
 
@@ -479,17 +548,43 @@ class TierManager:
     def detach(self, opt: Any) -> dict[Any, list[dict[str, torch.Tensor]]]:
         """Copies every block's state of ``opt`` out of the tiers and unregisters its buckets.
 
+        An optimizer whose step failed midway has no consistent state to copy, and one whose state cannot be read
+        back (an I/O error, also when retried) has none: its tiered state is discarded (nothing is returned), and
+        the next `begin` accepts only buckets whose state is restored from a checkpoint (``load_state_dict``);
+        otherwise it raises `StepFailedError`.
+
         Returns:
             Per parameter, its blocks' tensors (copies), in the layout of ``optimizer.state[p]["blocks"]``.
         """
         with self._lock:
-            out = self.block_copies(opt)
+            if id(opt) in self._failed:
+                self._discarded[id(opt)] = self._failed.pop(id(opt))
+                for rec in self._owner_records(opt):
+                    self._unregister(rec)
+                return {}
+            try:
+                out = self.block_copies(opt)
+            except OSError as e:  # a bucket cannot be read back (it failed twice): its state is gone
+                self._discarded[id(opt)] = (
+                    f"asteria tiers: the state of this {type(opt).__name__} could not be read back from the NVMe tier "
+                    f"({_first(e)}) and was discarded; reload the last checkpoint: model.load_state_dict(...) and "
+                    "optimizer.load_state_dict(...)"
+                )
+                for rec in self._owner_records(opt):
+                    self._unregister(rec)
+                return {}
             for rec in self._owner_records(opt):
                 self._unregister(rec)
             return out
 
     def block_copies(self, opt: Any) -> dict[Any, list[dict[str, torch.Tensor]]]:
-        """Per parameter of ``opt``, copies of its blocks' state tensors (brought in from every tier)."""
+        """Per parameter of ``opt``, copies of its blocks' state tensors (brought in from every tier).
+
+        Raises:
+            StepFailedError: A step of ``opt`` failed midway (no consistent state exists to copy).
+            OSError: The NVMe tier cannot be read (nothing changed; the call may be repeated).
+        """
+        self._refuse(id(opt))
         out: dict[Any, list[dict[str, torch.Tensor]]] = {}
         for bucket in opt._buckets or []:
             state = bucket.state
@@ -502,6 +597,8 @@ class TierManager:
     # -- residency ---------------------------------------------------------------------------------------
     def _use(self, rec: _Record) -> dict[str, torch.Tensor]:
         with self._lock:
+            if self._in_step or not rec.alive:  # outside a step, reading (e.g. for stats) is harmless
+                self._refuse(rec.owner_id)
             if not rec.alive or self._closed:
                 raise RuntimeError(
                     f"{rec.label}: this tiered state was discarded (its optimizer's buckets were rebuilt, or the "
@@ -509,19 +606,34 @@ class TierManager:
                 )
             if self._current is rec and rec.views is not None:
                 return rec.views
-            prev, self._current = self._current, None
-            if prev is not None and prev.alive:
-                self._leave(prev)
-            self._process_dead()
-            self._bring_in(rec)
-            self._current = rec
-            self._prefetch_after(rec)
-            return rec.views  # type: ignore[return-value]
+            try:
+                views = self._make_current(rec)
+            except OSError as e:
+                raise self._step_error(rec, e) from e
+            if self._in_step:
+                self._step_used = True
+            return views
+
+    def _make_current(self, rec: _Record) -> dict[str, torch.Tensor]:
+        """Brings ``rec`` in and makes it the current bucket (the previous one starts its write-back)."""
+        prev, self._current = self._current, None
+        if prev is not None and prev.alive:
+            self._leave(prev)
+        self._process_dead()
+        self._bring_in(rec)
+        self._current = rec
+        self._prefetch_after(rec)
+        return rec.views  # type: ignore[return-value]
 
     def acquire(self, bucket: Any) -> dict[str, torch.Tensor]:
-        """Pins ``bucket`` (never evicted until `release`) and returns its resident state tensors."""
+        """Pins ``bucket`` (never evicted until `release`) and returns its resident state tensors.
+
+        Raises:
+            StepFailedError: A step of the bucket's optimizer failed midway.
+        """
         with self._lock:
             rec = bucket.state._rec
+            self._refuse(rec.owner_id)
             views = self._use(rec)
             rec.pins += 1
             return views
@@ -571,9 +683,14 @@ class TierManager:
         if slot is not None:
             if slot.state == "reading":
                 self._counters["prefetch_hits"] += 1
-                self._wait(slot)
+                self._wait(slot)  # raises when the read failed twice (the slot is freed; the swap file is intact)
             elif slot.state == "writing":
-                self._wait(slot)  # the buffer still holds the data; the write-back just completed
+                try:
+                    self._wait(slot)  # the buffer holds the data whatever the write-back's outcome
+                except OSError as e:  # the bytes stay in the buffer (dirty) and are written back later
+                    slot.state = "dirty"
+                    slot.last_use = next(self._clock)
+                    self._report_kept([e])
             slot.state = "dirty"
             slot.last_use = next(self._clock)
             return slot
@@ -589,9 +706,13 @@ class TierManager:
         written back first). Non-blocking: only buffers free now (a finished write-back counts)."""
         if not self._stage:
             raise RuntimeError("asteria tiers: the NVMe tier has no staging buffers (internal error)")
+        kept: list[OSError] = []  # write-backs that failed for good; their bytes stay in their buffers (dirty)
         for slot in self._stage:
             if slot.ticket is not None and slot.state == "writing" and self._pager.ready(slot.ticket):
-                self._wait(slot)  # completes (or raises) without blocking
+                try:
+                    self._wait(slot)  # completes without blocking (a failure is retried at once)
+                except OSError as e:
+                    kept.append(e)
         free = [s for s in self._stage if s.state == "free"]
         if not free:
             free = [s for s in self._stage if s.state == "clean" and self._evictable(s.rec)]
@@ -601,6 +722,7 @@ class TierManager:
             for s in self._stage:  # start write-backs so that a later prefetch finds room
                 if s.state == "dirty" and self._evictable(s.rec):
                     self._start_write(s)
+            self._report_kept(kept)
             return None
         else:
             busy = [s for s in self._stage if s.state in ("writing", "dirty", "reading") and self._evictable(s.rec)]
@@ -609,10 +731,22 @@ class TierManager:
                     f"asteria tiers: every staging buffer is in use (pinned buckets); {rec.label} cannot be brought "
                     "in. Raise host_budget so that more staging buffers fit."
                 )
-            slot = min(busy, key=lambda s: s.last_use)
-            if slot.state == "dirty":
-                self._start_write(slot)
-            self._wait(slot)
+            found = None
+            for cand in sorted(busy, key=lambda s: s.last_use):
+                if cand.state == "dirty":
+                    self._start_write(cand)
+                try:
+                    self._wait(cand, retry=cand.state == "writing")
+                except OSError as e:
+                    if cand.state != "free":  # a failed write-back: the bytes stay in this buffer; try another
+                        kept.append(e)
+                        continue
+                    # a failed prefetch: the bucket stays in the swap file, the buffer is free
+                found = cand
+                break
+            if found is None:  # every buffer holds bytes that cannot be written back: the bucket cannot come in
+                raise kept[-1]
+            slot = found
         if slot.rec is not None:
             slot.rec.stage = None
             if slot.rec.views is not None and slot.rec.work is None and slot.rec.home == "nvme":
@@ -620,7 +754,15 @@ class TierManager:
             slot.rec = None
         slot.state = "free"
         slot.last_use = next(self._clock)
+        self._report_kept(kept)
         return slot
+
+    @staticmethod
+    def _report_kept(kept: list[OSError]) -> None:
+        """Warns about write-backs that failed for good but lost nothing (their bytes stay in their buffers and
+        are written back again later); an error is raised only when a bucket cannot be brought in."""
+        for e in kept:
+            warnings.warn(_first(e), TierIOWarning, stacklevel=4)
 
     def _evictable(self, rec: _Record | None) -> bool:
         return rec is None or (rec is not self._current and rec.pins == 0)
@@ -672,15 +814,25 @@ class TierManager:
         slot.state = "writing"
         self._counters["write_backs"] += 1
 
-    def _wait(self, slot: _Slot) -> None:
-        """Completes the slot's request. A failed write keeps the data (the slot stays dirty); a failed read
-        frees the slot (the swap file still holds the data). Both re-raise the pager's OSError."""
+    def _wait(self, slot: _Slot, *, retry: bool = True) -> None:
+        """Completes the slot's request; a failed one is retried once at once (``retry``).
+
+        When it fails for good, a failed write keeps the data (the slot stays dirty) and a failed read frees the
+        slot (the swap file still holds the data); both raise an OSError naming the bucket, ``nvme_path`` and
+        the fix (the pager's own error when ``retry`` is False). A retry that succeeds warns (`TierIOWarning`).
+        """
         ticket, slot.ticket = slot.ticket, None
         if ticket is None:
             return
         t0 = time.perf_counter()
+        retried = None
         try:
-            self._pager.wait(ticket)
+            try:
+                self._pager.wait(ticket)
+            except OSError as first:
+                if not retry or slot.rec is None:
+                    raise
+                retried = self._retry_io(slot, first)
         except OSError:
             if slot.state == "writing":
                 slot.state = "dirty"
@@ -694,6 +846,68 @@ class TierManager:
         finally:
             self._counters["io_wait_s"] += time.perf_counter() - t0
         slot.state = "clean"  # a finished write-back, or a read: the buffer equals the swap file
+        if retried is not None:
+            warnings.warn(retried, TierIOWarning, stacklevel=2)
+
+    def _retry_io(self, slot: _Slot, first: OSError) -> str:
+        """Repeats the slot's failed request (a write goes to a fresh place of the swap file) and waits for it.
+
+        Returns:
+            The warning text when the retry succeeded.
+
+        Raises:
+            OSError: The retry failed too (see `_io_error`).
+        """
+        rec = slot.rec
+        assert rec is not None and rec.extent is not None
+        write = slot.state == "writing"
+        try:
+            if write:
+                ticket = self._pager.write(rec.extent, slot.lease, rec.packed)
+            else:
+                ticket = self._pager.read(rec.extent, slot.lease)
+            self._pager.wait(ticket)
+        except OSError as second:
+            raise self._io_error(rec, write, second) from first
+        self._counters["io_retries"] += 1
+        why = (
+            f"{self.nvme_path!r} may be running out of space" if first.errno in _NO_SPACE
+            else f"the drive holding {self.nvme_path!r} may be failing"
+        )
+        return (
+            f"asteria tiers: {'writing back' if write else 'reading'} {rec.label} failed ({_first(first)}) and "
+            f"succeeded when retried; {why}"
+        )
+
+    def _io_error(self, rec: _Record, write: bool, err: OSError) -> OSError:
+        """The OSError of a request of ``rec`` that failed twice: what failed, what is kept, and the fix."""
+        path = self.nvme_path
+        if write:
+            what = f"writing back {rec.label} ({_nb(rec.packed)}) to the NVMe tier in {path!r}"
+            keep = (
+                "Nothing is lost: the bucket's bytes stay in their staging buffer (the swap file keeps its previous "
+                "copy) and are written back again when the buffer is needed."
+            )
+            if err.errno in _NO_SPACE:
+                held = self._pager.stats()["file_bytes"] if not self._pager.closed else 0
+                fix = (
+                    f"Fix: free space in {path!r} (the swap file holds {_nb(held)} and needs {_nb(_align(rec.packed, PAGE))} "
+                    "more for this bucket), choose another nvme_path with more room, or raise host_budget so that less "
+                    "state goes to the NVMe tier."
+                )
+            else:
+                fix = (
+                    f"Fix: check the drive holding {path!r} (the kernel log names the failing device), choose another "
+                    "nvme_path, or raise host_budget so that less state goes to the NVMe tier."
+                )
+        else:
+            what = f"reading {rec.label} ({_nb(rec.packed)}) from the NVMe tier in {path!r}"
+            keep = "The swap file is left as it was, and no wrong data was used."
+            fix = (
+                f"Fix: check the drive holding {path!r} (the kernel log names the failing device); if reads keep "
+                "failing, this bucket's state is lost: reload the last checkpoint, with another nvme_path."
+            )
+        return OSError(err.errno, f"asteria tiers: {what} failed, also when retried: {_first(err)}. {keep} {fix}")
 
     def _prefetch(self, rec: _Record) -> bool:
         """Starts reading an NVMe bucket into a free staging buffer; False when no buffer is free now."""
@@ -726,15 +940,17 @@ class TierManager:
             ahead -= 1
 
     def on_grad_ready(self) -> None:
-        """From the gradient hooks: starts reading the first NVMe buckets of the coming step (once per step)."""
-        if not self._prefetch_armed or not self._stage:
+        """From the gradient hooks: starts reading the first NVMe buckets of the coming step (once per step).
+
+        Never raises an I/O error into backward: a failed request is seen again (and reported) by ``step()``."""
+        if not self._prefetch_armed or not self._stage or self._closed:
             return
         if not self._lock.acquire(blocking=False):
             return
         try:
             owners: dict[int, list[_Record]] = {}
             for r in self._records:
-                if r.alive and r.home == "nvme":
+                if r.alive and r.home == "nvme" and r.owner_id not in self._failed:
                     owners.setdefault(r.owner_id, []).append(r)
             budget = len(self._stage)
             for recs in owners.values():
@@ -743,20 +959,38 @@ class TierManager:
                         return  # no free buffer yet (write-backs in flight): the next hook call retries
                 budget -= min(budget, len(recs))
             self._prefetch_armed = False
+        except OSError:
+            pass  # the bytes of a failed write-back stay in their buffer; step() meets the error again
         finally:
             self._lock.release()
 
-    def end_step(self) -> None:
-        """At the end of an optimizer step: the current bucket's write-back starts, the budgets are checked."""
+    def begin_step(self) -> None:
+        """At the start of an optimizer step: an I/O error after a bucket of the step was used fails the step
+        midway (the optimizer then refuses to continue; see the module docstring)."""
         with self._lock:
-            cur, self._current = self._current, None
-            if cur is not None and cur.alive:
-                self._leave(cur)
-            self._prefetch_armed = True
-            self._check_budgets()
+            self._in_step = True
+            self._step_used = False
+
+    def end_step(self) -> None:
+        """At the end of an optimizer step (also one that raised): the current bucket's write-back starts, the
+        budgets are checked."""
+        with self._lock:
+            try:
+                cur, self._current = self._current, None
+                if cur is not None and cur.alive and cur.owner_id not in self._failed:
+                    self._leave(cur)
+                self._prefetch_armed = True
+                self._check_budgets()
+            finally:
+                self._in_step = False
+                self._step_used = False
 
     def flush(self) -> None:
-        """Writes every staged NVMe bucket back and waits (used before the staging ring changes)."""
+        """Writes every staged NVMe bucket back and waits (used before the staging ring changes).
+
+        Raises:
+            OSError: A write-back failed, also when retried; its bytes stay in their staging buffer.
+        """
         with self._lock:
             self._current = None
             for rec in [r for r in self._records if r.work is not None]:
@@ -764,9 +998,94 @@ class TierManager:
             for slot in self._stage:
                 if slot.state == "dirty":
                     self._start_write(slot)
+            failure: OSError | None = None
             for slot in self._stage:
                 if slot.ticket is not None:
-                    self._wait(slot)
+                    writing = slot.state == "writing"
+                    try:
+                        self._wait(slot, retry=writing)
+                    except OSError as e:
+                        if writing:  # (a failed prefetch read only freed its buffer)
+                            failure = failure or e
+            if failure is not None:
+                raise failure
+
+    # -- failures ------------------------------------------------------------------------------------------------
+    def failure(self, opt: Any) -> str | None:
+        """Why ``opt`` refuses to continue (a step of it failed midway), or None."""
+        return self._failed.get(id(opt))
+
+    def _forget_owner(self, owner_id: int) -> None:
+        self._failed.pop(owner_id, None)
+        self._discarded.pop(owner_id, None)
+        self._watched.discard(owner_id)
+
+    def _refuse(self, owner_id: int) -> None:
+        msg = self._failed.get(owner_id)
+        if msg is not None:
+            raise StepFailedError(msg)
+
+    def _fail_owner(self, owner_id: int, owner_name: str, cause: str) -> None:
+        """Marks an optimizer as failed midway: every later access to its tiered state raises `StepFailedError`."""
+        self._failed.setdefault(
+            owner_id,
+            f"asteria tiers: a step of this {owner_name} failed midway ({cause}); its parameters and optimizer state "
+            "no longer match, so it refuses to continue (step(), state_dict() and its state raise). Fix the cause, "
+            "then reload the last checkpoint: model.load_state_dict(...) and optimizer.load_state_dict(...).",
+        )
+        if self._current is not None and self._current.owner_id == owner_id:
+            self._current = None
+
+    def _step_error(self, rec: _Record, e: OSError) -> OSError:
+        """``e`` (an I/O error while bringing ``rec`` in) with what it means for the optimizer's step."""
+        if not self._in_step:
+            note = " Nothing was changed: the optimizer state is as it was, and the call may be repeated."
+        elif self._step_used:
+            self._fail_owner(rec.owner_id, rec.owner_name, _first(e))
+            note = (
+                " This step had already updated other buckets (their parameters and state), so parameters and state "
+                f"no longer match: the {rec.owner_name} refuses to continue (step() and state_dict() raise "
+                "StepFailedError). Fix the cause and reload the last checkpoint (model and optimizer)."
+            )
+        else:
+            note = (
+                " Nothing was changed by this step (no parameter or state was updated yet): fix the cause and call "
+                "step() again."
+            )
+        return OSError(e.errno, _first(e) + note)
+
+    def _at_risk(self, opt: Any) -> bool:
+        """Whether ``opt`` holds state from earlier steps (a rebuild that fails midway may lose it)."""
+        return any(p in opt.state and opt.state[p].get("step", 0) > 0 for g in opt.param_groups for p in g["params"])
+
+    def _rebuild_error(self, opt: Any, e: OSError) -> OSError:
+        """``e`` (an I/O error while placing ``opt``'s buckets) with what it means for the optimizer."""
+        if self._at_risk(opt):
+            self._fail_owner(id(opt), type(opt).__name__, f"placing its state in the tiers: {_first(e)}")
+            note = (
+                f" The {type(opt).__name__}'s state was being placed in the tiers and is not complete: it refuses to "
+                "continue (step() and state_dict() raise StepFailedError). Fix the cause and reload the last "
+                "checkpoint (model and optimizer)."
+            )
+        else:
+            note = " Nothing was changed (the optimizer had no state yet): fix the cause and call step() again."
+        return OSError(e.errno, _first(e) + note)
+
+    def _check_recovered(self, opt: Any, buckets: list[Any]) -> None:
+        """``begin`` of an optimizer that failed midway: accepted only when every block that had stepped is
+        restored from a checkpoint (``load_state_dict``); then the optimizer may continue."""
+        owner = id(opt)
+        if owner not in self._failed and owner not in self._discarded:
+            return
+        for bucket in buckets:
+            for m in bucket.members:
+                pstate = opt.state[m.param]
+                restore = pstate.get("_restore")
+                restored = restore is not None and m.block.index < len(restore) and bool(restore[m.block.index])
+                if pstate.get("step", 0) > 0 and not restored:
+                    msg = self._failed.get(owner) or self._discarded[owner]
+                    raise StepFailedError(f"{msg} ({m.label} has no state left to continue from)")
+        self._failed.pop(owner, None)
 
     # -- buffers ------------------------------------------------------------------------------------------------
     def _in_place(self, device: torch.device) -> bool:
@@ -815,6 +1134,10 @@ class TierManager:
 
     def _register_staging(self) -> None:
         if self._pager is not None and self._stage and not self._registered:
+            # Registration needs an idle pager: the write-backs of buckets just placed or moved may be in flight.
+            for slot in self._stage:
+                if slot.ticket is not None:
+                    self._wait(slot, retry=slot.state == "writing")
             self._registered = bool(self._pager.register_buffers([s.lease for s in self._stage]))
 
     def _resize_work(self, nbytes: int, devices: list[torch.device], exact: bool = False) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
 import time
 import traceback
@@ -37,6 +38,13 @@ examples:
                                                   equal time for each configuration
   asteria-train --optimizer soap --steps 1000 --stop-at 400 --save run.pt
   asteria-train --resume run.pt                   continue that run exactly where it stopped
+  asteria-train --optimizer soap --steps 5000 --save run.pt --save-every 200
+                                                  a killed run loses at most 200 steps
+
+Ctrl-C or SIGTERM stops at the next step boundary and writes the --save checkpoint
+(exit status 130 or 143); a second one aborts at once, keeping the last checkpoint.
+Checkpoints are written to a temporary file and renamed into place once complete, so
+a crash or a full disk never leaves a torn checkpoint behind.
 
 Times in the report are training time: the sum of step times, evaluation excluded.
 The target loss is the final validation loss of AdamW (or of the first configuration).
@@ -167,7 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--name", help="name of the report (default: the optimizer or 'compare')")
     out.add_argument("--save", metavar="PATH",
                      help="write a checkpoint (model, optimizer, data position, RNG, history) "
-                          "at the end of the session, also after Ctrl-C")
+                          "at the end of the session, also after Ctrl-C or SIGTERM")
+    out.add_argument("--save-every", type=_int_at_least(0), metavar="STEPS",
+                     help="with --save, also write the checkpoint every STEPS steps during the "
+                          "run, so a killed run loses at most STEPS steps (default: 0, only at "
+                          "the end)")
     out.add_argument("--resume", metavar="PATH",
                      help="continue a run from a checkpoint; its settings are kept, only "
                           "--steps, --time-budget, --stop-at, evaluation and output options "
@@ -253,9 +265,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs = plan_runs(args, device)
         if args.save and len(runs) > 1:
             raise ValueError("--save checkpoints one run; use --optimizer instead of --compare")
+        if args.save_every and not args.save:
+            raise ValueError("--save-every needs --save PATH (where to write the checkpoint)")
         if args.stop_at is not None and len(runs) > 1:
             raise ValueError("--stop-at applies to one run; use --optimizer instead of --compare")
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # OSError: an unreadable --resume file
         parser.exit(2, f"asteria-train: error: {exc}\n")
 
     from .distributed import init_from_env
@@ -303,7 +317,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     save=args.save,
                     checkpoint=checkpoint,
                     stop_at=args.stop_at,
+                    save_every=args.save_every or 0,
                 )
+            except KeyboardInterrupt:  # a second signal while the last checkpoint was being written
+                print(f"asteria-train: {cfg.name}: aborted; the checkpoint being written was abandoned "
+                      "(the previous one, if any, is intact)", file=sys.stderr, flush=True)
+                return 130
             except Exception as exc:  # one broken configuration must not lose the others
                 traceback.print_exc(file=sys.stderr)
                 result = loop.RunResult(
@@ -322,7 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1 if any(r.status in ("failed", "diverged") for r in results) else 0
     summary = report.summarize(results, target_loss=args.target_loss)
     report.write_summary(report_dir, summary)
-    if not args.no_plots:
+    stop_signal = results[-1].stop_signal if interrupted else 0
+    if not args.no_plots and stop_signal != signal.SIGTERM:  # after SIGTERM: exit promptly, no plots
         report.write_plots(report_dir, results, summary)
     print()
     print(report.format_table(summary))
@@ -330,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.save and results and results[-1].checkpoint_path:
         say(f"checkpoint written to {results[-1].checkpoint_path}")
     if interrupted:
-        return 130
+        return 128 + (stop_signal or signal.SIGINT)  # 130 (SIGINT) or 143 (SIGTERM)
     if len(runs) == 1 and results[0].status == "unavailable":
         print(f"asteria-train: error: {runs[0].name}: {results[0].message}", file=sys.stderr)
         return 1
