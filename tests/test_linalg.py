@@ -70,6 +70,16 @@ def test_inverse_root_matches_torch_fp64(kind, root):
     assert rel(x, xt) < tol
 
 
+def test_inverse_root_of_fp32_factor_with_a_rounding_negative_eigenvalue_is_finite():
+    # PSD up to a rounding-sized dip: |λ_min| ≫ eps, so eps must survive the lift λ − λ_min + eps.
+    rng = np.random.default_rng(0)
+    Q, _ = np.linalg.qr(rng.standard_normal((5, 5)))
+    a = (Q @ np.diag([-1e-3, 0.5, 1.0, 2.0, 3.0]) @ Q.T).astype(np.float32)
+    a = np.ascontiguousarray(np.triu(a) + np.triu(a, 1).T)
+    x = _core.linalg.inverse_root(a, root=4.0, epsilon=1e-12)
+    assert np.isfinite(x).all() and np.abs(x).max() > 100  # eps^(-1/4) = 1e3 along the lifted direction
+
+
 def test_newton_agrees_with_eigh():
     a = spd(20, shift=1.0)
     x, info = _core.linalg.newton_inverse_root(a, p=4, epsilon=1e-12, tolerance=1e-12, max_iterations=200)

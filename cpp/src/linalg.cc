@@ -333,12 +333,15 @@ void inverse_root(int n, const T* a, T* x, double root, double eps, bool fp64_re
   T* z = scratch<T>(0, nn);
   T* w = scratch<T>(1, static_cast<std::size_t>(n));
   eigh_colmajor<T>(n, a, eps, w, z, fp64_retry, "inverse_root");
-  const T lmin = *std::min_element(w, w + n);
-  const T shift = lmin < static_cast<T>(eps) ? static_cast<T>(eps) - lmin : T(0);
+  // Eigenvalues below eps are lifted as λ − λ_min + eps (in double, in that order: computing eps − λ_min
+  // first loses eps in fp32 when |λ_min| ≫ eps, and the smallest eigenvalue then becomes exactly 0).
+  const double lmin = static_cast<double>(*std::min_element(w, w + n));
+  const bool lift = lmin < eps;
   // B = Z·diag(λ^(-1/root)); X = B·Zᵀ (symmetric, so row-major and column-major agree).
   T* b = scratch<T>(2, nn);
   for (int j = 0; j < n; ++j) {
-    const T s = static_cast<T>(std::pow(static_cast<double>(w[j] + shift), -1.0 / root));
+    const double lambda = lift ? (static_cast<double>(w[j]) - lmin) + eps : static_cast<double>(w[j]);
+    const T s = static_cast<T>(std::pow(lambda, -1.0 / root));
     const T* zc = z + static_cast<std::size_t>(j) * n;
     T* bc = b + static_cast<std::size_t>(j) * n;
     for (int i = 0; i < n; ++i) bc[i] = zc[i] * s;

@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <random>
@@ -95,6 +96,28 @@ TEST(Linalg, InverseRootShiftsRankDeficientInput) {
   for (double v : x) ASSERT_TRUE(std::isfinite(v));
   // In the null space the eigenvalue is about eps, so X has a value of order eps^(-1/2) there.
   EXPECT_GT(max_abs(x), 0.1 / std::sqrt(eps));
+}
+
+// An fp32 factor that is PSD up to rounding has a slightly negative smallest eigenvalue, |λ_min| ≫ eps.
+// Lifting it as λ − λ_min + eps keeps eps; (eps − λ_min) in fp32 would round to −λ_min and leave an
+// exact 0 (an infinite root).
+TEST(Linalg, InverseRootKeepsEpsWhenTheSmallestEigenvalueIsNegativeInFp32) {
+  const int n = 5;
+  Mat q = random_spd(n, n, 1.0, 11), w(n), v(q.size());
+  asteria::linalg::eigh<double>(n, q.data(), w.data(), v.data());  // an orthonormal basis v
+  const double lambda[5] = {-1e-3, 0.5, 1.0, 2.0, 3.0};
+  std::vector<float> a(static_cast<std::size_t>(n) * n), x(a.size());
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) {
+      double s = 0;
+      for (int k = 0; k < n; ++k) s += v[i * n + k] * lambda[k] * v[j * n + k];
+      a[i * n + j] = static_cast<float>(s);
+    }
+  for (int i = 0; i < n; ++i)  // exactly symmetric in fp32
+    for (int j = 0; j < i; ++j) a[i * n + j] = a[j * n + i];
+  asteria::linalg::inverse_root<float>(n, a.data(), x.data(), 4.0, 1e-12);
+  for (float e : x) ASSERT_TRUE(std::isfinite(e));
+  EXPECT_GT(*std::max_element(x.begin(), x.end()), 100.0f);  // (eps)^(-1/4) = 1e3 along the null direction
 }
 
 TEST(Linalg, NewtonAgreesWithEigh) {

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from asteria.optim import state_dict as _sd
+from asteria.optim import tensor_ops as ops
 from asteria.optim.blocking import BlockSpec, ParamLayout, can_view
 from asteria.optim.results import to_device
 from asteria.runtime import distributed as _dist
@@ -96,13 +97,16 @@ def check_dtype(name: str, dtype: Any) -> None:
 
 
 def check_param(p: torch.Tensor, name: str) -> None:
-    """Refuses parameters asteria cannot precondition (complex, DTensor, FSDP flat parameters).
+    """Refuses parameters asteria cannot precondition (integer, complex, DTensor, FSDP flat parameters).
 
     Raises:
-        TypeError: Naming the parameter and the reason.
+        TypeError: Naming the parameter, the reason and what to do instead.
     """
     if p.is_complex():
-        raise TypeError(f"{name}: complex parameters are not supported by asteria optimizers")
+        raise TypeError(
+            f"{name}: complex parameters ({p.dtype}) are not supported by asteria optimizers; store the real and "
+            "imaginary parts as two real parameters, or optimize this parameter with a torch.optim optimizer"
+        )
     cls = type(p).__name__
     if cls == "DTensor" or hasattr(p, "_spec") and hasattr(p, "to_local"):
         raise TypeError(
@@ -115,7 +119,10 @@ def check_param(p: torch.Tensor, name: str) -> None:
             "structure); wrap the model with use_orig_params=True or optimize unsharded parameters"
         )
     if not p.is_floating_point():
-        raise TypeError(f"{name}: only floating-point parameters can be optimized, got {p.dtype}")
+        raise TypeError(
+            f"{name}: only floating-point parameters can be optimized, got {p.dtype}; leave integer tensors out of "
+            "the optimizer's params (register them as buffers) or convert them with .float()"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,6 +259,33 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     Subclasses set ``_offset`` (install offset o) and implement `_layout`, `_init_bucket_state`,
     `_new_param_state` and `_step_rows`.
+
+    Hostile numbers (the policy every subclass follows, per block and step, without host synchronisation):
+
+    * A gradient block containing NaN/Inf is zeroed before any use and the block's step is rejected.
+    * A finite gradient whose statistics or moments overflow (``G·Gᵀ`` of a 1e30 gradient is Inf in fp32)
+      is rejected the same way: the new values are computed, checked (`acceptance`) and discarded with
+      ``torch.where`` when any is non-finite, so no Inf/NaN ever enters the running state and later ordinary
+      gradients train normally. (Computing the statistics in a way that cannot overflow was not chosen: an
+      fp32 EMA holding a ~1e60 term could not represent the ordinary gradients that follow anyway, so the
+      block would be stuck for thousands of steps.)
+    * A rejected step leaves the block's statistics, moments, grafting state, eigenvalue estimates and
+      parameter unchanged; a refresh snapshotted at that step holds the previous statistics.
+    * A parameter update that would not be finite, or not representable in the parameter's dtype (an fp16
+      parameter beyond 65504), while the statistics and moments are finite, is not written (`params_ok`);
+      the step's statistics and moments are kept, so a state that produces such updates can still evolve.
+    * The finiteness test is one sum per checked tensor and block (`asteria.optim.tensor_ops.finite_blocks`):
+      a block of finite values whose sum exceeds the dtype's range counts as overflowed, a margin of at most
+      the block size below the overflow itself.
+    * Each block step whose parameter was not updated for these reasons adds one to the block's
+      ``nonfinite_steps`` (`nonfinite_steps`, ``runtime.stats()["nonfinite_steps"]``). The step counter still
+      advances (as for a skipped step in torch.amp).
+    * A refresh result that is non-finite (or, for an eigenbasis, whose rotation is non-finite or whose
+      permutation is not a permutation) is never installed, like the result of a failed job: the previous
+      root/basis is kept and the failure counted (per block, consecutive: the ``refresh_failures`` state;
+      in total: ``runtime.stats()["refresh_failures"]``); more than ``num_tolerated_failures`` failures in a
+      row raise `RefreshFailureError`.
+    * Parameters whose ``.grad`` is None are skipped (their state and step counter are untouched).
     """
 
     _offset: int = 0
@@ -270,6 +304,9 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.runtime = RefreshPipeline(runtime, offset=self._offset)
         me = weakref.ref(self)  # no reference cycle: the pipeline (and its worker threads) dies with the optimizer
         self.runtime.add_stats_source("nonfinite_steps", lambda: me()._nonfinite_total() if me() is not None else 0)
+        # block refreshes that installed nothing (failed job, or a result refused at install), since construction
+        self._refresh_failure_total = 0
+        self.runtime.add_stats_source("refresh_failures", lambda: me()._refresh_failure_total if me() is not None else 0)
         self._buckets: list[Bucket] | None = None
         self._next_block_id = 0
         self._member_index: dict[tuple[int, int, int], tuple[Bucket, int]] = {}
@@ -307,6 +344,13 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     # -- torch.optim plumbing -----------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds a param group (torch.optim semantics), refusing a tensor passed twice.
+
+        Raises:
+            ValueError: If a tensor appears twice in the group or is already in another group.
+            TypeError: If a parameter is not a floating-point local tensor (`check_param`).
+        """
+        self._check_unique_params(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         gi = len(self.param_groups) - 1
@@ -324,6 +368,59 @@ class BlockOptimizer(torch.optim.Optimizer):
     def _validate_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - overridden
         pass
 
+    def _check_unique_params(self, param_group: Any) -> None:
+        """Raises ValueError when the new group holds a tensor twice, or one already in another group.
+
+        torch.optim only warns about a duplicate inside one group; for asteria it would fold the gradient into
+        the block's statistics twice per step and update the parameter twice, so it is refused, as is a tensor
+        shared by two groups (one set of statistics cannot follow two sets of hyperparameters).
+        """
+        if not isinstance(param_group, dict) or "params" not in param_group:
+            return  # torch raises its own error
+        params = param_group["params"]
+        if isinstance(params, torch.Tensor):
+            items: list[Any] = [params]
+        elif isinstance(params, set):
+            return  # torch raises: a set has no stable order
+        else:
+            items = list(params)
+            param_group["params"] = items  # a generator is consumed here; torch reads the list
+        gi = len(self.param_groups)
+        named = bool(items) and isinstance(items[0], tuple)
+        tensors = [x[1] if named and isinstance(x, tuple) else x for x in items]
+
+        def label(g: int, i: int, name: Any = None) -> str:
+            where = f"param_groups[{g}]['params'][{i}]"
+            return f"{where} ({name!r})" if name is not None else where
+
+        seen: dict[int, int] = {}
+        for i, p in enumerate(tensors):
+            if not isinstance(p, torch.Tensor):
+                continue  # refused by torch / check_param with their own message
+            name = items[i][0] if named and isinstance(items[i], tuple) else None
+            if id(p) in seen:
+                j = seen[id(p)]
+                first = items[j][0] if named and isinstance(items[j], tuple) else None
+                raise ValueError(
+                    f"{type(self).__name__}: the same tensor is passed twice in param group {gi}: {label(gi, j, first)} "
+                    f"and {label(gi, i, name)}; asteria would fold its gradient into the statistics twice per step. "
+                    "Pass each parameter once (model.parameters() already removes shared/tied weights; for a "
+                    "hand-built list use list({id(p): p for p in params}.values()))"
+                )
+            seen[id(p)] = i
+        for gj, group in enumerate(self.param_groups):
+            for k, q in enumerate(group["params"]):
+                if id(q) in seen:
+                    i = seen[id(q)]
+                    name = items[i][0] if named and isinstance(items[i], tuple) else None
+                    names = group.get("param_names")
+                    other = names[k] if names is not None else None
+                    raise ValueError(
+                        f"{type(self).__name__}: {label(gi, i, name)} is already in param group {gj} as "
+                        f"{label(gj, k, other)}; a parameter can belong to one param group only. Remove it from one "
+                        "of the groups"
+                    )
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_buckets", None)
@@ -332,6 +429,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_hook_handles", [])
         self.__dict__.setdefault("_dist", None)
         self.__dict__.setdefault("_tiers", None)
+        self.__dict__.setdefault("_refresh_failure_total", 0)
 
     @staticmethod
     def _param_name(group: dict[str, Any], gi: int, pi: int) -> str:
@@ -463,8 +561,8 @@ class BlockOptimizer(torch.optim.Optimizer):
                     )
                 group = self.param_groups[bucket.group_index]
                 rows = _Rows(bucket, [row])
-                G, finite = self.stacked_grads(rows, group["state_dtype"])
-                stats = self._statistics(bucket, rows, G, finite, group)
+                G, _ = self.stacked_grads(rows, group["state_dtype"])
+                stats = self._statistics(bucket, rows, G, group)
                 self._folded[(id(bucket), row)] = (bucket, param.grad, param.grad._version, stats)
 
     def _has_stepped(self, pstate: dict[str, Any]) -> bool:
@@ -485,13 +583,68 @@ class BlockOptimizer(torch.optim.Optimizer):
                     "fold_statistics='step' (the default)"
                 )
 
-    def fold_statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, finite: torch.Tensor, group: dict[str, Any]) -> None:
-        """Sets the rows' statistics after this step's gradient: those the hooks folded, else computed now."""
+    def step_statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The rows' statistics after this step's gradient (not stored, not masked): those the hooks folded, else
+        computed now. The caller stores them with `accept_rows` for the rows `acceptance` accepts."""
         stats = self.folded_statistics(bucket, rows)
         if stats is None:
-            stats = self._statistics(bucket, rows, G, finite, group)
-        for key, value in stats.items():
-            rows.set(key, value)
+            stats = self._statistics(bucket, rows, G, group)
+        return stats
+
+    @staticmethod
+    def acceptance(finite: torch.Tensor, updates: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Which rows may store ``updates``: a finite gradient and finite new state (no host sync).
+
+        Checked (`asteria.optim.tensor_ops.finite_blocks`): the diagonal of every ``factor_*`` (the factors are
+        PSD, so an off-diagonal entry is bounded by the diagonal: ``|L_ij| ≤ √(L_ii·L_jj)``) and every other
+        tensor except the first moments ``filtered_grad``/``exp_avg``: a convex combination of the finite old
+        moment and the gradient cannot overflow, and a moment kept in eigenbasis coordinates overflows only
+        together with the second moment beside it, which is checked.
+
+        Args:
+            finite: ``(B,)`` whether each gradient block was finite.
+            updates: New values by state key.
+
+        Returns:
+            The ``(B,)`` acceptance mask.
+        """
+        probes = []
+        for key, value in updates.items():
+            if key.startswith("factor_"):
+                probes.append(torch.diagonal(value, dim1=-2, dim2=-1))
+            elif key not in ("filtered_grad", "exp_avg"):
+                probes.append(value)
+        return ops.finite_blocks(finite, *probes)
+
+    @staticmethod
+    def params_ok(rows: _Rows, ok: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Which rows may write the new parameter values ``new`` (stacked, in the state dtype): ``ok`` rows whose
+        values are finite and, for a narrower parameter dtype (fp16, bf16), representable in it."""
+        ok = ops.finite_blocks(ok, new)
+        limits = [torch.finfo(m.param.dtype).max for m in rows.members]
+        if min(limits) < torch.finfo(new.dtype).max and new.numel() > 0:
+            bound: Any = limits[0]
+            if len(set(limits)) > 1:  # parameters of several dtypes in one bucket
+                bound = to_device(torch.tensor(limits, dtype=torch.float64), new.device).to(new.dtype)
+            ok = ok & (new.flatten(1).abs().amax(dim=1) <= bound)
+        return ok
+
+    @staticmethod
+    def accept_rows(rows: _Rows, ok: torch.Tensor, updates: dict[str, torch.Tensor]) -> None:
+        """Stores ``updates`` for the rows where ``ok`` is True; the other rows keep their state (no host sync).
+
+        Args:
+            rows: The rows stepped.
+            ok: ``(B,)`` acceptance mask (`acceptance`).
+            updates: New values of state tensors of the rows, by state key.
+        """
+        for key, value in updates.items():
+            rows.set(key, ops.masked(ok, value, rows.state[key]))
+
+    @staticmethod
+    def count_rejected(rows: _Rows, ok: torch.Tensor) -> None:
+        """Adds one to ``nonfinite_steps`` of every row whose step was rejected (``ok`` False)."""
+        rows.set("nonfinite_steps", rows.state["nonfinite_steps"] + (~ok).to(torch.int64))
 
     def folded_statistics(self, bucket: Bucket, rows: _Rows) -> dict[str, torch.Tensor] | None:
         """The statistics the hooks folded for these rows, stacked; None unless every row was folded."""
@@ -503,7 +656,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         keys = entries[0][3].keys()
         return {k: torch.cat([e[3][k] for e in entries]) for k in keys}
 
-    def _statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, finite: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:  # pragma: no cover
+    def _statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:  # pragma: no cover
+        """The rows' statistics after folding G (pure and unmasked: reads the state, returns new values)."""
         raise NotImplementedError
 
     def _step_buckets(self, buckets: list[Bucket]) -> None:
@@ -516,7 +670,10 @@ class BlockOptimizer(torch.optim.Optimizer):
                 if g is None:
                     continue
                 if g.is_sparse:
-                    raise RuntimeError(f"{m.label}: sparse gradients are not supported by asteria optimizers")
+                    raise RuntimeError(
+                        f"{m.label}: sparse gradients are not supported by asteria optimizers; use a dense gradient "
+                        "(e.g. nn.Embedding(..., sparse=False)) or optimize this parameter with torch.optim.SparseAdam"
+                    )
                 if g.shape != m.param.shape:
                     raise RuntimeError(f"{m.label}: gradient shape {tuple(g.shape)} != parameter shape")
                 by_key[self._row_key(self.state[m.param])].append(row)
@@ -538,14 +695,16 @@ class BlockOptimizer(torch.optim.Optimizer):
         """Stacks the rows' gradient blocks in ``dtype``; returns ``(G, finite)``.
 
         Non-finite blocks are zeroed in ``G`` (so nothing downstream sees NaN/Inf); ``finite`` is a
-        ``(B,)`` bool mask used to discard that step's updates for those blocks (no host sync).
+        ``(B,)`` bool mask used to discard that step's updates for those blocks (no host sync). The test is a
+        block sum (`asteria.optim.tensor_ops.finite_blocks`): a finite block whose sum overflows has entries
+        above ``max/numel``, whose squares (hence the statistics) overflow anyway, so it is rejected either way.
         """
         blocks = []
         for m in rows.members:
             g = m.param.grad.reshape(m.layout.merged_shape)[m.block.slices]
             blocks.append(g.to(dtype))
         G = torch.stack(blocks)
-        finite = torch.isfinite(G).flatten(1).all(dim=1)
+        finite = ops.finite_blocks(None, G)
         G = torch.where(finite.reshape((-1,) + (1,) * (G.dim() - 1)), G, torch.zeros((), dtype=dtype, device=G.device))
         return G, finite
 
@@ -611,6 +770,7 @@ class BlockOptimizer(torch.optim.Optimizer):
                 counter[r] = 0
             else:
                 counter[r] += 1
+                self._refresh_failure_total += 1
                 if int(counter[r]) > tolerance:
                     m = bucket.members[r]
                     raise RefreshFailureError(

@@ -21,7 +21,7 @@ from asteria.optim.blocking import ParamLayout, soap_layout
 from asteria.optim.results import all_finite, stack_results, to_device
 from asteria.runtime.pipeline import RefreshJob
 
-__all__ = ["EigenbasisOptimizer", "eigh_ridge_for"]
+__all__ = ["EigenbasisOptimizer", "eigh_ridge_for", "result_problem"]
 
 
 def eigh_ridge_for(trace: float, n: int, ridge: float | None) -> float:
@@ -41,6 +41,33 @@ def eigh_ridge_for(trace: float, n: int, ridge: float | None) -> float:
         return float(ridge)
     scale = float(trace) / max(n, 1)
     return max(1e-9 * scale, 1e-30) if math.isfinite(scale) else 1e-30
+
+
+def result_problem(basis: Any, permutation: Any, rotation: Any, n: int, message: str = "") -> str:
+    """Why a refresh result must not be installed ("" when it may be).
+
+    Args:
+        basis: The new ``(n, n)`` basis (None when the job failed).
+        permutation: The ``(n,)`` permutation relative to the snapshot's basis, or None (identity).
+        rotation: ``R = Q_oldᵀ Q_new`` when the job computed it, or None.
+        n: The factor's size.
+        message: The job's error message when it failed.
+
+    Returns:
+        "" for an installable result, else a message naming the problem.
+    """
+    if basis is None:
+        return message or "the refresh returned no basis"
+    if not all_finite(basis):
+        return "non-finite basis"
+    if rotation is not None and not all_finite(rotation):
+        return "non-finite basis rotation"
+    # device results (CUDA tensors) were checked by the engine and are not read back (no host sync)
+    if permutation is not None and not (isinstance(permutation, torch.Tensor) and permutation.is_cuda):
+        p = np.asarray(permutation)
+        if p.shape != (n,) or not np.array_equal(np.sort(p), np.arange(n)):
+            return f"invalid permutation (not a permutation of 0..{n - 1})"
+    return ""
 
 
 class EigenbasisOptimizer(BlockOptimizer):
@@ -96,7 +123,8 @@ class EigenbasisOptimizer(BlockOptimizer):
         return st
 
     # -- hooks for subclasses -------------------------------------------------------------------------
-    def _first_statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, finite: torch.Tensor, group: dict[str, Any]) -> None:
+    def _first_statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The factors after the first call's gradient, by state key (pure and unmasked: not stored)."""
         raise NotImplementedError
 
     def _update_rows(self, bucket: Bucket, rows: _Rows, t: int, group: dict[str, Any]) -> None:
@@ -124,8 +152,10 @@ class EigenbasisOptimizer(BlockOptimizer):
             if not initialized:
                 if bucket.factored:
                     G, finite = self.stacked_grads(rows, group["state_dtype"])
-                    self._first_statistics(bucket, rows, G, finite, group)
-                    rows.set("nonfinite_steps", rows.state["nonfinite_steps"] + (~finite).to(torch.int64))
+                    updates = self._first_statistics(bucket, rows, G, group)
+                    ok = self.acceptance(finite, updates)  # an overflowed first statistic is rejected too
+                    self.accept_rows(rows, ok, updates)
+                    self.count_rejected(rows, ok)
                     rows.commit()
                     self._submit_initial_bases(bucket, rows, group)
                 continue
@@ -191,13 +221,16 @@ class EigenbasisOptimizer(BlockOptimizer):
         for j, res in enumerate(results):
             i, k = j // n, j % n
             q = res.outputs.get(output) if res.ok else None
-            if q is None or not all_finite(q):
+            perm = res.outputs.get("permutation") if res.ok else None
+            rot = res.outputs.get("rotation") if res.ok else None
+            problem = result_problem(q, perm, rot, bucket.shape[i], "" if res.ok else res.message)
+            if problem:
                 ok[k] = False
-                msgs[k] = res.message if not res.ok else "non-finite basis"
+                msgs[k] = problem
                 continue
             bases[i][k] = q
-            perms[i][k] = res.outputs.get("permutation")
-            rots[i][k] = res.outputs.get("rotation")
+            perms[i][k] = perm
+            rots[i][k] = rot
         self._install(bucket, row_list, bases, perms, ok, version, group, rots)
         self.record_refresh_outcome(bucket, row_list, ok, msgs, group["num_tolerated_failures"])
 

@@ -38,16 +38,17 @@ def klshampoo_direction(
     sqrt_inv: Sequence[torch.Tensor],
     beta1: float,
     eps: float,
-    finite: torch.Tensor,
+    finite: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """KL-Shampoo direction: ``m ← lerp(m, G, 1−β1)``; ``U = Q (Qᵀ m Q ⊙ c) Qᵀ`` with ``c = ⊗s / (1 + ε·⊗s)``.
 
     ``c`` equals ``1/(√(D_a D_b) + ε)``: the ``(D_a ⊗ D_b)^{-1/2}`` preconditioner in the basis, damped by ε.
+    Blocks with ``finite`` False keep m (None: no masking, the caller masks).
 
     Returns:
         ``(U, m)``; m stays in the original coordinates.
     """
-    m = torch.where(ops.expand_mask(finite, m), m.lerp(G, 1.0 - beta1), m)
+    m = ops.masked(finite, m.lerp(G, 1.0 - beta1), m)
     c = ops.outer_scale(sqrt_inv)
     c = c / (1.0 + c * eps)
     U = ops.project_out(ops.project_in(m, bases) * c, bases)
@@ -67,14 +68,15 @@ def eigenvalue_ema(s: torch.Tensor, delta: torch.Tensor, beta: float, clamp: flo
         clamp: Upper bound on s, or None.
 
     Returns:
-        The new s.
+        The new s; NaN where ``delta`` is not finite (an overflowed statistic: the reference's ``nan_to_num``
+        would silently turn it into s = 0), so that the caller's finiteness check rejects the step.
     """
     D = torch.nan_to_num(1.0 / (s * s), nan=0.0, posinf=0.0, neginf=0.0)
     D = D.lerp(delta, 1.0 - beta)
     out = torch.nan_to_num(1.0 / torch.sqrt(D), nan=0.0, posinf=0.0, neginf=0.0)
     if clamp is not None:
         out = out.clamp(max=clamp)
-    return out
+    return torch.where(torch.isfinite(delta), out, torch.full((), float("nan"), dtype=out.dtype, device=out.device))
 
 
 def clamp_value(d: int, using_clamping: bool, max_clamp_value: float) -> float | None:
@@ -255,16 +257,16 @@ class _KLBase(EigenbasisOptimizer):
     def _refresh_options(self) -> dict[str, Any]:
         return {"sort": False}
 
-    def _first_statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, finite: torch.Tensor, group: dict[str, Any]) -> None:
+    def _first_statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         beta = self._beta(group)
         numel = 1
         for d in bucket.shape:
             numel *= d
-        mask = finite.reshape(-1, 1, 1)
+        out = {}
         for i, d in enumerate(bucket.shape):
             S = rows.state[f"factor_{i}"]
-            new = S.mul(beta).add_(ops.mode_gram(G, i), alpha=(1.0 - beta) / (numel // d))
-            rows.set(f"factor_{i}", torch.where(mask, new, S))
+            out[f"factor_{i}"] = S.mul(beta).add_(ops.mode_gram(G, i), alpha=(1.0 - beta) / (numel // d))
+        return out
 
     def _update_rows(self, bucket: Bucket, rows: _Rows, t: int, group: dict[str, Any]) -> None:
         st = rows.state
@@ -272,33 +274,37 @@ class _KLBase(EigenbasisOptimizer):
         G, finite = self.stacked_grads(rows, group["state_dtype"])
         W = self.stacked_params(rows, group["state_dtype"])
         if not bucket.factored:  # AdamW fallback (SOAP conventions: bias correction in the step size)
-            U, m, v = adam_in_basis(G, st["exp_avg"], st["exp_avg_sq"], [None], beta1, beta2, group["eps"], finite)
-            rows.set("exp_avg", m)
-            rows.set("exp_avg_sq", v)
+            U, m, v = adam_in_basis(G, st["exp_avg"], st["exp_avg_sq"], [None], beta1, beta2, group["eps"], None)
             step_size = group["lr"] * (1.0 - beta2**t) ** 0.5 / (1.0 - beta1**t)
-            self.write_params(rows, apply_post_update_weight_decay(W, U, step_size, group["lr"], group["weight_decay"], finite))
-            rows.set("nonfinite_steps", st["nonfinite_steps"] + (~finite).to(torch.int64))
-            rows.commit()
-            return
-        k = len(bucket.shape)
-        bases = [st[f"basis_{i}"] for i in range(k)]
-        sqrt_inv = [st[f"eigen_sqrt_inv_{i}"] for i in range(k)]
-        if self._klsoap:
-            U, m, v = adam_in_basis(G, st["exp_avg"], st["exp_avg_sq"], bases, beta1, beta2, group["eps"], finite)
-            rows.set("exp_avg_sq", v)
+            W_new = apply_post_update_weight_decay(W, U, step_size, group["lr"], group["weight_decay"], None)
+            updates = {"exp_avg": m, "exp_avg_sq": v}
         else:
-            U, m = klshampoo_direction(G, st["exp_avg"], bases, sqrt_inv, beta1, group["eps"], finite)
-        rows.set("exp_avg", m)
-        self.write_params(rows, apply_post_update_weight_decay(W, U, group["lr"], group["lr"], group["weight_decay"], finite))
-        rows.set("nonfinite_steps", st["nonfinite_steps"] + (~finite).to(torch.int64))
-        # statistics (consumed by the next step's direction and by refreshes)
-        self.fold_statistics(bucket, rows, G, finite, group)
+            k = len(bucket.shape)
+            bases = [st[f"basis_{i}"] for i in range(k)]
+            sqrt_inv = [st[f"eigen_sqrt_inv_{i}"] for i in range(k)]
+            if self._klsoap:
+                U, m, v = adam_in_basis(G, st["exp_avg"], st["exp_avg_sq"], bases, beta1, beta2, group["eps"], None)
+                updates = {"exp_avg": m, "exp_avg_sq": v}
+            else:
+                U, m = klshampoo_direction(G, st["exp_avg"], bases, sqrt_inv, beta1, group["eps"], None)
+                updates = {"exp_avg": m}
+            W_new = apply_post_update_weight_decay(W, U, group["lr"], group["lr"], group["weight_decay"], None)
+            # statistics (consumed by the next step's direction and by refreshes); they use the state of the
+            # step start, so computing them before anything is stored changes nothing
+            updates.update(self.step_statistics(bucket, rows, G, group))
+        # a block whose gradient or new moments/statistics are not all finite keeps its state and parameter; one
+        # whose new parameter values alone are not finite keeps its parameter
+        ok = self.acceptance(finite, updates)
+        ok_param = self.params_ok(rows, ok, W_new)
+        self.write_params(rows, ops.masked(ok_param, W_new, W))
+        self.accept_rows(rows, ok, updates)
+        self.count_rejected(rows, ok_param)
         rows.commit()
-        if self._refresh_due(t, group):
+        if bucket.factored and self._refresh_due(t, group):
             self._submit_refresh(bucket, rows, t, group)
 
-    def _statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, finite: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The factors and eigenvalue estimates after folding G (pure: reads the state, returns new values)."""
+    def _statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The factors and eigenvalue estimates after folding G (pure and unmasked: reads the state, returns new values)."""
         if not bucket.factored:
             return {}
         st = rows.state
@@ -309,11 +315,8 @@ class _KLBase(EigenbasisOptimizer):
         factors = [st[f"factor_{i}"] for i in range(k)]
         fn = kl_statistics_2d if k == 2 else kl_statistics_3d
         new_f, new_s = fn(G, factors, bases, sqrt_inv, self._beta(group), clamps)
-        fmask, smask = finite.reshape(-1, 1, 1), finite.reshape(-1, 1)
-        out = {}
-        for i in range(k):
-            out[f"factor_{i}"] = torch.where(fmask, new_f[i], factors[i])
-            out[f"eigen_sqrt_inv_{i}"] = torch.where(smask, new_s[i], sqrt_inv[i])
+        out = {f"factor_{i}": new_f[i] for i in range(k)}
+        out.update({f"eigen_sqrt_inv_{i}": new_s[i] for i in range(k)})
         return out
 
     def _install_rows(self, state: dict[str, torch.Tensor], new_bases: list[torch.Tensor], perms: list[torch.Tensor], ok: torch.Tensor, group: dict[str, Any], rotations: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -371,6 +374,21 @@ _KL_DOC = r"""
     Deviations from the reference, on purpose: fp32 state by default; blocking of large dims; size-1 dims
     are kept (the reference squeezes them); 1-D parameters get AdamW (the reference fails); non-finite
     gradients are skipped per block and counted; failed refreshes keep the basis.
+
+    Non-finite gradients and overflow: when a block's gradient contains NaN/Inf, or when its new moments,
+    factors, eigenvalue estimates or parameter values would not be finite (a finite but huge gradient such
+    as 1e30 overflows the whitened Gram in fp32; the reference would store Inf factors and, through its
+    ``nan_to_num``, a zero eigenvalue scale), that step is rejected for the block, on the first call too:
+    its state and parameter stay unchanged, a refresh snapshot of that step holds the previous factors, and
+    the event is counted (`nonfinite_steps`, ``runtime.stats()["nonfinite_steps"]``). Later ordinary
+    gradients train normally. The same holds for the AdamW fallback of 0-D/1-D parameters. A parameter update
+    that would not be finite is not written either (counted; that step's finite state is kept).
+
+    Failed refreshes: a job that fails (non-finite input, solver failure) or returns a non-finite basis or
+    rotation installs nothing for its block: the basis, eigenvalue estimates and moments stay as they are and
+    ``refresh_failures`` grows (a success resets it); ``num_tolerated_failures`` failures in a row are
+    tolerated and the next one (the 4th by default) raises `RefreshFailureError`. A failed *initial* eigh
+    leaves the identity basis until a refresh succeeds.
     """
 
 

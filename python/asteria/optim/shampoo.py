@@ -60,7 +60,7 @@ def is_refresh_step(t: int, frequency: int, start: int | float) -> bool:
 
 
 def update_factors(
-    factors: Sequence[torch.Tensor], G: torch.Tensor, dims: Sequence[int], beta2: float, finite: torch.Tensor
+    factors: Sequence[torch.Tensor], G: torch.Tensor, dims: Sequence[int], beta2: float, finite: torch.Tensor | None
 ) -> list[torch.Tensor]:
     """``L_i ← β2·L_i + w·Γ_i(G)`` with ``w = 1−β2`` (``w = 1`` when β2 = 1), masked per block.
 
@@ -69,28 +69,29 @@ def update_factors(
         G: Stacked gradient blocks (finite; non-finite blocks already zeroed).
         dims: The preconditioned dims, aligned with ``factors``.
         beta2: EMA coefficient.
-        finite: ``(B,)`` mask; False keeps the old factor.
+        finite: ``(B,)`` mask; False keeps the old factor. None: no masking (the caller masks).
 
     Returns:
         The new factors.
     """
     weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
-    mask = finite.reshape(-1, 1, 1)
     out = []
     for L, i in zip(factors, dims):
         gram = ops.mode_gram(G, i)
         new = L + gram if beta2 == 1.0 else L.mul(beta2).add_(gram, alpha=weight)
-        out.append(torch.where(mask, new, L))
+        out.append(ops.masked(finite, new, L))
     return out
 
 
-def update_graft_accumulator(V: torch.Tensor, G: torch.Tensor, kind: str, beta2: float, finite: torch.Tensor) -> torch.Tensor:
-    """Grafting second moment: AdaGrad ``V + G²``; RMSprop/Adam ``β·V + (1−β)·G²``; masked per block."""
+def update_graft_accumulator(
+    V: torch.Tensor, G: torch.Tensor, kind: str, beta2: float, finite: torch.Tensor | None
+) -> torch.Tensor:
+    """Grafting second moment: AdaGrad ``V + G²``; RMSprop/Adam ``β·V + (1−β)·G²``; masked per block (None: not)."""
     if kind == "adagrad":
         new = V.addcmul(G, G)
     else:
         new = V.mul(beta2).addcmul_(G, G, value=1.0 - beta2)
-    return torch.where(ops.expand_mask(finite, V), new, V)
+    return ops.masked(finite, new, V)
 
 
 def graft_direction(gbar: torch.Tensor, V: torch.Tensor | None, kind: str, bias_correction2: float, eps: float) -> torch.Tensor:
@@ -160,10 +161,19 @@ class Shampoo(BlockOptimizer):
             (default: torch.float32).
         runtime: An `asteria.RuntimeConfig` (default: None, the synchronous runtime).
 
-    Non-finite gradients: the block's statistics and moments are left unchanged for that step, the block's
-    parameter is not updated, and the event is counted (`nonfinite_steps`, ``runtime.stats()``).
-    Deviation from Distributed Shampoo: a failed refresh keeps *all* previous roots of the block (DS keeps
-    only the failed factor's), so the installed roots always come from one snapshot.
+    Non-finite gradients and overflow: when a block's gradient contains NaN/Inf, or when its new factors,
+    grafting accumulator or first moment would not be finite (a finite but huge gradient such as 1e30, whose
+    ``G·Gᵀ`` overflows fp32), that step is rejected for the block: its factors, moments and parameter are
+    left unchanged, the refresh snapshot of that step holds the previous factors, and the event is counted
+    (`nonfinite_steps`, ``runtime.stats()["nonfinite_steps"]``). A parameter update that would not be finite
+    is not written either (counted; that step's finite factors and moments are kept). Later ordinary
+    gradients train normally.
+
+    Failed refreshes: a refresh whose job fails (non-finite input, solver failure) or whose root is not
+    finite installs nothing: the block keeps *all* its previous roots (a deviation from Distributed Shampoo,
+    which keeps only the failed factor's, so the installed roots always come from one snapshot) and its
+    ``refresh_failures`` counter grows; a success resets it. ``num_tolerated_failures`` failures in a row are
+    tolerated, the next one (the 4th with the default 3) raises `RefreshFailureError` naming the parameter.
     """
 
     _offset = 0
@@ -280,7 +290,8 @@ class Shampoo(BlockOptimizer):
 
     # -- step -------------------------------------------------------------------------------------------------
     def _step_rows(self, work: list[tuple[Bucket, _Rows, Any]]) -> None:
-        # 1. fold G_t into the factors and snapshot/submit the refreshes of step t (o = 0);
+        # 1. fold G_t into the factors, the grafting accumulator and the first moment (a block whose new values
+        #    are not all finite keeps the old ones), then snapshot/submit the refreshes of step t (o = 0);
         # 2. install what the install rule says is due at step t (with S = 0: this step's refreshes);
         # 3. directions and parameter updates with the installed roots.
         staged: list[tuple[Bucket, list[int], torch.Tensor, torch.Tensor, int]] = []
@@ -292,22 +303,36 @@ class Shampoo(BlockOptimizer):
             G, finite = self.stacked_grads(rows, group["state_dtype"])
             dims, exps = self._dims(bucket, group)
             with torch.profiler.record_function("asteria.Shampoo.factors"):
-                self.fold_statistics(bucket, rows, G, finite, group)
+                updates = self.step_statistics(bucket, rows, G, group)
+                updates.update(self._moments(rows, G, group))
+                ok = self.acceptance(finite, updates)
+                self.accept_rows(rows, ok, updates)
             rows.commit()
             if dims and self._refresh_due(t, group):
                 self._submit_roots(bucket, rows, dims, exps, t, group)
-            staged.append((bucket, rows.rows, G, finite, t))
+            staged.append((bucket, rows.rows, G, ok, t))
         self.runtime.install_due(max_t)
-        for bucket, row_list, G, finite, t in staged:
+        for bucket, row_list, G, ok, t in staged:
             rows = _Rows(bucket, row_list)  # re-gathered: an install may have replaced roots of these rows
             group = self.param_groups[bucket.group_index]
-            self._direction_and_update(bucket, rows, G, finite, t, group)
+            self._direction_and_update(bucket, rows, G, ok, t, group)
             rows.commit()
 
-    def _statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, finite: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The factors after folding G (pure: reads the state, returns new values)."""
+    def _moments(self, rows: _Rows, G: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The grafting accumulator and the first moment after folding G (pure and unmasked: returns new values)."""
+        st = rows.state
+        out: dict[str, torch.Tensor] = {}
+        if "graft_sq" in st:
+            out["graft_sq"] = update_graft_accumulator(st["graft_sq"], G, group["grafting"], self._graft_beta2(group), None)
+        beta1 = group["betas"][0]
+        if beta1 != 0.0 and "filtered_grad" in st:
+            out["filtered_grad"] = st["filtered_grad"].mul(beta1).add_(G, alpha=1.0 - beta1)
+        return out
+
+    def _statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The factors after folding G (pure and unmasked: reads the state, returns new values)."""
         dims, _ = self._dims(bucket, group)
-        new = update_factors([rows.state[f"factor_{i}"] for i in dims], G, dims, group["betas"][1], finite)
+        new = update_factors([rows.state[f"factor_{i}"] for i in dims], G, dims, group["betas"][1], None)
         return {f"factor_{i}": L for i, L in zip(dims, new)}
 
     def _refresh_due(self, t: int, group: dict[str, Any]) -> bool:
@@ -379,7 +404,13 @@ class Shampoo(BlockOptimizer):
                     )
                 version[r] = t
 
-    def _direction_and_update(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, finite: torch.Tensor, t: int, group: dict[str, Any]) -> None:
+    def _direction_and_update(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, ok: torch.Tensor, t: int, group: dict[str, Any]) -> None:
+        """The direction from the (already updated) moments and the installed roots, and the parameter update.
+
+        ``ok`` is the acceptance mask of step 1 of `_step_rows`; a block whose new parameter values would not be
+        finite (or representable in the parameter's dtype) is not written either. Every block whose parameter
+        was not written is counted in ``nonfinite_steps``.
+        """
         beta1 = group["betas"][0]
         kind = group["grafting"]
         dims, _ = self._dims(bucket, group)
@@ -387,15 +418,11 @@ class Shampoo(BlockOptimizer):
         V = None
         bc2g = 1.0
         if "graft_sq" in st:
-            gb2 = self._graft_beta2(group)
-            V = update_graft_accumulator(st["graft_sq"], G, kind, gb2, finite)
-            rows.set("graft_sq", V)
+            V = st["graft_sq"]
             if kind == "adam" and group["use_bias_correction"]:
-                bc2g = 1.0 - gb2**t
+                bc2g = 1.0 - self._graft_beta2(group) ** t
         if beta1 != 0.0 and "filtered_grad" in st:
             M = st["filtered_grad"]
-            M = torch.where(ops.expand_mask(finite, M), M.mul(beta1).add_(G, alpha=1.0 - beta1), M)
-            rows.set("filtered_grad", M)
             gbar = M / (1.0 - beta1**t) if group["use_bias_correction"] else M
         else:
             gbar = G
@@ -414,5 +441,6 @@ class Shampoo(BlockOptimizer):
         if group["weight_decay"] != 0.0:
             P = P.add(W, alpha=group["weight_decay"])
         W_new = W.add(P, alpha=-group["lr"])
-        self.write_params(rows, torch.where(ops.expand_mask(finite, W), W_new, W))
-        rows.set("nonfinite_steps", st["nonfinite_steps"] + (~finite).to(torch.int64))
+        ok = self.params_ok(rows, ok, W_new)
+        self.write_params(rows, torch.where(ops.expand_mask(ok, W), W_new, W))
+        self.count_rejected(rows, ok)

@@ -33,7 +33,7 @@ def adam_in_basis(
     beta1: float,
     beta2: float,
     eps: float,
-    finite: torch.Tensor,
+    finite: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Adam in the eigenbasis: ``g̃ = project_in(G)``, EMAs of ``g̃`` and ``g̃²``, ``U = project_out(m/(√v+ε))``.
 
@@ -48,35 +48,34 @@ def adam_in_basis(
         beta1: First-moment coefficient.
         beta2: Second-moment coefficient.
         eps: Added after the square root.
-        finite: ``(B,)`` mask; False keeps m and v.
+        finite: ``(B,)`` mask; False keeps m and v. None: no masking (the caller masks).
 
     Returns:
         ``(U, m, v)``: the direction in the original coordinates and the new moments.
     """
     g = ops.project_in(G, bases)
-    mask = ops.expand_mask(finite, g)
-    m = torch.where(mask, m.mul(beta1).add_(g, alpha=1.0 - beta1), m)
-    v = torch.where(mask, v.mul(beta2).add_(g.square(), alpha=1.0 - beta2), v)
+    m = ops.masked(finite, m.mul(beta1).add_(g, alpha=1.0 - beta1), m)
+    v = ops.masked(finite, v.mul(beta2).add_(g.square(), alpha=1.0 - beta2), v)
     U = ops.project_out(m / v.sqrt().add_(eps), bases)
     return U, m, v
 
 
 def apply_post_update_weight_decay(
-    W: torch.Tensor, U: torch.Tensor, step_size: float, lr: float, weight_decay: float, finite: torch.Tensor
+    W: torch.Tensor, U: torch.Tensor, step_size: float, lr: float, weight_decay: float, finite: torch.Tensor | None
 ) -> torch.Tensor:
-    """``W' = W − η·U``, then ``W ← W' − lr·λ·W'`` (convention (ii)); blocks with ``finite`` False unchanged."""
+    """``W' = W − η·U``, then ``W ← W' − lr·λ·W'`` (convention (ii)); blocks with ``finite`` False unchanged
+    (``finite`` None: no masking)."""
     W_new = W.add(U, alpha=-step_size)
     if weight_decay > 0.0:
         W_new = W_new.add(W_new, alpha=-lr * weight_decay)
-    return torch.where(ops.expand_mask(finite, W), W_new, W)
+    return ops.masked(finite, W_new, W)
 
 
 def update_soap_factors(
-    factors: Sequence[torch.Tensor], G: torch.Tensor, shampoo_beta: float, finite: torch.Tensor
+    factors: Sequence[torch.Tensor], G: torch.Tensor, shampoo_beta: float, finite: torch.Tensor | None
 ) -> list[torch.Tensor]:
-    """``L_i ← lerp(L_i, Γ_i(G), 1−β_s)`` for every dim, masked per block (no bias correction)."""
-    mask = finite.reshape(-1, 1, 1)
-    return [torch.where(mask, L.lerp(ops.mode_gram(G, i), 1.0 - shampoo_beta), L) for i, L in enumerate(factors)]
+    """``L_i ← lerp(L_i, Γ_i(G), 1−β_s)`` for every dim, masked per block (None: not; no bias correction)."""
+    return [ops.masked(finite, L.lerp(ops.mode_gram(G, i), 1.0 - shampoo_beta), L) for i, L in enumerate(factors)]
 
 
 def rotate_into_new_bases(
@@ -167,6 +166,20 @@ class SOAP(EigenbasisOptimizer):
     left unrotated; state is fp32 by default; the first moment is rotated only when the basis changes
     (the reference does an identity rotation every step); non-finite gradients are skipped per block and
     counted; failed refreshes keep the basis (up to ``num_tolerated_failures`` in a row).
+
+    Non-finite gradients and overflow: when a block's gradient contains NaN/Inf, or when its new moments,
+    factors or parameter values would not be finite (a finite but huge gradient such as 1e30, whose
+    ``G·Gᵀ`` and ``g̃²`` overflow fp32), that step is rejected for the block, on the first call too: moments,
+    factors and parameter stay unchanged, a refresh snapshot of that step holds the previous factors, and the
+    event is counted (`nonfinite_steps`, ``runtime.stats()["nonfinite_steps"]``). Later ordinary gradients
+    train normally. The same holds for the AdamW fallback of 0-D/1-D parameters. A parameter update
+    that would not be finite is not written either (counted; that step's finite state is kept).
+
+    Failed refreshes: a job that fails (non-finite input, solver failure) or returns a non-finite basis,
+    rotation or an invalid permutation installs nothing for its block: the basis and the moments stay as
+    they are and ``refresh_failures`` grows (a success resets it); ``num_tolerated_failures`` failures in a
+    row are tolerated and the next one (the 4th by default) raises `RefreshFailureError`. A failed *initial*
+    eigh leaves the identity basis (Adam in the original coordinates) until a refresh succeeds.
     """
 
     def __init__(
@@ -222,39 +235,44 @@ class SOAP(EigenbasisOptimizer):
     def _refresh_options(self) -> dict[str, Any]:
         return {"sort": True}
 
-    def _first_statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, finite: torch.Tensor, group: dict[str, Any]) -> None:
+    def _first_statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         k = len(bucket.shape)
-        new = update_soap_factors([rows.state[f"factor_{i}"] for i in range(k)], G, self._shampoo_beta(group), finite)
-        for i, L in enumerate(new):
-            rows.set(f"factor_{i}", L)
+        new = update_soap_factors([rows.state[f"factor_{i}"] for i in range(k)], G, self._shampoo_beta(group), None)
+        return {f"factor_{i}": L for i, L in enumerate(new)}
 
     def _update_rows(self, bucket: Bucket, rows: _Rows, t: int, group: dict[str, Any]) -> None:
         st = rows.state
-        k = len(bucket.shape)
         beta1, beta2 = group["betas"]
         G, finite = self.stacked_grads(rows, group["state_dtype"])
+        k = len(bucket.shape)
         bases = [st[f"basis_{i}"] for i in range(k)] if bucket.factored else [None] * k
-        U, m, v = adam_in_basis(G, st["exp_avg"], st["exp_avg_sq"], bases, beta1, beta2, group["eps"], finite)
-        rows.set("exp_avg", m)
-        rows.set("exp_avg_sq", v)
+        U, m, v = adam_in_basis(G, st["exp_avg"], st["exp_avg_sq"], bases, beta1, beta2, group["eps"], None)
         step_size = group["lr"]
         if group["correct_bias"]:
             step_size = step_size * (1.0 - beta2**t) ** 0.5 / (1.0 - beta1**t)
         W = self.stacked_params(rows, group["state_dtype"])
-        self.write_params(rows, apply_post_update_weight_decay(W, U, step_size, group["lr"], group["weight_decay"], finite))
-        rows.set("nonfinite_steps", st["nonfinite_steps"] + (~finite).to(torch.int64))
+        W_new = apply_post_update_weight_decay(W, U, step_size, group["lr"], group["weight_decay"], None)
+        # the statistics are folded after the parameter update (they do not depend on it). A block whose gradient
+        # or new moments/statistics are not all finite keeps its state and parameter; one whose new parameter
+        # values alone are not finite keeps its parameter
+        updates = {"exp_avg": m, "exp_avg_sq": v}
         if bucket.factored:
-            self.fold_statistics(bucket, rows, G, finite, group)
+            updates.update(self.step_statistics(bucket, rows, G, group))
+        ok = self.acceptance(finite, updates)
+        ok_param = self.params_ok(rows, ok, W_new)
+        self.write_params(rows, ops.masked(ok_param, W_new, W))
+        self.accept_rows(rows, ok, updates)
+        self.count_rejected(rows, ok_param)
         rows.commit()
         if bucket.factored and self._refresh_due(t, group):
             self._submit_refresh(bucket, rows, t, group)
 
-    def _statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, finite: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The factors after folding G (pure: reads the state, returns new values)."""
+    def _statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The factors after folding G (pure and unmasked: reads the state, returns new values)."""
         if not bucket.factored:
             return {}
         k = len(bucket.shape)
-        new = update_soap_factors([rows.state[f"factor_{i}"] for i in range(k)], G, self._shampoo_beta(group), finite)
+        new = update_soap_factors([rows.state[f"factor_{i}"] for i in range(k)], G, self._shampoo_beta(group), None)
         return {f"factor_{i}": L for i, L in enumerate(new)}
 
     def _install_rows(self, state: dict[str, torch.Tensor], new_bases: list[torch.Tensor], perms: list[torch.Tensor], ok: torch.Tensor, group: dict[str, Any], rotations: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

@@ -23,6 +23,8 @@ __all__ = [
     "mode_gram",
     "permute_along",
     "finite_mask",
+    "finite_blocks",
+    "masked",
     "expand_mask",
     "block_norm",
     "outer_scale",
@@ -126,6 +128,35 @@ def permute_along(x: torch.Tensor, perm: torch.Tensor, dim: int) -> torch.Tensor
 def finite_mask(x: torch.Tensor) -> torch.Tensor:
     """Returns a ``(B,)`` bool tensor: whether every entry of each block is finite (no host sync)."""
     return torch.isfinite(x).flatten(1).all(dim=1)
+
+
+def finite_blocks(mask: torch.Tensor | None, *tensors: torch.Tensor) -> torch.Tensor:
+    """``mask`` and, per block, whether the entries of every tensor are finite (no host sync).
+
+    One reduction per tensor: a block sum is Inf/NaN when an entry is. A block of finite entries whose sum
+    exceeds the dtype's range (so within a factor of its size of overflowing itself) is reported as
+    non-finite too: a conservative margin that costs one plain sum instead of an elementwise test.
+
+    Args:
+        mask: ``(B,)`` bool mask (e.g. whether the gradient block was finite), or None (all True).
+        tensors: Stacked ``(B, ...)`` tensors (at least one when ``mask`` is None); zero-size blocks count as
+            finite.
+
+    Returns:
+        The ``(B,)`` bool mask, True where ``mask`` is True and every tensor's block sum is finite.
+    """
+    sums = [x.flatten(1).sum(dim=1) if x.dim() > 1 else x for x in tensors]
+    if not sums:
+        if mask is None:
+            raise ValueError("finite_blocks needs a mask or at least one tensor")
+        return mask
+    finite = torch.isfinite(sums[0]) if len(sums) == 1 else torch.isfinite(torch.stack(sums, dim=1)).all(dim=1)
+    return finite if mask is None else mask & finite
+
+
+def masked(mask: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` where the ``(B,)`` mask is True, else ``old``; ``new`` itself when the mask is None."""
+    return new if mask is None else torch.where(expand_mask(mask, new), new, old)
 
 
 def expand_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
