@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated among sync, async, floor, sync-gpu, async-gpu (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the training loop (default: %(default)s)")
+    p.add_argument("--data", choices=("corpus", "random"), default="corpus",
+                   help="train on asteria-train's corpus (the validation loss of each run is reported and S=5 is "
+                        "checked against the spread of the synchronous seeds) or on random tokens (default: %(default)s)")
+    p.add_argument("--eval-batches", type=int, default=16,
+                   help="validation batches evaluated after each run, outside the timed steps (default: %(default)s)")
     p.add_argument("--out", default="bench-overhead", help="folder for overhead.json and the PNG (default: %(default)s)")
     p = sub.add_parser("transfer", help="host<->device copy bandwidth: runtime leases vs torch pinned memory (CUDA)")
     p.add_argument("--sizes", default="4,16,64,256", help="comma-separated MiB (default: %(default)s)")

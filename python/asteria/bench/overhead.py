@@ -1,7 +1,8 @@
 """``asteria-bench overhead``: how much of the refresh cost the asynchronous runtime hides.
 
-A small GPT-like model (`asteria.train.model.GPT`) is trained on random tokens on the CPU with torch using
-one thread, for AdamW and for each second-order optimizer in three modes:
+A small GPT-like model (`asteria.train.model.GPT`) is trained on the CPU with torch using one thread, on
+asteria-train's corpus (``--data corpus``, the default; random tokens with ``--data random``), for AdamW and
+for each second-order optimizer in three modes:
 
 * ``sync``: the refresh runs inline at the refresh step (the reference algorithm; spikes every f steps);
 * ``async``: the default runtime (staleness 5, deterministic installs) on the free cores;
@@ -18,6 +19,12 @@ alike, and the medians over rounds are reported: per-step median, p99, max and m
 step (forward, backward, ``opt.step()``), the stalls of the async runtime, and the *hidden fraction*
 ``(sync mean − async mean) / (sync mean − floor mean)``: 1 means the refresh is completely off the critical
 path, 0 means async is no better than sync. A PNG of the step-time timelines (first round) is written.
+
+On the corpus, each run ends with the validation loss on fixed held-out batches (outside the timed steps).
+Round ``r`` uses seed ``r`` for every configuration, so the synchronous rounds give the seed-to-seed spread σ
+of the reference algorithm, and the asynchronous run of each seed is compared with the synchronous run of
+the same seed: the staleness costs nothing measurable when ``|async − sync|`` stays within
+``max(0.02, 2σ)`` nats.
 """
 
 from __future__ import annotations
@@ -70,7 +77,22 @@ def _build(name: str, mode: str, model: torch.nn.Module, freq: int, staleness: i
     return cls(model.parameters(), lr=1e-4 if name.startswith("kl") else 1e-3, runtime=runtime, **kw)
 
 
+_CORPUS: Any = None
+
+
+def _corpus() -> Any:
+    """asteria-train's corpus, loaded once per process."""
+    global _CORPUS
+    if _CORPUS is None:
+        from asteria.train.corpus import load_corpus
+
+        _CORPUS = load_corpus()
+    return _CORPUS
+
+
 def _run_one(name: str, mode: str, args: Any, seed: int) -> dict[str, Any]:
+    from asteria.train.corpus import train_batch, val_batches
+    from asteria.train.loop import evaluate
     from asteria.train.model import GPT, ModelConfig
 
     torch.manual_seed(seed)
@@ -79,22 +101,30 @@ def _run_one(name: str, mode: str, args: Any, seed: int) -> dict[str, Any]:
     model = GPT(cfg).to(device)
     opt = _build(name, mode, model, args.frequency, getattr(args, "staleness", 5))
     gen = torch.Generator().manual_seed(seed)
+    corpus = _corpus() if getattr(args, "data", "random") == "corpus" else None
     cuda = device.type == "cuda"
     times = []
     try:
-        for _ in range(args.steps):
-            idx = torch.randint(0, cfg.vocab_size, (args.batch, args.context + 1), generator=gen).to(device)
+        for step in range(args.steps):
+            if corpus is not None:
+                x, y = (t.to(device) for t in train_batch(corpus.train, args.batch, args.context, seed, step))
+            else:
+                idx = torch.randint(0, cfg.vocab_size, (args.batch, args.context + 1), generator=gen).to(device)
+                x, y = idx[:, :-1], idx[:, 1:]
             if cuda:
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            _, loss = model(idx[:, :-1], idx[:, 1:])
+            _, loss = model(x, y)
             loss.backward()
             opt.step()
             if cuda:
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)
         out: dict[str, Any] = {"times": times, "loss": float(loss.detach())}
+        if corpus is not None:
+            batches = val_batches(corpus.val, args.batch, args.context, getattr(args, "eval_batches", 16))
+            out["val_loss"] = evaluate(model, batches, str(device))
         runtime = getattr(opt, "runtime", None)
         if runtime is not None:
             st = runtime.stats()
@@ -151,6 +181,8 @@ def run(args: Any) -> dict[str, Any]:
             row["stalls"] = statistics.median(res["stalls"] for res in results)
             row["stall_s"] = statistics.median(res["stall_s"] for res in results)
             row["max_staleness"] = max(res["max_staleness"] for res in results)
+        if "val_loss" in results[0]:
+            row["val_loss"] = [res["val_loss"] for res in results]
         table[f"{name}:{mode}"] = row
     print()
     print(f"{'configuration':<18}{'median ms':>10}{'p99 ms':>10}{'max ms':>10}{'mean ms':>10}{'stall s':>9}{'hidden':>8}")
@@ -165,14 +197,44 @@ def run(args: Any) -> dict[str, Any]:
         stall = f"{row['stall_s']:9.3f}" if "stall_s" in row else f"{'':>9}"
         print(f"{name + ':' + mode:<18}{row['median'] * 1e3:10.2f}{row['p99'] * 1e3:10.2f}{row['max'] * 1e3:10.2f}"
               f"{row['mean'] * 1e3:10.2f}{stall}{hidden:>8}")
+    losses = _loss_check(table, configs)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "overhead.json").write_text(json.dumps(
-        {"args": vars(args), "workers": workers, "table": table,
+        {"args": vars(args), "workers": workers, "table": table, "val_loss_check": losses,
          "timelines": {f"{n}:{m}": rounds[(n, m)][0]["times"] for n, m in configs}}, indent=1))
     png = _plot(rounds, configs, opts, out_dir / "overhead_timeline.png")
     print(f"\nwrote {out_dir / 'overhead.json'}" + (f" and {png}" if png else " (matplotlib missing: no PNG)"))
     return table
+
+
+def _loss_check(table: dict[str, dict[str, Any]], configs: list) -> dict[str, Any]:
+    """Final validation loss of each async configuration against the synchronous seeds (printed and returned).
+
+    Per seed, ``async − sync`` of the same seed; the tolerance is ``max(0.02, 2σ)`` with σ the sample standard
+    deviation of the synchronous losses over the seeds.
+    """
+    checks: dict[str, Any] = {}
+    for name, mode in configs:
+        if not mode.startswith("async") or "val_loss" not in table[f"{name}:{mode}"]:
+            continue
+        sync_key = f"{name}:{mode.replace('async', 'sync')}"
+        if sync_key not in table or "val_loss" not in table[sync_key]:
+            continue
+        sync, other = table[sync_key]["val_loss"], table[f"{name}:{mode}"]["val_loss"]
+        sigma = statistics.stdev(sync) if len(sync) > 1 else float("nan")
+        tol = max(0.02, 2 * sigma) if len(sync) > 1 else 0.02
+        diffs = [a - b for a, b in zip(other, sync)]
+        mean_diff = statistics.fmean(other) - statistics.fmean(sync)
+        checks[f"{name}:{mode}"] = {"sync": sync, "async": other, "sigma": sigma, "tolerance": tol,
+                                    "per_seed_diff": diffs, "mean_diff": mean_diff, "within": abs(mean_diff) <= tol}
+    if checks:
+        print(f"\n{'validation loss':<18}{'sync (seeds)':>26}{'async (seeds)':>26}{'mean diff':>11}{'max(.02,2σ)':>13}")
+        for key, c in checks.items():
+            fmt = lambda xs: " ".join(f"{x:.3f}" for x in xs)  # noqa: E731
+            print(f"{key:<18}{fmt(c['sync']):>26}{fmt(c['async']):>26}{c['mean_diff']:+11.4f}{c['tolerance']:13.4f}"
+                  f"  {'within' if c['within'] else 'OUTSIDE'}")
+    return checks
 
 
 def _plot(rounds: dict, configs: list, opts: list[str], path: Path) -> Path | None:
