@@ -646,6 +646,27 @@ class BlockOptimizer(torch.optim.Optimizer):
         """Adds one to ``nonfinite_steps`` of every row whose step was rejected (``ok`` False)."""
         rows.set("nonfinite_steps", rows.state["nonfinite_steps"] + (~ok).to(torch.int64))
 
+    def commit_rows(
+        self, rows: _Rows, finite: torch.Tensor, updates: dict[str, torch.Tensor], W: torch.Tensor, W_new: torch.Tensor
+    ) -> None:
+        """Ends a block step: a row whose gradient or new moments/statistics are not all finite keeps its state and
+        parameter, one whose new parameter values alone are unusable keeps its parameter (both counted); the rest
+        store ``updates`` and ``W_new``. No host sync.
+
+        Args:
+            rows: The rows stepped.
+            finite: ``(B,)`` rows whose gradient is finite.
+            updates: The rows' new state tensors (moments, statistics).
+            W: The rows' parameters before the step (stacked, state dtype).
+            W_new: Their new values.
+        """
+        ok = self.acceptance(finite, updates)
+        ok_param = self.params_ok(rows, ok, W_new)
+        self.write_params(rows, ops.masked(ok_param, W_new, W))
+        self.accept_rows(rows, ok, updates)
+        self.count_rejected(rows, ok_param)
+        rows.commit()
+
     def folded_statistics(self, bucket: Bucket, rows: _Rows) -> dict[str, torch.Tensor] | None:
         """The statistics the hooks folded for these rows, stacked; None unless every row was folded."""
         if not self._folded:

@@ -292,14 +292,7 @@ class _KLBase(EigenbasisOptimizer):
             # statistics (consumed by the next step's direction and by refreshes); they use the state of the
             # step start, so computing them before anything is stored changes nothing
             updates.update(self.step_statistics(bucket, rows, G, group))
-        # a block whose gradient or new moments/statistics are not all finite keeps its state and parameter; one
-        # whose new parameter values alone are not finite keeps its parameter
-        ok = self.acceptance(finite, updates)
-        ok_param = self.params_ok(rows, ok, W_new)
-        self.write_params(rows, ops.masked(ok_param, W_new, W))
-        self.accept_rows(rows, ok, updates)
-        self.count_rejected(rows, ok_param)
-        rows.commit()
+        self.commit_rows(rows, finite, updates, W, W_new)
         if bucket.factored and self._refresh_due(t, group):
             self._submit_refresh(bucket, rows, t, group)
 

@@ -252,18 +252,11 @@ class SOAP(EigenbasisOptimizer):
             step_size = step_size * (1.0 - beta2**t) ** 0.5 / (1.0 - beta1**t)
         W = self.stacked_params(rows, group["state_dtype"])
         W_new = apply_post_update_weight_decay(W, U, step_size, group["lr"], group["weight_decay"], None)
-        # the statistics are folded after the parameter update (they do not depend on it). A block whose gradient
-        # or new moments/statistics are not all finite keeps its state and parameter; one whose new parameter
-        # values alone are not finite keeps its parameter
+        # the statistics are folded after the parameter update (they do not depend on it)
         updates = {"exp_avg": m, "exp_avg_sq": v}
         if bucket.factored:
             updates.update(self.step_statistics(bucket, rows, G, group))
-        ok = self.acceptance(finite, updates)
-        ok_param = self.params_ok(rows, ok, W_new)
-        self.write_params(rows, ops.masked(ok_param, W_new, W))
-        self.accept_rows(rows, ok, updates)
-        self.count_rejected(rows, ok_param)
-        rows.commit()
+        self.commit_rows(rows, finite, updates, W, W_new)
         if bucket.factored and self._refresh_due(t, group):
             self._submit_refresh(bucket, rows, t, group)
 
