@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", choices=("corpus", "random"), default="corpus",
                    help="train on asteria-train's corpus (the validation loss of each run is reported and S=5 is "
                         "checked against the spread of the synchronous seeds) or on random tokens (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate of every configuration (default: AdamW and SOAP/Shampoo 1e-3, KL 1e-4)")
     p.add_argument("--eval-batches", type=int, default=16,
                    help="validation batches evaluated after each run, outside the timed steps (default: %(default)s)")
     p.add_argument("--out", default="bench-overhead", help="folder for overhead.json and the PNG (default: %(default)s)")

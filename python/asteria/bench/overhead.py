@@ -56,11 +56,12 @@ def _no_refresh(cls: type) -> type:
     return Floor
 
 
-def _build(name: str, mode: str, model: torch.nn.Module, freq: int, staleness: int = 5) -> torch.optim.Optimizer:
+def _build(name: str, mode: str, model: torch.nn.Module, freq: int, staleness: int = 5,
+           lr: float | None = None) -> torch.optim.Optimizer:
     import asteria
 
     if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+        return torch.optim.AdamW(model.parameters(), lr=lr or 1e-3, weight_decay=0.01)
     cls = getattr(asteria, _NAMES[name])
     kw: dict[str, Any] = dict(precondition_frequency=freq)
     if name == "shampoo":
@@ -74,7 +75,8 @@ def _build(name: str, mode: str, model: torch.nn.Module, freq: int, staleness: i
         runtime = asteria.RuntimeConfig(refresh="sync", refresh_device=route)
     else:
         runtime = asteria.RuntimeConfig(refresh="async", staleness=staleness, refresh_device=route)
-    return cls(model.parameters(), lr=1e-4 if name.startswith("kl") else 1e-3, runtime=runtime, **kw)
+    lr = lr or (1e-4 if name.startswith("kl") else 1e-3)
+    return cls(model.parameters(), lr=lr, runtime=runtime, **kw)
 
 
 _CORPUS: Any = None
@@ -99,7 +101,7 @@ def _run_one(name: str, mode: str, args: Any, seed: int) -> dict[str, Any]:
     device = torch.device(getattr(args, "device", "cpu"))
     cfg = ModelConfig(n_layer=args.layers, n_head=4, d_model=args.d_model, context=args.context)
     model = GPT(cfg).to(device)
-    opt = _build(name, mode, model, args.frequency, getattr(args, "staleness", 5))
+    opt = _build(name, mode, model, args.frequency, getattr(args, "staleness", 5), getattr(args, "lr", None))
     gen = torch.Generator().manual_seed(seed)
     corpus = _corpus() if getattr(args, "data", "random") == "corpus" else None
     cuda = device.type == "cuda"
