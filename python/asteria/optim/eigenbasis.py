@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from asteria import _core
 from asteria.optim.base import BlockOptimizer, Bucket, _Rows, check_betas, check_dtype, check_range
 from asteria.optim.blocking import ParamLayout, soap_layout
 from asteria.optim.results import all_finite, stack_results, to_device
@@ -43,7 +44,7 @@ def eigh_ridge_for(trace: float, n: int, ridge: float | None) -> float:
     return max(1e-9 * scale, 1e-30) if math.isfinite(scale) else 1e-30
 
 
-def result_problem(basis: Any, permutation: Any, rotation: Any, n: int, message: str = "") -> str:
+def result_problem(basis: Any, permutation: Any, rotation: Any, n: int, message: str = "", finite_checked: bool = False) -> str:
     """Why a refresh result must not be installed ("" when it may be).
 
     Args:
@@ -52,15 +53,17 @@ def result_problem(basis: Any, permutation: Any, rotation: Any, n: int, message:
         rotation: ``R = Q_oldᵀ Q_new`` when the job computed it, or None.
         n: The factor's size.
         message: The job's error message when it failed.
+        finite_checked: The outputs were already checked for NaN/Inf where they were computed (the C++
+            scheduler's workers fail a job whose outputs are not finite), so they are not scanned again.
 
     Returns:
         "" for an installable result, else a message naming the problem.
     """
     if basis is None:
         return message or "the refresh returned no basis"
-    if not all_finite(basis):
+    if not finite_checked and not all_finite(basis):
         return "non-finite basis"
-    if rotation is not None and not all_finite(rotation):
+    if not finite_checked and rotation is not None and not all_finite(rotation):
         return "non-finite basis rotation"
     # device results (CUDA tensors) were checked by the engine and are not read back (no host sync)
     if permutation is not None and not (isinstance(permutation, torch.Tensor) and permutation.is_cuda):
@@ -135,10 +138,11 @@ class EigenbasisOptimizer(BlockOptimizer):
         state: dict[str, torch.Tensor],
         new_bases: list[torch.Tensor],
         perms: list[torch.Tensor],
-        ok: torch.Tensor,
+        ok: torch.Tensor | None,
         group: dict[str, Any],
         rotations: list[torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
+        """The rows' state after installing ``new_bases`` (``ok``: ``(B,)`` rows to install, None for all)."""
         raise NotImplementedError
 
     def _refresh_options(self) -> dict[str, Any]:
@@ -223,7 +227,8 @@ class EigenbasisOptimizer(BlockOptimizer):
             q = res.outputs.get(output) if res.ok else None
             perm = res.outputs.get("permutation") if res.ok else None
             rot = res.outputs.get("rotation") if res.ok else None
-            problem = result_problem(q, perm, rot, bucket.shape[i], "" if res.ok else res.message)
+            problem = result_problem(q, perm, rot, bucket.shape[i], "" if res.ok else res.message,
+                                     finite_checked=isinstance(res, _core.JobResult))
             if problem:
                 ok[k] = False
                 msgs[k] = problem
@@ -266,7 +271,8 @@ class EigenbasisOptimizer(BlockOptimizer):
                 rotations.append(
                     stack_results([r if ok[k] else eye for k, r in enumerate(rots[i])], cur.device, cur.dtype)
                 )
-        okm = to_device(torch.tensor(ok, dtype=torch.bool), bucket.device)
+        # rows that keep their old basis are masked out; when every row installs there is nothing to mask
+        okm = None if all(ok) else to_device(torch.tensor(ok, dtype=torch.bool), bucket.device)
         updated = self._install_rows(rows.state, new_bases, new_perms, okm, group, rotations)
         for key, value in updated.items():
             rows.set(key, value)

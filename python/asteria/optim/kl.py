@@ -158,7 +158,7 @@ def install_kl_bases(
     new_bases: Sequence[torch.Tensor],
     perms: Sequence[torch.Tensor],
     sqrt_inv: Sequence[torch.Tensor],
-    ok: torch.Tensor,
+    ok: torch.Tensor | None,
     m_in_basis: torch.Tensor | None = None,
     v_in_basis: torch.Tensor | None = None,
     rotations: Sequence[torch.Tensor] | None = None,
@@ -166,23 +166,22 @@ def install_kl_bases(
     """KL install: swap Q; D carries over column by column (permuted only if π is not the identity).
 
     KL-SOAP also rotates its first moment exactly into the new basis and permutes its second moment by π
-    (never rotated). KL-Shampoo keeps its moment in the original coordinates.
+    (never rotated). KL-Shampoo keeps its moment in the original coordinates. ``ok`` is the ``(B,)`` mask of
+    rows to install (the others keep everything), or None when every row installs.
 
     Returns:
         ``(bases, sqrt_inv, m, v)`` after the install (m and v None when not given).
     """
-    qmask = ok.reshape(-1, 1, 1)
-    vmask = ok.reshape(-1, 1)
-    out_s = [torch.where(vmask, torch.gather(s, 1, p), s) for s, p in zip(sqrt_inv, perms)]
+    out_s = [ops.masked(ok, torch.gather(s, 1, p), s) for s, p in zip(sqrt_inv, perms)]
     m_out = v_out = None
     if m_in_basis is not None:
-        m_out = torch.where(ops.expand_mask(ok, m_in_basis), rotate_into_new_bases(m_in_basis, bases, new_bases, rotations), m_in_basis)
+        m_out = ops.masked(ok, rotate_into_new_bases(m_in_basis, bases, new_bases, rotations), m_in_basis)
     if v_in_basis is not None:
         v_new = v_in_basis
         for i, p in enumerate(perms):
             v_new = ops.permute_along(v_new, p, i)
-        v_out = torch.where(ops.expand_mask(ok, v_in_basis), v_new, v_in_basis)
-    out_q = [torch.where(qmask, qn, q) for q, qn in zip(bases, new_bases)]
+        v_out = ops.masked(ok, v_new, v_in_basis)
+    out_q = [ops.masked(ok, qn, q) for q, qn in zip(bases, new_bases)]
     return out_q, out_s, m_out, v_out
 
 
@@ -312,7 +311,7 @@ class _KLBase(EigenbasisOptimizer):
         out.update({f"eigen_sqrt_inv_{i}": new_s[i] for i in range(k)})
         return out
 
-    def _install_rows(self, state: dict[str, torch.Tensor], new_bases: list[torch.Tensor], perms: list[torch.Tensor], ok: torch.Tensor, group: dict[str, Any], rotations: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def _install_rows(self, state: dict[str, torch.Tensor], new_bases: list[torch.Tensor], perms: list[torch.Tensor], ok: torch.Tensor | None, group: dict[str, Any], rotations: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         k = len(new_bases)
         bases, s, m, v = install_kl_bases(
             [state[f"basis_{i}"] for i in range(k)],

@@ -101,7 +101,7 @@ def install_soap_bases(
     perms: Sequence[torch.Tensor],
     m: torch.Tensor,
     v: torch.Tensor,
-    ok: torch.Tensor,
+    ok: torch.Tensor | None,
     rotations: Sequence[torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """SOAP install: permute v by π along every dim, rotate m exactly into the new basis, swap Q.
@@ -114,7 +114,7 @@ def install_soap_bases(
         perms: ``(B, d_i)`` permutations returned by the refresh.
         m: First moment in the installed basis.
         v: Second moment in the installed basis.
-        ok: ``(B,)`` rows to install (others keep everything).
+        ok: ``(B,)`` rows to install (others keep everything), or None when every row installs.
         rotations: ``R_i = Q_old,iᵀ Q_new,i`` per dim when the refresh computed them, else None.
 
     Returns:
@@ -124,10 +124,8 @@ def install_soap_bases(
     v_new = v
     for i, p in enumerate(perms):
         v_new = ops.permute_along(v_new, p, i)
-    mask = ops.expand_mask(ok, m)
-    qmask = ok.reshape(-1, 1, 1)
-    out_bases = [torch.where(qmask, qn, q) for q, qn in zip(bases, new_bases)]
-    return out_bases, torch.where(mask, m_new, m), torch.where(mask, v_new, v)
+    out_bases = [ops.masked(ok, qn, q) for q, qn in zip(bases, new_bases)]
+    return out_bases, ops.masked(ok, m_new, m), ops.masked(ok, v_new, v)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -268,7 +266,7 @@ class SOAP(EigenbasisOptimizer):
         new = update_soap_factors([rows.state[f"factor_{i}"] for i in range(k)], G, self._shampoo_beta(group), None)
         return {f"factor_{i}": L for i, L in enumerate(new)}
 
-    def _install_rows(self, state: dict[str, torch.Tensor], new_bases: list[torch.Tensor], perms: list[torch.Tensor], ok: torch.Tensor, group: dict[str, Any], rotations: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def _install_rows(self, state: dict[str, torch.Tensor], new_bases: list[torch.Tensor], perms: list[torch.Tensor], ok: torch.Tensor | None, group: dict[str, Any], rotations: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         k = len(new_bases)
         bases, m, v = install_soap_bases(
             [state[f"basis_{i}"] for i in range(k)], new_bases, perms, state["exp_avg"], state["exp_avg_sq"], ok,
