@@ -11,6 +11,7 @@ import textwrap
 import pytest
 import torch
 
+from asteria import StepFailedError
 from asteria.optim import KLSOAP, SOAP, KLShampoo, Shampoo
 
 OPTS = {
@@ -56,6 +57,62 @@ def test_resume_is_bit_identical(name):
     run(oc, pc, 3, 7)
     for a, c in zip(pa, pc):
         assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("name", sorted(OPTS))
+def test_a_step_interrupted_midway_refuses_until_a_checkpoint_is_loaded(name, monkeypatch):
+    """An exception (here a KeyboardInterrupt) after some blocks were updated leaves parameters and state
+    inconsistent: step() and state_dict() refuse; loading the last checkpoint resumes bit-identically."""
+    ref = make_params()
+    run(OPTS[name](ref), ref, 0, 6)
+
+    params = make_params()
+    opt = OPTS[name](params)
+    run(opt, params, 0, 3)
+    saved = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params]
+    calls = {"n": 0}
+    original = type(opt).write_params
+
+    def interrupted(self, rows, new):
+        calls["n"] += 1
+        original(self, rows, new)
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(type(opt), "write_params", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run(opt, params, 3, 4)
+    with pytest.raises(StepFailedError, match="interrupted after it had updated some parameters.*KeyboardInterrupt"):
+        run(opt, params, 3, 4)
+    with pytest.raises(StepFailedError, match="Reload the last checkpoint"):
+        opt.state_dict()
+    for p, s in zip(params, saved[1]):
+        p.data.copy_(s)
+    opt.load_state_dict(saved[0])
+    run(opt, params, 3, 6)
+    for a, b in zip(ref, params):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", sorted(OPTS))
+def test_a_step_failing_before_any_update_can_be_repeated(name, monkeypatch):
+    ref = make_params()
+    run(OPTS[name](ref), ref, 0, 5)
+    params = make_params()
+    opt = OPTS[name](params)
+    run(opt, params, 0, 3)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("injected before any update")
+
+    with monkeypatch.context() as m:
+        m.setattr(type(opt), "stacked_grads", staticmethod(failing))
+        with pytest.raises(RuntimeError, match="injected"):
+            run(opt, params, 3, 4)
+    run(opt, params, 3, 5)  # the same step again, then the next
+    for a, b in zip(ref, params):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("name", sorted(OPTS))

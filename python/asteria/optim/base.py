@@ -29,6 +29,7 @@ from asteria.runtime import distributed as _dist
 from asteria.runtime.config import RuntimeConfig
 from asteria.runtime import tiers as _tiers
 from asteria.runtime.pipeline import RefreshPipeline
+from asteria.runtime.tiers import StepFailedError
 from asteria.runtime.workers import Runtime
 
 __all__ = ["BlockOptimizer", "Bucket", "Member", "RefreshFailureError", "check_range", "check_betas"]
@@ -306,6 +307,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.runtime.add_stats_source("nonfinite_steps", lambda: me()._nonfinite_total() if me() is not None else 0)
         # block refreshes that installed nothing (failed job, or a result refused at install), since construction
         self._refresh_failure_total = 0
+        self._failed_step: str | None = None  # why the optimizer refuses to continue (a step failed midway)
+        self._params_written = False
         self.runtime.add_stats_source("refresh_failures", lambda: me()._refresh_failure_total if me() is not None else 0)
         self._buckets: list[Bucket] | None = None
         self._next_block_id = 0
@@ -430,6 +433,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_dist", None)
         self.__dict__.setdefault("_tiers", None)
         self.__dict__.setdefault("_refresh_failure_total", 0)
+        self.__dict__.setdefault("_failed_step", None)
+        self.__dict__.setdefault("_params_written", False)
 
     @staticmethod
     def _param_name(group: dict[str, Any], gi: int, pi: int) -> str:
@@ -516,12 +521,22 @@ class BlockOptimizer(torch.optim.Optimizer):
 
         Returns:
             The loss returned by ``closure``, or None.
+
+        Raises:
+            StepFailedError: An earlier step was interrupted (by any exception, e.g. ``KeyboardInterrupt``) after it
+                had updated some parameters but not all: parameters and state no longer match. ``state_dict()``
+                raises too, so no inconsistent checkpoint is written; ``load_state_dict`` of the last checkpoint
+                (with the model's) makes the optimizer usable again. An exception before any parameter was
+                updated leaves everything as it was, and the step may be repeated.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._failed_step is not None:
+            raise StepFailedError(self._failed_step)
         self.runtime.begin_step()
+        self._params_written = False
         try:
             buckets = self._ensure_buckets()
             if self._dist is not None:
@@ -531,6 +546,16 @@ class BlockOptimizer(torch.optim.Optimizer):
             self._step_buckets(buckets)
             if self._dist is not None:
                 self._dist.after_step(self)
+        except BaseException as exc:
+            tiers_refuse = self._tiers is not None and self._tiers.failure(self) is not None  # (its own message)
+            if self._params_written and not tiers_refuse:  # some blocks took this step and others did not
+                self._failed_step = (
+                    f"{type(self).__name__}: a step was interrupted after it had updated some parameters "
+                    f"({type(exc).__name__}: {exc}); parameters and optimizer state no longer match, so step() and "
+                    "state_dict() refuse to continue. Reload the last checkpoint: model.load_state_dict(...) and "
+                    "optimizer.load_state_dict(...)"
+                )
+            raise
         finally:
             self._folded.clear()
             self.runtime.end_step()
@@ -736,9 +761,10 @@ class BlockOptimizer(torch.optim.Optimizer):
             [m.param.detach().reshape(m.layout.merged_shape)[m.block.slices].to(dtype) for m in rows.members]
         )
 
-    @staticmethod
-    def write_params(rows: _Rows, new: torch.Tensor) -> None:
-        """Writes stacked new values back into the rows' parameter blocks."""
+    def write_params(self, rows: _Rows, new: torch.Tensor) -> None:
+        """Writes stacked new values back into the rows' parameter blocks (from here on, an exception escaping
+        `step` leaves the optimizer refusing to continue: see `step`)."""
+        self._params_written = True
         for i, m in enumerate(rows.members):
             p = m.param
             if can_view(p, m.layout):
@@ -819,6 +845,8 @@ class BlockOptimizer(torch.optim.Optimizer):
 
         Per parameter: the scalar state (``step``, ...) and ``"blocks"``, one dict of tensors per block.
         """
+        if self._failed_step is not None:
+            raise StepFailedError(self._failed_step)
         self._ensure_buckets()
         out = super().state_dict()
         if self._tiers is not None:  # the offloaded bytes themselves (copies), brought in from every tier
@@ -859,6 +887,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             if self._dist is not None:
                 pending = self._dist.restrict_pending(pending)
             self.runtime.import_pending(pending, self.installer)
+            self._failed_step = None
         except Exception:
             self.state, self._buckets = old[0], old[1]
             for group, saved in zip(self.param_groups, old[2]):
