@@ -347,6 +347,11 @@ void RefreshScheduler::worker_main(int index) {
     std::shared_ptr<Job> job = next_job();
     if (!job) {
       if (stopping_.load()) return;
+      // The permit belongs to a job a producer has claimed a ring slot for but not yet published (the ring
+      // is FIFO: a later, published slot waits behind it). Keep the permit for that job, or it is lost and
+      // its job is never run.
+      work_available_.release();
+      std::this_thread::yield();
       continue;
     }
     int expected = static_cast<int>(JobState::kQueued);
