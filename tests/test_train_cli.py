@@ -131,10 +131,7 @@ def test_save_and_resume_from_the_command_line(tmp_path):
         main(["--resume", str(ckpt), "--lr", "0.5", "--quiet"])
 
 
-def test_second_order_compare_runs_when_available(tmp_path):
-    asteria = pytest.importorskip("asteria")
-    if not hasattr(asteria, "SOAP"):
-        pytest.skip("asteria.SOAP is not available yet")
+def test_second_order_compare_runs(tmp_path):
     report = tmp_path / "so"
     assert main(["--compare", "adamw,soap", "--report", str(report),
                  "--precondition-frequency", "2", *FAST]) == 0

@@ -70,16 +70,17 @@ def test_resume_is_bit_identical_adamw(corpus, tmp_path):
     _resume_matches(corpus, tmp_path)
 
 
-@pytest.mark.parametrize("name", ["soap", "shampoo", "kl-soap", "kl-shampoo"])
-def test_resume_is_bit_identical_second_order(corpus, tmp_path, name, monkeypatch):
-    asteria = pytest.importorskip("asteria")
+@pytest.fixture
+def micro(monkeypatch):
+    """A "micro" model preset, smaller than "tiny": keeps the eigendecompositions (and the tests) fast."""
     from asteria.train.model import PRESETS
-    from asteria.train.optimizers import ASTERIA_CLASSES
 
-    if not hasattr(asteria, ASTERIA_CLASSES[name]):
-        pytest.skip(f"asteria.{ASTERIA_CLASSES[name]} is not available yet")
-    # A smaller model than "tiny" keeps the eigendecompositions (and the test) fast.
     monkeypatch.setitem(PRESETS, "micro", dict(n_layer=2, n_head=2, d_model=32))
+    return "micro"
+
+
+@pytest.mark.parametrize("name", ["soap", "shampoo", "kl-soap", "kl-shampoo"])
+def test_resume_is_bit_identical_second_order(corpus, tmp_path, name, micro):
     _resume_matches(corpus, tmp_path, optimizer=name, precondition_frequency=2, model="micro")
 
 
@@ -183,13 +184,7 @@ def test_periodic_checkpoint_resumes_bit_identically_adamw(corpus, tmp_path):
     _resume_from_periodic(corpus, tmp_path)
 
 
-def test_periodic_checkpoint_resumes_bit_identically_soap_async(corpus, tmp_path, monkeypatch):
-    asteria = pytest.importorskip("asteria")
-    from asteria.train.model import PRESETS
-
-    if not hasattr(asteria, "SOAP"):
-        pytest.skip("asteria.SOAP is not available yet")
-    monkeypatch.setitem(PRESETS, "micro", dict(n_layer=2, n_head=2, d_model=32))
+def test_periodic_checkpoint_resumes_bit_identically_soap_async(corpus, tmp_path, micro):
     # Refreshes every 2 steps installed 2 steps later: the step-3 checkpoint holds one in flight.
     _resume_from_periodic(corpus, tmp_path, optimizer="soap", refresh="async", staleness=1,
                           precondition_frequency=2, model="micro")
@@ -255,13 +250,7 @@ def test_resolve_device():
             resolve_device("cuda")
 
 
-def test_resume_is_bit_identical_async(corpus, tmp_path, monkeypatch):
-    asteria = pytest.importorskip("asteria")
-    from asteria.train.model import PRESETS
-
-    if not hasattr(asteria, "SOAP"):
-        pytest.skip("asteria.SOAP is not available yet")
-    monkeypatch.setitem(PRESETS, "micro", dict(n_layer=2, n_head=2, d_model=32))
+def test_resume_is_bit_identical_async(corpus, tmp_path, micro):
     # Refresh every 2 steps, installed 3 steps later: the checkpoint at step 5 holds a
     # refresh still in flight.
     _resume_matches(corpus, tmp_path, optimizer="soap", refresh="async", staleness=2,

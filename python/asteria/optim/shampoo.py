@@ -442,5 +442,5 @@ class Shampoo(BlockOptimizer):
             P = P.add(W, alpha=group["weight_decay"])
         W_new = W.add(P, alpha=-group["lr"])
         ok = self.params_ok(rows, ok, W_new)
-        self.write_params(rows, torch.where(ops.expand_mask(ok, W), W_new, W))
+        self.write_params(rows, ops.masked(ok, W_new, W))
         self.count_rejected(rows, ok)
