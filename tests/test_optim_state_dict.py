@@ -59,10 +59,12 @@ def test_resume_is_bit_identical(name):
         assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("where", ["write_params", "accept_rows"])
 @pytest.mark.parametrize("name", sorted(OPTS))
-def test_a_step_interrupted_midway_refuses_until_a_checkpoint_is_loaded(name, monkeypatch):
-    """An exception (here a KeyboardInterrupt) after some blocks were updated leaves parameters and state
-    inconsistent: step() and state_dict() refuse; loading the last checkpoint resumes bit-identically."""
+def test_a_step_interrupted_midway_refuses_until_a_checkpoint_is_loaded(name, where, monkeypatch):
+    """An exception (here a KeyboardInterrupt) after some blocks' parameters or state (Shampoo stores every
+    block's statistics before it updates any parameter) were updated leaves them inconsistent: step() and
+    state_dict() refuse; loading the last checkpoint resumes bit-identically."""
     ref = make_params()
     run(OPTS[name](ref), ref, 0, 6)
 
@@ -71,19 +73,19 @@ def test_a_step_interrupted_midway_refuses_until_a_checkpoint_is_loaded(name, mo
     run(opt, params, 0, 3)
     saved = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params]
     calls = {"n": 0}
-    original = type(opt).write_params
+    original = getattr(type(opt), where)
 
-    def interrupted(self, rows, new):
+    def interrupted(self, *args):
         calls["n"] += 1
-        original(self, rows, new)
+        original(self, *args)
         if calls["n"] == 1:
             raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(type(opt), "write_params", interrupted)
+        m.setattr(type(opt), where, interrupted)
         with pytest.raises(KeyboardInterrupt):
             run(opt, params, 3, 4)
-    with pytest.raises(StepFailedError, match="interrupted after it had updated some parameters.*KeyboardInterrupt"):
+    with pytest.raises(StepFailedError, match="interrupted after it had updated some parameters or state.*KeyboardInterrupt"):
         run(opt, params, 3, 4)
     with pytest.raises(StepFailedError, match="Reload the last checkpoint"):
         opt.state_dict()

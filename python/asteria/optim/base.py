@@ -308,7 +308,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         # block refreshes that installed nothing (failed job, or a result refused at install), since construction
         self._refresh_failure_total = 0
         self._failed_step: str | None = None  # why the optimizer refuses to continue (a step failed midway)
-        self._params_written = False
+        self._state_touched = False
         self.runtime.add_stats_source("refresh_failures", lambda: me()._refresh_failure_total if me() is not None else 0)
         self._buckets: list[Bucket] | None = None
         self._next_block_id = 0
@@ -434,7 +434,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_tiers", None)
         self.__dict__.setdefault("_refresh_failure_total", 0)
         self.__dict__.setdefault("_failed_step", None)
-        self.__dict__.setdefault("_params_written", False)
+        self.__dict__.setdefault("_state_touched", False)
 
     @staticmethod
     def _param_name(group: dict[str, Any], gi: int, pi: int) -> str:
@@ -524,7 +524,7 @@ class BlockOptimizer(torch.optim.Optimizer):
 
         Raises:
             StepFailedError: An earlier step was interrupted (by any exception, e.g. ``KeyboardInterrupt``) after it
-                had updated some parameters but not all: parameters and state no longer match. ``state_dict()``
+                had updated some parameters or optimizer state but not all: parameters and state no longer match. ``state_dict()``
                 raises too, so no inconsistent checkpoint is written; ``load_state_dict`` of the last checkpoint
                 (with the model's) makes the optimizer usable again. An exception before any parameter was
                 updated leaves everything as it was, and the step may be repeated.
@@ -536,7 +536,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         if self._failed_step is not None:
             raise StepFailedError(self._failed_step)
         self.runtime.begin_step()
-        self._params_written = False
+        self._state_touched = False
         try:
             buckets = self._ensure_buckets()
             if self._dist is not None:
@@ -548,9 +548,9 @@ class BlockOptimizer(torch.optim.Optimizer):
                 self._dist.after_step(self)
         except BaseException as exc:
             tiers_refuse = self._tiers is not None and self._tiers.failure(self) is not None  # (its own message)
-            if self._params_written and not tiers_refuse:  # some blocks took this step and others did not
+            if self._state_touched and not tiers_refuse:  # some blocks took this step and others did not
                 self._failed_step = (
-                    f"{type(self).__name__}: a step was interrupted after it had updated some parameters "
+                    f"{type(self).__name__}: a step was interrupted after it had updated some parameters or state "
                     f"({type(exc).__name__}: {exc}); parameters and optimizer state no longer match, so step() and "
                     "state_dict() refuse to continue. Reload the last checkpoint: model.load_state_dict(...) and "
                     "optimizer.load_state_dict(...)"
@@ -654,8 +654,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             ok = ok & (new.flatten(1).abs().amax(dim=1) <= bound)
         return ok
 
-    @staticmethod
-    def accept_rows(rows: _Rows, ok: torch.Tensor, updates: dict[str, torch.Tensor]) -> None:
+    def accept_rows(self, rows: _Rows, ok: torch.Tensor, updates: dict[str, torch.Tensor]) -> None:
         """Stores ``updates`` for the rows where ``ok`` is True; the other rows keep their state (no host sync).
 
         Args:
@@ -663,6 +662,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             ok: ``(B,)`` acceptance mask (`acceptance`).
             updates: New values of state tensors of the rows, by state key.
         """
+        self._state_touched = True  # (see `step`: an exception from here on leaves the optimizer refusing)
         for key, value in updates.items():
             rows.set(key, ops.masked(ok, value, rows.state[key]))
 
@@ -764,7 +764,7 @@ class BlockOptimizer(torch.optim.Optimizer):
     def write_params(self, rows: _Rows, new: torch.Tensor) -> None:
         """Writes stacked new values back into the rows' parameter blocks (from here on, an exception escaping
         `step` leaves the optimizer refusing to continue: see `step`)."""
-        self._params_written = True
+        self._state_touched = True
         for i, m in enumerate(rows.members):
             p = m.param
             if can_view(p, m.layout):
