@@ -29,6 +29,7 @@ the same seed: the staleness costs nothing measurable when ``|async − sync|`` 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -79,17 +80,12 @@ def _build(name: str, mode: str, model: torch.nn.Module, freq: int, staleness: i
     return cls(model.parameters(), lr=lr, runtime=runtime, **kw)
 
 
-_CORPUS: Any = None
-
-
+@functools.lru_cache(maxsize=1)
 def _corpus() -> Any:
     """asteria-train's corpus, loaded once per process."""
-    global _CORPUS
-    if _CORPUS is None:
-        from asteria.train.corpus import load_corpus
+    from asteria.train.corpus import load_corpus
 
-        _CORPUS = load_corpus()
-    return _CORPUS
+    return load_corpus()
 
 
 def _run_one(name: str, mode: str, args: Any, seed: int) -> dict[str, Any]:
