@@ -58,7 +58,11 @@ def batch(seed: int, step: int) -> torch.Tensor:
 
 
 def say(*words: object) -> None:
-    print(*words, flush=True)
+    """Prints one event line with a single write (atomic on a pipe): a process killed while printing leaves no
+    partial line to run into the server's next one (stdout may be unbuffered, e.g. PYTHONUNBUFFERED=1, when
+    print() writes each word separately)."""
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (" ".join(str(w) for w in words) + "\n").encode())
 
 
 def main(argv: list[str] | None = None) -> int:
