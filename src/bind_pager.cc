@@ -176,6 +176,8 @@ void init_pager(py::module_& m) {
         d["bytes_read"] = s.bytes_read;
         d["extents"] = s.extents;
         d["file_bytes"] = s.file_bytes;
+        d["preallocated_bytes"] = s.preallocated_bytes;
+        d["preallocation_error"] = s.preallocation_error;
         d["io_errors"] = s.io_errors;
         d["crc_failures"] = s.crc_failures;
         d["faults_injected"] = s.faults_injected;

@@ -5,6 +5,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -443,7 +444,38 @@ std::uint64_t Pager::take_location(std::size_t capacity) {
   const std::uint64_t offset = file_end_;
   file_end_ += capacity;
   stats_.file_bytes = file_end_;
+  // Out-of-place writes take new space here too: reserve it ahead of the write. A failure is left to
+  // the write itself, which reports it through wait() like any failed write.
+  (void)preallocate(file_end_);
   return offset;
+}
+
+int Pager::preallocate(std::uint64_t end) {
+  if (preallocate_off_ || end <= reserved_end_) return 0;
+  // Grow by a quarter of the file (1..64 MiB) beyond what is needed: few calls, little unused space.
+  constexpr std::uint64_t kMiB = 1u << 20;
+  const std::uint64_t ahead = std::min<std::uint64_t>(64 * kMiB, std::max<std::uint64_t>(kMiB, reserved_end_ / 4));
+  const std::uint64_t target = (end + ahead + kMiB - 1) / kMiB * kMiB;
+  int err = 0;
+  for (const std::uint64_t upto : {target, end}) {  // then only what is needed when the disk is nearly full
+    int r;
+    do {
+      r = ::fallocate(fd_, 0, static_cast<off_t>(reserved_end_), static_cast<off_t>(upto - reserved_end_));
+    } while (r != 0 && errno == EINTR);
+    if (r == 0) {
+      reserved_end_ = upto;
+      stats_.preallocated_bytes = upto;
+      return 0;
+    }
+    err = errno;
+    if (err != ENOSPC && err != EDQUOT && err != EFBIG) {
+      // Not a lack of space: the file system cannot reserve (EOPNOTSUPP, ...). The writes allocate.
+      preallocate_off_ = true;
+      stats_.preallocation_error = "fallocate: " + errno_text(err) + " (the writes allocate the file's blocks)";
+      return 0;
+    }
+  }
+  return err;
 }
 
 ExtentId Pager::allocate(std::size_t bytes) {
@@ -453,6 +485,19 @@ ExtentId Pager::allocate(std::size_t bytes) {
   Extent e;
   e.capacity = cap;
   e.offset = take_location(cap);
+  if (const int err = preallocate(e.offset + cap); err != 0) {
+    if (e.offset + cap == file_end_) {  // hand the location back: later, smaller extents may still fit
+      file_end_ = e.offset;
+      stats_.file_bytes = file_end_;
+    } else {
+      free_.emplace(cap, e.offset);
+    }
+    throw Error(ErrorCategory::kIo,
+                "[pager::allocate] " + errno_text(err) + ": needed " + std::to_string(cap) + " bytes at offset " +
+                    std::to_string(e.offset) + " of " + file_desc_ + ". Free space in '" + parent_ +
+                    "', choose another nvme_path or raise host_budget.",
+                err);
+  }
   const ExtentId id = next_extent_++;
   extents_.emplace(id, e);
   stats_.extents = extents_.size();

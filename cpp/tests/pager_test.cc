@@ -59,13 +59,6 @@ class PagerBackends : public ::testing::TestWithParam<asteria::PagerBackend> {
   }
 };
 
-TEST(Crc32c, KnownVector) {
-  // The standard check value of CRC-32C for "123456789".
-  EXPECT_EQ(asteria::crc32c("123456789", 9), 0xE3069283u);
-  // Incremental computation equals one pass.
-  EXPECT_EQ(asteria::crc32c("6789", 4, asteria::crc32c("12345", 5)), 0xE3069283u);
-}
-
 TEST_P(PagerBackends, RoundTripIsBitIdentical) {
   asteria::Pager pager(opts());
   std::vector<asteria::ExtentId> ids;
@@ -149,6 +142,75 @@ TEST_P(PagerBackends, FailedWriteIsReportedAndInvalidatesTheExtent) {
   EXPECT_THROW(pager.read(big, dst.data()), asteria::Error);  // never read back as valid
   pager.wait(pager.read(small, dst.data()));                  // other extents unharmed
   EXPECT_EQ(std::memcmp(dst.data(), buf.data(), 4096), 0);
+}
+
+// A full disk is found when the extent is allocated (its space is reserved with fallocate), before any
+// data depends on it: a clear ENOSPC-class error with the bytes and the fix, and the pager keeps working.
+TEST_P(PagerBackends, FullDiskIsReportedAtAllocation) {
+  struct sigaction ign {}, old {};
+  ign.sa_handler = SIG_IGN;
+  sigaction(SIGXFSZ, &ign, &old);
+  rlimit saved{};
+  getrlimit(RLIMIT_FSIZE, &saved);
+  asteria::Pager pager(opts());
+  if (!pager.stats().preallocation_error.empty()) {
+    sigaction(SIGXFSZ, &old, nullptr);
+    GTEST_SKIP() << "this file system cannot reserve space: " << pager.stats().preallocation_error;
+  }
+  auto small = pager.allocate(4096);
+  const std::uint64_t reserved = pager.stats().preallocated_bytes;
+  rlimit lim = saved;
+  lim.rlim_cur = reserved;  // the file may not grow past what is reserved now
+  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &lim), 0);
+  std::string msg;
+  int err = 0;
+  try {
+    pager.allocate(reserved + (1 << 20));
+  } catch (const asteria::Error& e) {
+    msg = e.what();
+    err = e.os_errno();
+  }
+  auto fits = pager.allocate(4096);  // space the file already has is still handed out
+  setrlimit(RLIMIT_FSIZE, &saved);
+  sigaction(SIGXFSZ, &old, nullptr);
+  ASSERT_FALSE(msg.empty()) << "an extent the disk cannot hold was allocated";
+  EXPECT_EQ(err, EFBIG);
+  EXPECT_NE(msg.find("[pager::allocate]"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("needed " + std::to_string(reserved + (1 << 20)) + " bytes"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("Free space in '" + parent_of(pager.directory()) + "'"), std::string::npos) << msg;
+  auto buf = pool().acquire(8192);
+  auto dst = pool().acquire(8192);
+  for (auto [e, seed] : {std::pair{small, 1u}, std::pair{fits, 2u}}) {
+    fill(buf.data(), 4096, seed);
+    pager.wait(pager.write(e, buf.data(), 4096));
+    pager.wait(pager.read(e, dst.data()));
+    EXPECT_EQ(std::memcmp(dst.data(), buf.data(), 4096), 0);
+  }
+}
+
+// The swap file's blocks are reserved ahead of the writes (fallocate), so writes land in space the file
+// system has already allocated; the reservation stays a bounded step ahead of what extents use.
+TEST_P(PagerBackends, SpaceIsReservedAheadOfWrites) {
+  asteria::PagerOptions o = opts();
+  o.keep_swap_name = true;
+  asteria::Pager pager(o);
+  if (!pager.stats().preallocation_error.empty()) GTEST_SKIP() << pager.stats().preallocation_error;
+  std::vector<asteria::ExtentId> ids;
+  for (int i = 0; i < 40; ++i) ids.push_back(pager.allocate(1u << 20));
+  const auto s = pager.stats();
+  EXPECT_EQ(s.file_bytes, 40u << 20);
+  EXPECT_GE(s.preallocated_bytes, s.file_bytes);
+  EXPECT_LE(s.preallocated_bytes, s.file_bytes + s.file_bytes / 4 + (2u << 20)) << "reserves far more than needed";
+  struct stat st {};
+  ASSERT_EQ(::stat(pager.swap_path().c_str(), &st), 0);
+  EXPECT_GE(static_cast<std::uint64_t>(st.st_blocks) * 512, s.file_bytes) << "no blocks reserved before any write";
+  EXPECT_EQ(s.writes, 0u);
+  // Out-of-place rewrites reserve their new space as well.
+  auto buf = pool().acquire(1u << 20);
+  fill(buf.data(), 1u << 20, 5);
+  for (auto e : ids) pager.wait(pager.write(e, buf.data(), 1u << 20));
+  pager.wait(pager.write(ids[0], buf.data(), 1u << 20));
+  EXPECT_GE(pager.stats().preallocated_bytes, pager.stats().file_bytes);
 }
 
 // Default: the swap file loses its name (and its directory) as soon as it is open, so a killed process

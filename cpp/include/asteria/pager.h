@@ -84,6 +84,11 @@ struct PagerStats {
   bool swap_name_kept = false;  // the swap file and its directory still have names (keep_swap_name)
   std::uint64_t writes = 0, reads = 0, bytes_written = 0, bytes_read = 0;
   std::uint64_t extents = 0, file_bytes = 0;
+  // Bytes of the swap file reserved on disk ahead of the writes (fallocate): writes then go to blocks
+  // the file system has already allocated. preallocation_error says why the file system refused (the
+  // pager then lets the writes allocate, as before); empty when preallocation works.
+  std::uint64_t preallocated_bytes = 0;
+  std::string preallocation_error;
   std::uint64_t io_errors = 0, crc_failures = 0;
   std::uint64_t faults_injected = 0;     // requests failed by the test hook
   // Registered buffers (io_uring only): how many are registered, their bytes, how many requests
@@ -110,7 +115,10 @@ class Pager {
   Pager(const Pager&) = delete;
   Pager& operator=(const Pager&) = delete;
 
-  // Reserves an extent able to hold `bytes` bytes (> 0). Never blocks on I/O.
+  // Reserves an extent able to hold `bytes` bytes (> 0). Never waits for requests in flight. The
+  // space is reserved on disk now (fallocate, growing the file a little ahead of need), so a full disk
+  // is reported here — Error kIo with ENOSPC, saying how many bytes were needed and where — before any
+  // data depends on it; file systems without fallocate skip the reservation.
   ExtentId allocate(std::size_t bytes);
   // Returns the extent's space for reuse. It must have no request in flight.
   void release(ExtentId extent);
@@ -173,6 +181,10 @@ class Pager {
   void complete(TicketId id, int error, std::size_t moved);
   PagerFaultKind take_fault(bool write);  // the test hook's decision for the next request (mu_ held)
   std::uint64_t take_location(std::size_t capacity);  // mu_ held
+  // Reserves the file's blocks up to `end` (and some ahead). Returns 0, or ENOSPC/EDQUOT/EFBIG when
+  // [.., end) itself does not fit; any other refusal (no fallocate on this file system) turns
+  // reservation off for good, recorded in stats().preallocation_error, and returns 0 (mu_ held).
+  int preallocate(std::uint64_t end);
   void remove_names() noexcept;  // unlinks a kept swap file name and removes the directory
   void note_start(bool write);  // busy-time bookkeeping (mu_ held)
   void note_end(bool write);
@@ -193,6 +205,8 @@ class Pager {
   std::map<ExtentId, Extent> extents_;
   std::multimap<std::size_t, std::uint64_t> free_;  // capacity -> offset
   std::uint64_t file_end_ = 0;
+  std::uint64_t reserved_end_ = 0;  // the file's blocks [0, reserved_end_) are allocated (preallocate)
+  bool preallocate_off_ = false;    // the file system does not support fallocate
   std::map<TicketId, Ticket> tickets_;
   ExtentId next_extent_ = 1;
   TicketId next_ticket_ = 1;

@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patterns", default="seq,rand", help="default: %(default)s")
     p.add_argument("--total-mib", type=int, default=256, help="bytes per run, at least 2 x size x depth (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds, medians compared (default: %(default)s)")
+    p.add_argument("--layout", choices=("rewrite", "fresh"), default="rewrite",
+                   help="write over blocks written before (the NVMe tier's steady state) or into a new file each run "
+                        "(default: %(default)s)")
     p.add_argument("--no-fio", action="store_true", help="skip the fio comparison")
     args = parser.parse_args(argv)
     if args.command == "pager":

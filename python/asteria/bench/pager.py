@@ -11,6 +11,14 @@ both with O_DIRECT, block size = extent size, on files in the same directory. Th
 (``--repeats`` rounds) and the medians are compared: ratio = asteria GB/s / fio GB/s. asteria also computes a
 CRC32C of every extent (on write and on read) and writes out of place; fio does neither. Without fio on the
 PATH (Debian: ``apt-get install fio``) only asteria's numbers are printed.
+
+Both write into the same state of the file (``--layout``):
+
+* ``rewrite`` (default; what the NVMe tier does at every step): blocks that were written before. fio overwrites
+  a file laid out once; the pager's timed write sweep follows two untimed ones, so that its out-of-place writes
+  land in the space of older copies, as they do in training;
+* ``fresh``: a new file each run. The pager reserves its space with ``fallocate`` as it allocates extents; fio's
+  file is removed before each run, and fio reserves it the same way (``fallocate=native``).
 """
 
 from __future__ import annotations
@@ -32,8 +40,12 @@ from asteria import _core
 _MIB = 1 << 20
 
 
-def _asteria_run(directory: str, backend: str, op: str, pattern: str, size: int, depth: int, total: int, seed: int) -> dict[str, Any]:
-    """GB/s of writing (then, for op='read', reading back) ``total`` bytes in extents of ``size`` at queue depth ``depth``."""
+def _asteria_run(directory: str, backend: str, op: str, pattern: str, size: int, depth: int, total: int, seed: int,
+                 layout: str = "rewrite") -> dict[str, Any]:
+    """GB/s of writing (then, for op='read', reading back) ``total`` bytes in extents of ``size`` at queue depth ``depth``.
+
+    With ``layout="rewrite"`` a timed write sweep follows two untimed ones (the steady state of out-of-place writes).
+    """
     pool = _core.PinnedPool(budget_bytes=depth * size + _MIB, lock=True, cache_released=False)
     bufs = [pool.acquire(size) for _ in range(depth)]
     rng = np.random.default_rng(seed)
@@ -68,6 +80,9 @@ def _asteria_run(directory: str, backend: str, op: str, pattern: str, size: int,
                 pager.wait(t)
             return time.perf_counter() - t0
 
+        if op == "write" and layout == "rewrite":
+            sweep(True)
+            sweep(True)
         seconds = sweep(True)
         if op == "read":
             seconds = sweep(False)
@@ -75,9 +90,22 @@ def _asteria_run(directory: str, backend: str, op: str, pattern: str, size: int,
     return {"gbps": n * size / seconds / 1e9, "backend": s["backend"], "direct_io": s["direct_io"], "fixed": fixed}
 
 
-def _fio_run(fio: str, directory: str, backend: str, op: str, pattern: str, size: int, depth: int, total: int) -> float:
+def _fio_path(directory: str) -> str:
+    return os.path.join(directory, "fio-bench.dat")
+
+
+def _fio_layout(fio: str, directory: str, total: int) -> None:
+    """Writes fio's file once, untimed, so that the ``rewrite`` layout's fio runs overwrite written blocks."""
+    subprocess.run([fio, "--name=layout", f"--filename={_fio_path(directory)}", "--bs=1m", "--rw=write", "--direct=1",
+                    f"--size={total}", "--output-format=json"], capture_output=True, text=True, check=True)
+
+
+def _fio_run(fio: str, directory: str, backend: str, op: str, pattern: str, size: int, depth: int, total: int,
+             layout: str = "rewrite") -> float:
     rw = {("seq", "write"): "write", ("seq", "read"): "read", ("rand", "write"): "randwrite", ("rand", "read"): "randread"}[(pattern, op)]
-    path = os.path.join(directory, "fio-bench.dat")
+    path = _fio_path(directory)
+    if layout == "fresh" and os.path.exists(path):
+        os.unlink(path)
     args = [fio, "--name=asteria-compare", f"--filename={path}", f"--bs={size}", f"--rw={rw}", "--direct=1",
             "--output-format=json", "--group_reporting", "--thread"]
     if backend == "io_uring":
@@ -98,14 +126,18 @@ def run(args: Any) -> None:
     fio = None if args.no_fio else shutil.which("fio")
     directory = args.dir or os.environ.get("ASTERIA_BENCH_DIR") or tempfile.gettempdir()
     work = tempfile.mkdtemp(prefix="asteria-bench-pager-", dir=directory)
+    layout = args.layout
     print(f"asteria-bench pager: directory {directory}, at least {args.total_mib} MiB per run, median of "
-          f"{args.repeats} alternating rounds; asteria includes CRC32C on every extent and out-of-place writes")
+          f"{args.repeats} alternating rounds; asteria includes CRC32C on every extent and out-of-place writes; "
+          f"layout {layout} ({'writes overwrite blocks written before' if layout == 'rewrite' else 'a new file each run'})")
     if fio is None:
         print("  fio not found (Debian: apt-get install fio): printing asteria's numbers only" if not args.no_fio
               else "  --no-fio: printing asteria's numbers only")
     print(f"{'backend':9} {'pattern':7} {'op':5} {'size':>7} {'QD':>3} {'asteria GB/s':>13} {'fio GB/s':>9} {'ratio':>6}")
     ratios = []
     try:
+        if fio is not None and layout == "rewrite":
+            _fio_layout(fio, work, max(max(args.total_mib * _MIB, 2 * size * depth) for size in sizes for depth in depths))
         for backend in backends:
             for pattern in patterns:
                 for op in ("write", "read"):
@@ -115,10 +147,10 @@ def run(args: Any) -> None:
                             ours, theirs = [], []
                             info: dict[str, Any] = {}
                             for r in range(args.repeats):
-                                info = _asteria_run(work, backend, op, pattern, size, depth, total, seed=r)
+                                info = _asteria_run(work, backend, op, pattern, size, depth, total, seed=r, layout=layout)
                                 ours.append(info["gbps"])
                                 if fio is not None:
-                                    theirs.append(_fio_run(fio, work, backend, op, pattern, size, depth, total))
+                                    theirs.append(_fio_run(fio, work, backend, op, pattern, size, depth, total, layout))
                             a = statistics.median(ours)
                             f = statistics.median(theirs) if theirs else None
                             ratio = a / f if f else None
