@@ -99,9 +99,10 @@ void init_scheduler(py::module_& m) {
       .def(py::init([](int workers, std::size_t queue_capacity, int blas_threads, bool flush_denormals,
                        double test_delay_s, double test_jitter_s, std::uint64_t test_seed, const std::string& test_fault,
                        const std::string& test_fault_job, std::uint64_t test_fault_skip,
-                       std::uint64_t test_fault_count) {
+                       std::uint64_t test_fault_count, std::vector<int> cpus) {
              asteria::SchedulerOptions o;
              o.workers = workers;
+             o.cpus = std::move(cpus);
              o.queue_capacity = queue_capacity;
              o.blas_threads = blas_threads;
              o.flush_denormals = flush_denormals;
@@ -114,7 +115,8 @@ void init_scheduler(py::module_& m) {
            py::kw_only(), py::arg("workers") = 1, py::arg("queue_capacity") = 4096, py::arg("blas_threads") = 1,
            py::arg("flush_denormals") = true, py::arg("test_delay_s") = 0.0, py::arg("test_jitter_s") = 0.0,
            py::arg("test_seed") = 0, py::arg("test_fault") = "none", py::arg("test_fault_job") = "any",
-           py::arg("test_fault_skip") = 0, py::arg("test_fault_count") = 1,
+           py::arg("test_fault_skip") = 0, py::arg("test_fault_count") = 1, py::arg("cpus") = std::vector<int>{},
+           "cpus: CPU numbers the workers are pinned to (empty: inherit the caller's affinity).\n"
            "test_delay_s / test_jitter_s / test_seed: TEST HOOK (SchedulerOptions::test_delay_seconds): each job "
            "first waits test_delay_s plus a uniform random extra in [0, test_jitter_s]; shutdown interrupts it.\n"
            "test_fault / test_fault_job / test_fault_skip / test_fault_count: TEST HOOK, see set_test_fault.")
@@ -159,16 +161,18 @@ void init_scheduler(py::module_& m) {
       .def(
           "submit_eigenbasis_refresh",
           [](RefreshScheduler& s, std::uint64_t block_id, std::int64_t version, std::int64_t deadline,
-             const py::array& a, const py::array& q, bool sort, std::uintptr_t wait_event) {
+             const py::array& a, const py::array& q, bool sort, bool rotation, std::uintptr_t wait_event) {
             auto spec = base_spec(JobKind::kEigenbasisRefresh, block_id, version, deadline, wait_event);
             spec.inputs.push_back(square_from_numpy(a, "RefreshScheduler.submit_eigenbasis_refresh"));
             spec.inputs.push_back(square_from_numpy(q, "RefreshScheduler.submit_eigenbasis_refresh"));
             spec.sort = sort;
+            spec.rotation = rotation;
             return s.submit(std::move(spec));
           },
           py::arg("block_id"), py::arg("version"), py::arg("deadline"), py::arg("a"), py::arg("q"), py::kw_only(),
-          py::arg("sort") = true, py::arg("wait_event") = 0,
-          "Queue a SOAP (sort=True) or KL (sort=False) eigenbasis refresh; outputs 'basis' and 'permutation'.")
+          py::arg("sort") = true, py::arg("rotation") = true, py::arg("wait_event") = 0,
+          "Queue a SOAP (sort=True) or KL (sort=False) eigenbasis refresh; outputs 'basis', 'permutation' and, "
+          "with rotation=True, 'rotation' = qᵀ·basis.")
       .def(
           "submit_sleep",
           [](RefreshScheduler& s, std::uint64_t block_id, std::int64_t version, std::int64_t deadline,

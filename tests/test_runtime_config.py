@@ -34,6 +34,33 @@ def test_default_workers_use_the_cores_training_leaves_free(monkeypatch):
     assert RuntimeConfig().resolved_workers() == 8  # capped
 
 
+def test_worker_cpus_pin_the_workers_and_set_their_number():
+    import os
+    import threading
+
+    from asteria.runtime import Runtime
+
+    cpu = max(os.sched_getaffinity(0))
+    cfg = RuntimeConfig(worker_cpus=[cpu])
+    assert cfg.worker_cpus == (cpu,) and cfg.resolved_workers() == 1
+    assert RuntimeConfig(worker_cpus=[cpu], workers=3).resolved_workers() == 3
+    before = set(os.listdir("/proc/self/task"))
+    rt = Runtime(RuntimeConfig(worker_cpus=[cpu], workers=2))
+    try:
+        assert rt.scheduler.workers == 2
+        new = [int(t) for t in set(os.listdir("/proc/self/task")) - before]
+        assert len(new) == 2 and all(os.sched_getaffinity(t) == {cpu} for t in new)
+        assert os.sched_getaffinity(threading.get_native_id()) != {cpu} or len(os.sched_getaffinity(0)) == 1
+    finally:
+        rt.close()
+    rt = Runtime(RuntimeConfig(worker_cpus=[1023]))
+    try:
+        with pytest.raises(ValueError, match="cannot pin the workers to CPUs 1023"):
+            rt.scheduler  # noqa: B018 - starts the workers
+    finally:
+        rt.close()
+
+
 def test_keyword_only():
     with pytest.raises(TypeError):
         RuntimeConfig("sync")  # type: ignore[misc]
@@ -49,6 +76,11 @@ def test_keyword_only():
         (dict(workers=0), "workers"),
         (dict(workers=True), "workers"),
         (dict(hooks=1), "hooks"),
+        (dict(worker_cpus=[]), "worker_cpus"),
+        (dict(worker_cpus=[-1]), "worker_cpus"),
+        (dict(worker_cpus=[0, 0]), "twice"),
+        (dict(worker_cpus="01"), "worker_cpus"),
+        (dict(worker_cpus=[True]), "worker_cpus"),
         (dict(refresh="sync", staleness=5), "staleness"),
         (dict(refresh="sync", install="eager"), "eager"),
     ],

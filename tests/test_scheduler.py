@@ -136,6 +136,18 @@ def test_eigenbasis_refresh_returns_the_install_rotation(dtype):
     assert rot.dtype == dtype and rot.shape == (12, 12)
     tol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(rot, q.T.astype(np.float64) @ res.outputs["basis"].astype(np.float64), atol=tol)
+    with _core.RefreshScheduler(workers=1) as sched:  # KL-Shampoo rotates no moment: it asks for no rotation
+        res2 = sched.wait(sched.submit_eigenbasis_refresh(0, 1, 2, a, q, rotation=False))
+    assert res2.ok and "rotation" not in res2.outputs
+    np.testing.assert_array_equal(res2.outputs["basis"], res.outputs["basis"])
+
+
+def test_kl_shampoo_refreshes_ask_for_no_rotation_and_kl_soap_ones_do():
+    from asteria import KLSOAP, KLShampoo
+
+    p = torch.nn.Parameter(torch.zeros(4, 3))
+    assert KLShampoo([p])._refresh_options()["rotation"] is False
+    assert KLSOAP([p])._refresh_options()["rotation"] is True
 
 
 # ----------------------------------------------------------------------------------------- the fault-injection hook

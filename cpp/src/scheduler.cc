@@ -1,8 +1,12 @@
 #include "asteria/scheduler.h"
 
+#include <pthread.h>
+#include <sched.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <limits>
 #include <new>
@@ -134,12 +138,14 @@ std::vector<std::pair<std::string, HostTensor>> run_typed(const JobSpec& s) {
       auto q = HostTensor::empty(dt, {n, n});
       auto p = HostTensor::empty(DType::kInt64, {n});
       linalg::eigenbasis_refresh<T>(n, a.ptr<T>(), s.inputs[1].ptr<T>(), q.ptr<T>(), p.ptr<std::int64_t>(), s.sort);
-      // R = Q_oldᵀ·Q_new: what the install rotates the first moment with, computed here, off the training thread
-      auto r = HostTensor::empty(dt, {n, n});
-      linalg::matmul_tn<T>(n, s.inputs[1].ptr<T>(), q.ptr<T>(), r.ptr<T>());
       out.emplace_back("basis", std::move(q));
       out.emplace_back("permutation", std::move(p));
-      out.emplace_back("rotation", std::move(r));
+      if (s.rotation) {
+        // R = Q_oldᵀ·Q_new: what the install rotates the first moment with, computed here, off the training thread
+        auto r = HostTensor::empty(dt, {n, n});
+        linalg::matmul_tn<T>(n, s.inputs[1].ptr<T>(), out[0].second.ptr<T>(), r.ptr<T>());
+        out.emplace_back("rotation", std::move(r));
+      }
       break;
     }
     case JobKind::kTask: break;
@@ -283,8 +289,27 @@ RefreshScheduler::RefreshScheduler(const SchedulerOptions& opts)
   linalg::set_num_threads(opts.blas_threads);
   busy_ns_ = std::make_unique<std::atomic<std::int64_t>[]>(static_cast<std::size_t>(opts.workers));
   for (int i = 0; i < opts.workers; ++i) busy_ns_[i].store(0);
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  std::string listed;
+  for (int cpu : opts.cpus) {
+    ASTERIA_CHECK(cpu >= 0 && cpu < CPU_SETSIZE, kInvalidArgument,
+                  "[scheduler] cpus must be CPU numbers in 0.." << CPU_SETSIZE - 1 << ", got " << cpu);
+    CPU_SET(cpu, &set);
+    listed += (listed.empty() ? "" : ",") + std::to_string(cpu);
+  }
   threads_.reserve(static_cast<std::size_t>(opts.workers));
-  for (int i = 0; i < opts.workers; ++i) threads_.emplace_back([this, i] { worker_main(i); });
+  for (int i = 0; i < opts.workers; ++i) {
+    threads_.emplace_back([this, i] { worker_main(i); });
+    if (opts.cpus.empty()) continue;
+    const int e = pthread_setaffinity_np(threads_.back().native_handle(), sizeof(set), &set);
+    if (e != 0) {
+      shutdown();
+      throw Error(ErrorCategory::kInvalidArgument,
+                  "[scheduler] cannot pin the workers to CPUs " + listed + ": " + std::strerror(e) +
+                      " (each must be a CPU this process may use; see os.sched_getaffinity(0) and the cgroup's cpuset)");
+    }
+  }
 }
 
 RefreshScheduler::~RefreshScheduler() { shutdown(); }

@@ -1,5 +1,7 @@
 #include "asteria/scheduler.h"
 
+#include <sched.h>
+
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -431,6 +433,49 @@ TEST(Scheduler, NonFiniteResultIsRejectedByTheWorker) {
   auto r3 = s.wait(s.submit(eigh_job(1, 1, 9)));  // the hook is spent
   EXPECT_EQ(r3.status, asteria::JobStatus::kOk) << r3.message;
   EXPECT_EQ(s.stats().faults_injected, 2u);
+}
+
+// SchedulerOptions::cpus pins every worker to the set: jobs run only there, and the thread's affinity is
+// exactly the set. A CPU the process may not use is refused when the workers start.
+TEST(Scheduler, WorkersRunOnlyOnTheirCpus) {
+  cpu_set_t allowed;
+  ASSERT_EQ(sched_getaffinity(0, sizeof(allowed), &allowed), 0);
+  int last = -1;
+  for (int c = 0; c < CPU_SETSIZE; ++c)
+    if (CPU_ISSET(c, &allowed)) last = c;
+  ASSERT_GE(last, 0);
+  asteria::SchedulerOptions o = workers(2);
+  o.cpus = {last};
+  asteria::RefreshScheduler s(o);
+  std::atomic<int> elsewhere{0}, ran{0}, set_size{0};
+  std::vector<asteria::JobId> ids;
+  for (int i = 0; i < 20; ++i)
+    ids.push_back(s.submit(task_job(i, [&] {
+      cpu_set_t mine;
+      sched_getaffinity(0, sizeof(mine), &mine);
+      set_size.store(CPU_COUNT(&mine));
+      if (sched_getcpu() != last || !CPU_ISSET(last, &mine)) elsewhere.fetch_add(1);
+      ran.fetch_add(1);
+    })));
+  for (auto id : ids) EXPECT_EQ(s.wait(id).status, asteria::JobStatus::kOk);
+  EXPECT_EQ(ran.load(), 20);
+  EXPECT_EQ(elsewhere.load(), 0);
+  EXPECT_EQ(set_size.load(), 1);
+
+  asteria::SchedulerOptions bad = workers(1);
+  bad.cpus = {CPU_SETSIZE - 1};  // no machine this runs on has it
+  try {
+    asteria::RefreshScheduler refused(bad);
+    FAIL() << "a CPU outside the process's set was accepted";
+  } catch (const asteria::Error& e) {
+    EXPECT_EQ(e.category(), asteria::ErrorCategory::kInvalidArgument);
+    EXPECT_NE(std::string(e.what()).find("cannot pin the workers to CPUs " + std::to_string(CPU_SETSIZE - 1)),
+              std::string::npos)
+        << e.what();
+  }
+  asteria::SchedulerOptions negative = workers(1);
+  negative.cpus = {-1};
+  EXPECT_THROW(asteria::RefreshScheduler refused(negative), asteria::Error);
 }
 
 TEST(Scheduler, BadTestFaultIsInvalidArgument) {

@@ -132,7 +132,7 @@ class RefreshScheduler:
     def __init__(
         self, *, workers: int = 1, queue_capacity: int = 4096, blas_threads: int = 1, flush_denormals: bool = True,
         test_delay_s: float = 0.0, test_jitter_s: float = 0.0, test_seed: int = 0, test_fault: str = "none",
-        test_fault_job: str = "any", test_fault_skip: int = 0, test_fault_count: int = 1,
+        test_fault_job: str = "any", test_fault_skip: int = 0, test_fault_count: int = 1, cpus: list[int] = ...,
     ) -> None: ...
     def set_test_fault(self, kind: str, *, job: str = "any", skip: int = 0, count: int = 1) -> None:
         """TEST HOOK: 'solver', 'exception', 'bad_alloc', 'nonfinite' or 'none' for the next matching jobs."""
@@ -147,7 +147,7 @@ class RefreshScheduler:
     ) -> int: ...
     def submit_eigenbasis_refresh(
         self, block_id: int, version: int, deadline: int, a: npt.NDArray[np.floating],
-        q: npt.NDArray[np.floating], *, sort: bool = True, wait_event: int = 0,
+        q: npt.NDArray[np.floating], *, sort: bool = True, rotation: bool = True, wait_event: int = 0,
     ) -> int: ...
     def submit_sleep(self, block_id: int, version: int, deadline: int, seconds: float) -> int: ...
     def poll(self) -> list[JobResult]: ...

@@ -54,7 +54,7 @@ struct HostTensor {
 enum class JobKind : int {
   kEigh = 0,               // inputs {A}; outputs {eigenvalues, eigenvectors}
   kInverseRoot = 1,        // inputs {A}; outputs {root}
-  kEigenbasisRefresh = 2,  // inputs {L, Q}; outputs {basis, permutation, rotation = Qᵀ·basis}
+  kEigenbasisRefresh = 2,  // inputs {L, Q}; outputs {basis, permutation, rotation = Qᵀ·basis (unless !rotation)}
   kTask = 3,               // run `task` (tests, benchmarks, custom work); no outputs
 };
 enum class JobStatus : int { kOk = 0, kFailed = 1, kCancelled = 2 };
@@ -77,6 +77,7 @@ struct JobSpec {
   linalg::NewtonOptions newton;
   // kEigenbasisRefresh
   bool sort = true;
+  bool rotation = true;  // also return R = Qᵀ·basis (what SOAP rotates its first moment with); KL-Shampoo needs none
   // kTask
   std::function<void()> task;
   // Optional: run by the worker right before the job (any kind), e.g. to wait for the asynchronous
@@ -123,6 +124,10 @@ struct SchedulerOptions {
   int blas_threads = 1;
   // Set flush-to-zero / denormals-are-zero on worker threads (denormals slow LAPACK badly).
   bool flush_denormals = true;
+  // CPUs the workers may run on (Linux CPU numbers, each worker pinned to the whole set); empty: the
+  // workers inherit the creating thread's affinity. The constructor throws kInvalidArgument (with the
+  // errno text) when the kernel refuses the set, e.g. a CPU outside the process's cpuset.
+  std::vector<int> cpus;
   // TEST HOOK, leave at 0 in production. Before running each job a worker waits
   // test_delay_seconds plus a uniform random extra in [0, test_jitter_seconds] (seconds, >= 0,
   // at most 3600 each), drawn from a per-worker generator seeded with test_seed + worker index.

@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="learning rate of every configuration (default: AdamW and SOAP/Shampoo 1e-3, KL 1e-4)")
     p.add_argument("--eval-batches", type=int, default=16,
                    help="validation batches evaluated after each run, outside the timed steps (default: %(default)s)")
+    p.add_argument("--pin", action="store_true",
+                   help="pin the training thread to the first CPU of this process and the refresh workers to the "
+                        "others (RuntimeConfig.worker_cpus), so that neither migrates onto the other's core")
     p.add_argument("--out", default="bench-overhead", help="folder for overhead.json and the PNG (default: %(default)s)")
     p = sub.add_parser("transfer", help="host<->device copy bandwidth: runtime leases vs torch pinned memory (CUDA)")
     p.add_argument("--sizes", default="4,16,64,256", help="comma-separated MiB (default: %(default)s)")

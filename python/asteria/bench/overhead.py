@@ -14,8 +14,11 @@ for each second-order optimizer in three modes:
 With ``--device cuda`` the model trains on the GPU and each step is timed up to a device synchronisation
 (the benchmark's, not the runtime's), so the step time includes the kernels it queued.
 
-The configurations run interleaved (``--repeats`` rounds), so drift of a shared machine affects all of them
-alike, and the medians over rounds are reported: per-step median, p99, max and mean of the full training
+Each round (``--repeats``, seed r in round r) trains all configurations in lockstep: one refresh period of
+each in turn, the order rotating every period (see `_run_round`), so drift of a shared machine reaches all of
+them alike; the medians over rounds are reported. ``--pin`` pins the training thread to the first CPU the process may use and the refresh workers to
+the others (`RuntimeConfig.worker_cpus`), so that the scheduler never moves one onto the other's core. The
+report has: per-step median, p99, max and mean of the full training
 step (forward, backward, ``opt.step()``), the stalls of the async runtime, and the *hidden fraction*
 ``(sync mean − async mean) / (sync mean − floor mean)``: 1 means the refresh is completely off the critical
 path, 0 means async is no better than sync. A PNG of the step-time timelines (first round) is written.
@@ -58,7 +61,7 @@ def _no_refresh(cls: type) -> type:
 
 
 def _build(name: str, mode: str, model: torch.nn.Module, freq: int, staleness: int = 5,
-           lr: float | None = None) -> torch.optim.Optimizer:
+           lr: float | None = None, worker_cpus: tuple[int, ...] | None = None) -> torch.optim.Optimizer:
     import asteria
 
     if name == "adamw":
@@ -75,7 +78,8 @@ def _build(name: str, mode: str, model: torch.nn.Module, freq: int, staleness: i
     elif refresh == "sync":
         runtime = asteria.RuntimeConfig(refresh="sync", refresh_device=route)
     else:
-        runtime = asteria.RuntimeConfig(refresh="async", staleness=staleness, refresh_device=route)
+        runtime = asteria.RuntimeConfig(refresh="async", staleness=staleness, refresh_device=route,
+                                        worker_cpus=worker_cpus)
     lr = lr or (1e-4 if name.startswith("kl") else 1e-3)
     return cls(model.parameters(), lr=lr, runtime=runtime, **kw)
 
@@ -88,56 +92,92 @@ def _corpus() -> Any:
     return load_corpus()
 
 
-def _run_one(name: str, mode: str, args: Any, seed: int) -> dict[str, Any]:
-    from asteria.train.corpus import train_batch, val_batches
-    from asteria.train.loop import evaluate
-    from asteria.train.model import GPT, ModelConfig
+class _Run:
+    """One configuration's training run, advanced a chunk of steps at a time (see `_run_round`)."""
 
-    torch.manual_seed(seed)
-    device = torch.device(getattr(args, "device", "cpu"))
-    cfg = ModelConfig(n_layer=args.layers, n_head=4, d_model=args.d_model, context=args.context)
-    model = GPT(cfg).to(device)
-    opt = _build(name, mode, model, args.frequency, getattr(args, "staleness", 5), getattr(args, "lr", None))
-    gen = torch.Generator().manual_seed(seed)
-    corpus = _corpus() if getattr(args, "data", "random") == "corpus" else None
-    cuda = device.type == "cuda"
-    times = []
-    try:
-        for step in range(args.steps):
-            if corpus is not None:
-                x, y = (t.to(device) for t in train_batch(corpus.train, args.batch, args.context, seed, step))
+    def __init__(self, name: str, mode: str, args: Any, seed: int) -> None:
+        from asteria.train.model import GPT, ModelConfig
+
+        torch.manual_seed(seed)
+        self.args, self.seed = args, seed
+        self.device = torch.device(getattr(args, "device", "cpu"))
+        self.cfg = ModelConfig(n_layer=args.layers, n_head=4, d_model=args.d_model, context=args.context)
+        self.model = GPT(self.cfg).to(self.device)
+        self.opt = _build(name, mode, self.model, args.frequency, getattr(args, "staleness", 5), getattr(args, "lr", None),
+                          getattr(args, "worker_cpus", None))
+        self.gen = torch.Generator().manual_seed(seed)
+        self.corpus = _corpus() if getattr(args, "data", "random") == "corpus" else None
+        self.times: list[float] = []
+        self.loss = torch.zeros(())
+
+    def advance(self, steps: int) -> None:
+        from asteria.train.corpus import train_batch
+
+        args, device, cuda = self.args, self.device, self.device.type == "cuda"
+        for step in range(len(self.times), min(args.steps, len(self.times) + steps)):
+            if self.corpus is not None:
+                x, y = (t.to(device) for t in train_batch(self.corpus.train, args.batch, args.context, self.seed, step))
             else:
-                idx = torch.randint(0, cfg.vocab_size, (args.batch, args.context + 1), generator=gen).to(device)
+                idx = torch.randint(0, self.cfg.vocab_size, (args.batch, args.context + 1), generator=self.gen).to(device)
                 x, y = idx[:, :-1], idx[:, 1:]
             if cuda:
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            _, loss = model(x, y)
-            loss.backward()
-            opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            _, self.loss = self.model(x, y)
+            self.loss.backward()
+            self.opt.step()
             if cuda:
                 torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
-        out: dict[str, Any] = {"times": times, "loss": float(loss.detach())}
-        if corpus is not None:
-            batches = val_batches(corpus.val, args.batch, args.context, getattr(args, "eval_batches", 16))
-            out["val_loss"] = evaluate(model, batches, str(device))
-        runtime = getattr(opt, "runtime", None)
-        if runtime is not None:
-            st = runtime.stats()
-            out.update(
-                stalls=st["stalls"],
-                stall_s=sum(st["timeline"]["stall_s"][args.warmup:]),
-                jobs=st["jobs_submitted"],
-                max_staleness=st["summary"]["max_staleness"],
-                worker_busy_s=sum(st.get("scheduler", {}).get("worker_busy_s", [0.0])),
-            )
-    finally:
-        close = getattr(opt, "close", None)
-        if callable(close):
-            close()
-    return out
+            self.times.append(time.perf_counter() - t0)
+
+    def finish(self) -> dict[str, Any]:
+        """Evaluates, collects the runtime's stats and closes the optimizer."""
+        from asteria.train.corpus import val_batches
+        from asteria.train.loop import evaluate
+
+        args = self.args
+        try:
+            out: dict[str, Any] = {"times": self.times, "loss": float(self.loss.detach())}
+            if self.corpus is not None:
+                batches = val_batches(self.corpus.val, args.batch, args.context, getattr(args, "eval_batches", 16))
+                out["val_loss"] = evaluate(self.model, batches, str(self.device))
+            runtime = getattr(self.opt, "runtime", None)
+            if runtime is not None:
+                st = runtime.stats()
+                out.update(
+                    stalls=st["stalls"],
+                    stall_s=sum(st["timeline"]["stall_s"][args.warmup:]),
+                    jobs=st["jobs_submitted"],
+                    max_staleness=st["summary"]["max_staleness"],
+                    worker_busy_s=sum(st.get("scheduler", {}).get("worker_busy_s", [0.0])),
+                )
+        finally:
+            close = getattr(self.opt, "close", None)
+            if callable(close):
+                close()
+        return out
+
+
+def _run_round(configs: list[tuple[str, str]], args: Any, seed: int) -> dict[tuple[str, str], dict[str, Any]]:
+    """Trains every configuration with ``seed``, in lockstep: each runs one refresh period (``--frequency`` steps,
+    aligned with the refresh steps) in turn, the order rotating every period. Machine drift (these VMs speed up
+    and slow down by 10-20% over minutes) then reaches every configuration alike, at the scale of a second. The
+    chunks are aligned with the refresh schedule, so with ``o + S < frequency`` a refresh submitted in a chunk is
+    installed in the same chunk: no refresh runs while another configuration trains."""
+    runs = [_Run(name, mode, args, seed) for name, mode in configs]
+    try:
+        for chunk, start in enumerate(range(0, args.steps, args.frequency)):
+            k = chunk % len(runs)
+            for run in runs[k:] + runs[:k]:
+                run.advance(args.frequency)
+        return {c: run.finish() for c, run in zip(configs, runs)}
+    except BaseException:
+        for run in runs:
+            close = getattr(run.opt, "close", None)
+            if callable(close):
+                close()
+        raise
 
 
 def _summary(times: list[float]) -> dict[str, float]:
@@ -156,17 +196,28 @@ def run(args: Any) -> dict[str, Any]:
     configs = [("adamw", "-")] + [(o, m) for o in opts for m in modes]
     import asteria
 
-    workers = asteria.RuntimeConfig().resolved_workers()
+    pinned = ""
+    if getattr(args, "pin", False):
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            raise SystemExit("asteria-bench overhead --pin: needs at least 2 CPUs (one for training, one for the workers)")
+        os.sched_setaffinity(0, {cpus[0]})  # this thread; threads started later inherit it unless told otherwise
+        args.worker_cpus = tuple(cpus[1:])
+        pinned = f"; training pinned to CPU {cpus[0]}, workers to CPUs {','.join(map(str, cpus[1:]))}"
+    workers = asteria.RuntimeConfig(worker_cpus=getattr(args, "worker_cpus", None)).resolved_workers()
     device = getattr(args, "device", "cpu")
     where = torch.cuda.get_device_name(0) if device.startswith("cuda") else "CPU"
     print(f"asteria-bench overhead: GPT {args.layers} layers, d_model {args.d_model}, context {args.context}, "
           f"batch {args.batch} on {where}; {args.steps} steps (first {args.warmup} excluded), refresh every "
           f"{args.frequency}, staleness {getattr(args, 'staleness', 5)}; torch threads {torch.get_num_threads()}, "
-          f"refresh workers {workers} (cores {len(os.sched_getaffinity(0))}); {args.repeats} interleaved rounds")
+          f"refresh workers {workers} (cores {len(os.sched_getaffinity(0)) + len(getattr(args, 'worker_cpus', None) or ())})"
+          f"{pinned}; {args.repeats} rounds (seeds), configurations in lockstep by refresh period")
+    if getattr(args, "staleness", 5) + 1 >= args.frequency:
+        print(f"  note: staleness + 1 >= frequency: a refresh may still run while another configuration trains, "
+              "which flatters the async modes")
     rounds: dict[tuple[str, str], list[dict[str, Any]]] = {c: [] for c in configs}
     for r in range(args.repeats):
-        for name, mode in configs:
-            res = _run_one(name, mode, args, seed=r)
+        for (name, mode), res in _run_round(configs, args, seed=r).items():
             rounds[(name, mode)].append(res)
             s = _summary(res["times"][args.warmup:])
             print(f"  round {r + 1} {name:>10} {mode:>5}: mean {s['mean'] * 1e3:7.2f} ms  max {s['max'] * 1e3:7.2f} ms",

@@ -254,7 +254,8 @@ class _KLBase(EigenbasisOptimizer):
         return st
 
     def _refresh_options(self) -> dict[str, Any]:
-        return {"sort": False}
+        # only KL-SOAP rotates a moment at install; KL-Shampoo's jobs skip computing R = Q_oldᵀ·Q_new
+        return {"sort": False, "rotation": self._klsoap}
 
     def _first_statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         beta = self._beta(group)

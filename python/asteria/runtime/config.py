@@ -46,8 +46,13 @@ class RuntimeConfig:
             installs a result at the first step boundary after it is ready, and never later than
             ``s + o + S`` (faster to react, not reproducible).
         workers: Host refresh threads; None picks the cores training does not use
-            (``cores - torch.get_num_threads()``, at least 1, at most 8). BLAS runs single-threaded
-            inside each job. An int >= 1 or None.
+            (``cores - torch.get_num_threads()``, at least 1, at most 8; with ``worker_cpus``, one per
+            listed CPU, at most 8). BLAS runs single-threaded inside each job. An int >= 1 or None.
+        worker_cpus: CPU numbers the refresh workers are pinned to (each worker may run on any of them),
+            e.g. ``[1]`` when the training thread is pinned to CPU 0 (``os.sched_setaffinity``), so that
+            the two never share or trade cores. None (the default): the workers inherit the affinity of
+            the thread that starts them and the operating system places them. A CPU this process may not
+            use is refused when the workers start.
         hooks: Register a ``post_accumulate_grad`` hook per parameter that collects finished refresh jobs
             and, with memory tiers, starts reading the first NVMe-tier buckets of the coming step while
             backward still runs (work that cannot change the numbers). Default True.
@@ -105,6 +110,7 @@ class RuntimeConfig:
     staleness: int | None = None
     install: str = "deterministic"
     workers: int | None = None
+    worker_cpus: tuple[int, ...] | None = None
     hooks: bool = True
     device_budget: int | str | None = None
     host_budget: int | str | None = None
@@ -140,6 +146,18 @@ class RuntimeConfig:
             isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1
         ):
             raise ValueError(f"RuntimeConfig.workers must be None or an int >= 1, got {self.workers!r}")
+        if self.worker_cpus is not None:
+            cpus = self.worker_cpus
+            if isinstance(cpus, (str, bytes)) or not hasattr(cpus, "__iter__"):
+                raise ValueError(f"RuntimeConfig.worker_cpus must be None or a sequence of CPU numbers, got {cpus!r}")
+            cpus = tuple(cpus)
+            if not cpus or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in cpus):
+                raise ValueError(
+                    f"RuntimeConfig.worker_cpus must be a non-empty sequence of CPU numbers (ints >= 0), got {self.worker_cpus!r}"
+                )
+            if len(set(cpus)) != len(cpus):
+                raise ValueError(f"RuntimeConfig.worker_cpus lists a CPU twice: {self.worker_cpus!r}")
+            object.__setattr__(self, "worker_cpus", cpus)
         if not isinstance(self.hooks, bool):
             raise ValueError(f"RuntimeConfig.hooks must be a bool, got {self.hooks!r}")
         for name in ("device_budget", "host_budget"):
@@ -190,6 +208,8 @@ class RuntimeConfig:
         """Returns the number of scheduler worker threads to start (see ``workers``)."""
         if self.workers is not None:
             return self.workers
+        if self.worker_cpus is not None:
+            return min(8, len(self.worker_cpus))
         try:
             cores = len(os.sched_getaffinity(0))
         except (AttributeError, OSError):

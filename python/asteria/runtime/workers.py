@@ -95,7 +95,8 @@ class Runtime:
             from asteria import _core  # imported lazily: constructing an optimizer needs no worker threads
 
             self._scheduler = _core.RefreshScheduler(
-                workers=self.config.resolved_workers(), queue_capacity=1 << 16, blas_threads=1
+                workers=self.config.resolved_workers(), queue_capacity=1 << 16, blas_threads=1,
+                cpus=list(self.config.worker_cpus or ()),
             )
         return self._scheduler
 
