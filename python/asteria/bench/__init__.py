@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8, help="sequences per step (default: %(default)s)")
     p.add_argument("--staleness", type=int, default=5, help="S of the async modes (default: %(default)s)")
     p.add_argument("--modes", default="sync,async,floor",
-                   help="comma-separated among sync, async, floor, sync-gpu, async-gpu (default: %(default)s)")
+                   help="comma-separated among sync, async, eager, floor, sync-gpu, async-gpu (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the training loop (default: %(default)s)")
     p.add_argument("--data", choices=("corpus", "random"), default="corpus",

@@ -6,6 +6,8 @@ for each second-order optimizer in three modes:
 
 * ``sync``: the refresh runs inline at the refresh step (the reference algorithm; spikes every f steps);
 * ``async``: the default runtime (staleness 5, deterministic installs) on the free cores;
+* ``eager`` (not run unless listed in ``--modes``): the same with ``install="eager"``: each block's result is
+  installed at the first step boundary after it is ready, so the installs of one refresh spread over steps;
 * ``floor``: the same optimizer with every refresh after the first basis/root disabled: the per-step cost
   with nothing to hide (what async would achieve if the refresh were free);
 * ``sync-gpu`` / ``async-gpu`` (``--device cuda`` with the CUDA backend): the refreshes run on the GPU
@@ -43,8 +45,9 @@ from typing import Any
 import torch
 
 _NAMES = {"shampoo": "Shampoo", "soap": "SOAP", "kl-shampoo": "KLShampoo", "kl-soap": "KLSOAP"}
-_MODES = ("sync", "async", "floor", "sync-gpu", "async-gpu")
-_COLORS = {"sync": "tab:red", "async": "tab:blue", "floor": "tab:green", "sync-gpu": "tab:orange", "async-gpu": "tab:purple"}
+_MODES = ("sync", "async", "eager", "floor", "sync-gpu", "async-gpu")
+_COLORS = {"sync": "tab:red", "async": "tab:blue", "eager": "tab:cyan", "floor": "tab:green", "sync-gpu": "tab:orange",
+           "async-gpu": "tab:purple"}
 
 
 def _no_refresh(cls: type) -> type:
@@ -74,11 +77,12 @@ def _build(name: str, mode: str, model: torch.nn.Module, freq: int, staleness: i
     route = "gpu" if where == "gpu" else "host"
     if refresh == "floor":
         cls = _no_refresh(cls)
-        runtime = asteria.RuntimeConfig(refresh="sync", refresh_device=route)
+        runtime = asteria.RuntimeConfig(refresh="sync", refresh_device=route, worker_cpus=worker_cpus)
     elif refresh == "sync":
-        runtime = asteria.RuntimeConfig(refresh="sync", refresh_device=route)
+        runtime = asteria.RuntimeConfig(refresh="sync", refresh_device=route, worker_cpus=worker_cpus)
     else:
         runtime = asteria.RuntimeConfig(refresh="async", staleness=staleness, refresh_device=route,
+                                        install="eager" if refresh == "eager" else "deterministic",
                                         worker_cpus=worker_cpus)
     lr = lr or (1e-4 if name.startswith("kl") else 1e-3)
     return cls(model.parameters(), lr=lr, runtime=runtime, **kw)
@@ -238,7 +242,7 @@ def run(args: Any) -> dict[str, Any]:
     for name, mode in configs:
         row = table[f"{name}:{mode}"]
         hidden = ""
-        if mode.startswith("async") and f"{name}:sync" in table and f"{name}:floor" in table:
+        if mode.startswith(("async", "eager")) and f"{name}:sync" in table and f"{name}:floor" in table:
             sync, floor = table[f"{name}:sync"]["mean"], table[f"{name}:floor"]["mean"]
             if sync - floor > 0:
                 row["hidden_fraction"] = (sync - row["mean"]) / (sync - floor)
@@ -265,9 +269,9 @@ def _loss_check(table: dict[str, dict[str, Any]], configs: list) -> dict[str, An
     """
     checks: dict[str, Any] = {}
     for name, mode in configs:
-        if not mode.startswith("async") or "val_loss" not in table[f"{name}:{mode}"]:
+        if not mode.startswith(("async", "eager")) or "val_loss" not in table[f"{name}:{mode}"]:
             continue
-        sync_key = f"{name}:{mode.replace('async', 'sync')}"
+        sync_key = f"{name}:{mode.replace('async', 'sync').replace('eager', 'sync')}"
         if sync_key not in table or "val_loss" not in table[sync_key]:
             continue
         sync, other = table[sync_key]["val_loss"], table[f"{name}:{mode}"]["val_loss"]
