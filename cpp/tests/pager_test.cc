@@ -50,6 +50,38 @@ int reopen_swap_file(const asteria::Pager& pager, int flags) {
 
 std::string parent_of(const std::string& dir) { return dir.substr(0, dir.rfind('/')); }
 
+// Stands in for a full disk: while set, the process may not grow a file past `bytes` (RLIMIT_FSIZE, with
+// SIGXFSZ ignored so the system call fails with EFBIG instead of killing the test). Restores both on
+// destruction.
+class FileSizeLimit {
+ public:
+  FileSizeLimit() {
+    struct sigaction ign {};
+    ign.sa_handler = SIG_IGN;
+    sigaction(SIGXFSZ, &ign, &old_action_);
+    getrlimit(RLIMIT_FSIZE, &saved_);
+  }
+  ~FileSizeLimit() { lift(); }
+  FileSizeLimit(const FileSizeLimit&) = delete;
+  FileSizeLimit& operator=(const FileSizeLimit&) = delete;
+  bool set(rlim_t bytes) {
+    rlimit lim = saved_;
+    lim.rlim_cur = bytes;
+    return setrlimit(RLIMIT_FSIZE, &lim) == 0;
+  }
+  void lift() {
+    if (lifted_) return;
+    setrlimit(RLIMIT_FSIZE, &saved_);
+    sigaction(SIGXFSZ, &old_action_, nullptr);
+    lifted_ = true;
+  }
+
+ private:
+  struct sigaction old_action_ {};
+  rlimit saved_{};
+  bool lifted_ = false;
+};
+
 class PagerBackends : public ::testing::TestWithParam<asteria::PagerBackend> {
  protected:
   asteria::PagerOptions opts() const {
@@ -112,29 +144,22 @@ TEST_P(PagerBackends, CorruptionIsDetectedAndNamesTheExtent) {
 }
 
 TEST_P(PagerBackends, FailedWriteIsReportedAndInvalidatesTheExtent) {
-  // RLIMIT_FSIZE makes writes past 64 KiB fail with EFBIG, a stand-in for a full disk.
-  struct sigaction ign {}, old {};
-  ign.sa_handler = SIG_IGN;
-  sigaction(SIGXFSZ, &ign, &old);
-  rlimit saved{};
-  getrlimit(RLIMIT_FSIZE, &saved);
+  // Writes past 64 KiB fail with EFBIG, a stand-in for a full disk.
+  FileSizeLimit limit;
   asteria::Pager pager(opts());
   auto buf = pool().acquire(1 << 20);
   fill(buf.data(), 1 << 20, 3);
   auto small = pager.allocate(4096);
   pager.wait(pager.write(small, buf.data(), 4096));
   auto big = pager.allocate(1 << 20);
-  rlimit lim = saved;
-  lim.rlim_cur = 64 * 1024;
-  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &lim), 0);
+  ASSERT_TRUE(limit.set(64 * 1024));
   std::string msg;
   try {
     pager.wait(pager.write(big, buf.data(), 1 << 20));
   } catch (const asteria::Error& e) {
     msg = e.what();
   }
-  setrlimit(RLIMIT_FSIZE, &saved);
-  sigaction(SIGXFSZ, &old, nullptr);
+  limit.lift();
   ASSERT_FALSE(msg.empty()) << "the failed write was not reported";
   EXPECT_NE(msg.find("needed 1048576 bytes"), std::string::npos) << msg;
   EXPECT_NE(msg.find("Free space in '" + parent_of(pager.directory()) + "'"), std::string::npos) << msg;
@@ -147,21 +172,13 @@ TEST_P(PagerBackends, FailedWriteIsReportedAndInvalidatesTheExtent) {
 // A full disk is found when the extent is allocated (its space is reserved with fallocate), before any
 // data depends on it: a clear ENOSPC-class error with the bytes and the fix, and the pager keeps working.
 TEST_P(PagerBackends, FullDiskIsReportedAtAllocation) {
-  struct sigaction ign {}, old {};
-  ign.sa_handler = SIG_IGN;
-  sigaction(SIGXFSZ, &ign, &old);
-  rlimit saved{};
-  getrlimit(RLIMIT_FSIZE, &saved);
+  FileSizeLimit limit;
   asteria::Pager pager(opts());
-  if (!pager.stats().preallocation_error.empty()) {
-    sigaction(SIGXFSZ, &old, nullptr);
+  if (!pager.stats().preallocation_error.empty())
     GTEST_SKIP() << "this file system cannot reserve space: " << pager.stats().preallocation_error;
-  }
   auto small = pager.allocate(4096);
   const std::uint64_t reserved = pager.stats().preallocated_bytes;
-  rlimit lim = saved;
-  lim.rlim_cur = reserved;  // the file may not grow past what is reserved now
-  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &lim), 0);
+  ASSERT_TRUE(limit.set(reserved));  // the file may not grow past what is reserved now
   std::string msg;
   int err = 0;
   try {
@@ -171,8 +188,7 @@ TEST_P(PagerBackends, FullDiskIsReportedAtAllocation) {
     err = e.os_errno();
   }
   auto fits = pager.allocate(4096);  // space the file already has is still handed out
-  setrlimit(RLIMIT_FSIZE, &saved);
-  sigaction(SIGXFSZ, &old, nullptr);
+  limit.lift();
   ASSERT_FALSE(msg.empty()) << "an extent the disk cannot hold was allocated";
   EXPECT_EQ(err, EFBIG);
   EXPECT_NE(msg.find("[pager::allocate]"), std::string::npos) << msg;
