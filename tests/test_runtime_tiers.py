@@ -435,6 +435,10 @@ def test_swap_file_is_private_and_has_no_name(tmp_path):
     assert fds, "the pager holds no descriptor on its swap file"
     st = os.stat(fds[0])
     assert st.st_nlink == 0 and st.st_mode & 0o777 == 0o600 and st.st_size >= rep["pager"]["file_bytes"]
+    # the disk space the report names is what the file really holds (its space is reserved ahead of writes)
+    assert rep["pager"]["reserved_bytes"] >= rep["pager"]["file_bytes"]
+    if not opt._tiers.pager.stats()["preallocation_error"]:  # a file system with fallocate
+        assert st.st_blocks * 512 >= rep["pager"]["file_bytes"] and st.st_size == rep["pager"]["reserved_bytes"]
     opt.close()
     assert os.listdir(tmp_path) == []
     assert all(_readlink(f"/proc/self/fd/{fd}") != swap + " (deleted)" for fd in os.listdir("/proc/self/fd"))

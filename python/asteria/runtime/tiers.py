@@ -1387,6 +1387,8 @@ class TierManager:
                     "reads": ps["reads"],
                     "writes": ps["writes"],
                     "file_bytes": ps["file_bytes"],
+                    # disk space the swap file holds: its extents' space, reserved a little ahead (fallocate)
+                    "reserved_bytes": max(ps["file_bytes"], ps["preallocated_bytes"]),
                     "read_gbps": ps["bytes_read"] / ps["read_busy_s"] / 1e9 if ps["read_busy_s"] > 0 else 0.0,
                     "write_gbps": ps["bytes_written"] / ps["write_busy_s"] / 1e9 if ps["write_busy_s"] > 0 else 0.0,
                     "io_errors": ps["io_errors"],
@@ -1475,7 +1477,7 @@ def memory_report(opt: Any) -> dict[str, Any]:
         ``result``\\ s waiting for their install step). ``state_bytes`` equals the bytes of every state tensor
         (what ``state_dict()`` holds per block); ``total_bytes`` adds the refresh buffers. With budgets it
         also has ``budgets`` (limits, use and peaks), ``buffers`` (staging and work buffers), ``movement``
-        (copies, reads, prefetch hits) and ``pager`` (bytes read/written and GB/s).
+        (copies, reads, prefetch hits) and ``pager`` (bytes read/written and GB/s, ``file_bytes`` used by extents and ``reserved_bytes`` of disk space the swap file holds).
     """
     tiers = getattr(opt, "_tiers", None)
     if tiers is not None:
