@@ -1477,7 +1477,8 @@ def memory_report(opt: Any) -> dict[str, Any]:
         ``result``\\ s waiting for their install step). ``state_bytes`` equals the bytes of every state tensor
         (what ``state_dict()`` holds per block); ``total_bytes`` adds the refresh buffers. With budgets it
         also has ``budgets`` (limits, use and peaks), ``buffers`` (staging and work buffers), ``movement``
-        (copies, reads, prefetch hits) and ``pager`` (bytes read/written and GB/s, ``file_bytes`` used by extents and ``reserved_bytes`` of disk space the swap file holds).
+        (copies, reads, prefetch hits) and ``pager`` (bytes read/written and GB/s, ``file_bytes`` used by the
+        extents, ``reserved_bytes`` of disk space the swap file holds).
     """
     tiers = getattr(opt, "_tiers", None)
     if tiers is not None:
