@@ -142,8 +142,9 @@ std::vector<std::pair<std::string, HostTensor>> run_typed(const JobSpec& s) {
       out.emplace_back("permutation", std::move(p));
       if (s.rotation) {
         // R = Q_oldᵀ·Q_new: what the install rotates the first moment with, computed here, off the training thread
+        const HostTensor& basis = out[0].second;
         auto r = HostTensor::empty(dt, {n, n});
-        linalg::matmul_tn<T>(n, s.inputs[1].ptr<T>(), out[0].second.ptr<T>(), r.ptr<T>());
+        linalg::matmul_tn<T>(n, s.inputs[1].ptr<T>(), basis.ptr<T>(), r.ptr<T>());
         out.emplace_back("rotation", std::move(r));
       }
       break;
