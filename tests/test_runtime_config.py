@@ -81,6 +81,7 @@ def test_keyword_only():
         (dict(worker_cpus=[0, 0]), "twice"),
         (dict(worker_cpus="01"), "worker_cpus"),
         (dict(worker_cpus=[True]), "worker_cpus"),
+        (dict(parallel_install=1), "parallel_install"),
         (dict(refresh="sync", staleness=5), "staleness"),
         (dict(refresh="sync", install="eager"), "eager"),
     ],

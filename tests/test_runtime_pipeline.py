@@ -509,3 +509,98 @@ def test_cancelled_jobs_leave_nothing_behind():
         assert rt._forgotten == {} and rt._done == {}
     finally:
         rt.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# installs of one step on two threads (RuntimeConfig.parallel_install)
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_parallel_installs_change_nothing(name):
+    """Several batches due at one step are split between the training thread and the helper: the parameters, the
+    install schedule and every state tensor are the same bits as with every install on the training thread."""
+    cpu = max(os.sched_getaffinity(0))
+
+    def train(parallel):
+        cfg = RuntimeConfig(staleness=2, worker_cpus=[cpu], parallel_install=parallel)
+        opt, params, versions = run(name, cfg, steps=14)
+        state = opt.state_dict()["state"]
+        helped = opt.runtime.stats()["parallel_installs"]
+        opt.close()
+        return params, versions, state, helped
+
+    a, va, sa, helped = train(True)
+    b, vb, sb, none = train(False)
+    assert helped > 0 and none == 0
+    assert va == vb
+    assert_same(a, b)
+    flat_a, flat_b = _flatten(sa), _flatten(sb)
+    assert flat_a.keys() == flat_b.keys()
+    for key in flat_a:
+        assert torch.equal(flat_a[key], flat_b[key]), key
+
+
+def _flatten(obj, prefix=""):
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    out = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}/{k}"))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(_flatten(v, f"{prefix}/{i}"))
+    return out
+
+
+def _pending(seq, blocks, install=None, safe=True):
+    from asteria.runtime.pipeline import _Pending
+
+    def noop(results):
+        pass
+
+    fn = install or noop
+    fn.parallel_safe = safe
+    return _Pending(seq=seq, job_ids=[], install=fn, version=0, deadline=0, tag={"blocks": blocks})
+
+
+def test_split_keeps_batches_of_a_block_together_and_in_order():
+    from asteria.runtime.pipeline import _split_installs
+
+    work = [(_pending(0, [(0, 0, 0)]), []), (_pending(1, [(0, 1, 0)]), []), (_pending(2, [[0, 0, 0]]), []),
+            (_pending(3, [(0, 2, 0)]), [])]
+    groups = [[p.seq for p, _ in g] for g in _split_installs(work)]
+    assert all(groups) and sorted(groups[0] + groups[1]) == [0, 1, 2, 3]
+    assert all(g == sorted(g) for g in groups)
+    assert any(0 in g and 2 in g for g in groups)  # both install block (0, 0, 0): one thread, in order
+    # not split: an installer that is not thread-safe (tiered or CUDA state), or every batch on one block
+    assert _split_installs([(_pending(0, [(0, 0, 0)], safe=False), []), (_pending(1, [(0, 1, 0)]), [])]) is None
+    assert _split_installs([(_pending(0, [(0, 0, 0)]), []), (_pending(1, [(0, 0, 0)]), [])]) is None
+
+
+def test_parallel_install_errors_surface_after_both_threads_finish_and_the_helper_is_joined():
+    import threading
+
+    cpu = max(os.sched_getaffinity(0))
+    pipe = RefreshPipeline(RuntimeConfig(worker_cpus=[cpu]), offset=1)
+    helper = pipe._runtime.install_helper()
+    assert helper is not None
+    done = []
+
+    def slow(results):
+        time.sleep(0.1)
+        done.append(threading.current_thread().name)
+
+    def bad(results):
+        raise RuntimeError("install failed")
+
+    with pytest.raises(RuntimeError, match="install failed"):
+        pipe._install_parallel(helper, [(_pending(0, [(0, 0, 0)], bad), [])], [(_pending(1, [(0, 1, 0)], slow), [])])
+    assert len(done) == 1 and done[0].startswith("asteria-install")  # finished before the error was raised
+    with pytest.raises(RuntimeError, match="install failed"):  # an error on the helper surfaces too
+        pipe._install_parallel(helper, [(_pending(0, [(0, 0, 0)], slow), [])], [(_pending(1, [(0, 1, 0)], bad), [])])
+    assert len(done) == 2
+    helper_tid = helper.submit(threading.get_native_id).result()
+    assert os.sched_getaffinity(helper_tid) == {cpu}  # on the workers' CPUs
+    pipe.close()
+    assert not any(t.name.startswith("asteria-install") for t in threading.enumerate())
+    assert RefreshPipeline(RuntimeConfig(parallel_install=False), offset=1)._runtime.install_helper() is None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -168,6 +169,10 @@ class Bucket:
         return len(self.members)
 
 
+_OUTCOME_LOCK = threading.Lock()
+"""Guards the refresh-failure counters: a step's installs may run on two threads (``parallel_install``)."""
+
+
 class _Rows:
     """A subset of a bucket's rows taking part in one step, with state gathered and scattered back."""
 
@@ -231,6 +236,14 @@ class _WeakInstaller:
         opt = self._ref()
         if opt is not None:
             opt._install_batch(self.tag, results)
+
+    @property
+    def parallel_safe(self) -> bool:
+        """Whether this batch may be installed on another thread than the training thread, next to other
+        batches: its optimizer's state is in CPU memory and untiered (a tiered bucket is brought in by the tier
+        manager, and CUDA work on another thread would run on another stream)."""
+        opt = self._ref()
+        return opt is not None and opt._installs_thread_safe()
 
 
 def _grad_ready_hook(ref: weakref.ref) -> Callable[[torch.Tensor], None]:
@@ -793,6 +806,10 @@ class BlockOptimizer(torch.optim.Optimizer):
         """The installer of the refresh batch described by ``tag`` (see `_install_batch`)."""
         return _WeakInstaller(self, tag)
 
+    def _installs_thread_safe(self) -> bool:
+        """Whether installs may run on a helper thread (see `_WeakInstaller.parallel_safe`)."""
+        return self._tiers is None and self._buckets is not None and all(b.device.type == "cpu" for b in self._buckets)
+
     def _install_batch(self, tag: dict[str, Any], results: Sequence[Any]) -> None:  # pragma: no cover
         raise NotImplementedError
 
@@ -812,6 +829,13 @@ class BlockOptimizer(torch.optim.Optimizer):
             RefreshFailureError: Naming the parameter/block, the count and the last message.
         """
         counter = bucket.state["refresh_failures"]
+        with _OUTCOME_LOCK:  # batches of one step may be installed on two threads (parallel_install)
+            self._count_refresh_outcome(bucket, row_list, ok, messages, tolerance, counter)
+
+    def _count_refresh_outcome(
+        self, bucket: Bucket, row_list: Sequence[int], ok: Sequence[bool], messages: Sequence[str], tolerance: int,
+        counter: torch.Tensor,
+    ) -> None:
         for i, r in enumerate(row_list):
             if ok[i]:
                 counter[r] = 0

@@ -53,6 +53,14 @@ class RuntimeConfig:
             the two never share or trade cores. None (the default): the workers inherit the affinity of
             the thread that starts them and the operating system places them. A CPU this process may not
             use is refused when the workers start.
+        parallel_install: When several refresh batches are due at the same step (a refresh round installs
+            one batch per bucket), run them on two threads: the training thread and one helper on the
+            workers' CPUs (``worker_cpus``, else a CPU training leaves free), which are idle at that point.
+            Used only in single-process runs, for optimizer state in CPU memory without budgets, and only
+            when such a CPU exists;
+            batches sharing a block stay on one thread, in order. Each batch computes exactly what it would
+            on the training thread, so the numbers are the same bits. Default True; False installs every
+            batch on the training thread.
         hooks: Register a ``post_accumulate_grad`` hook per parameter that collects finished refresh jobs
             and, with memory tiers, starts reading the first NVMe-tier buckets of the coming step while
             backward still runs (work that cannot change the numbers). Default True.
@@ -111,6 +119,7 @@ class RuntimeConfig:
     install: str = "deterministic"
     workers: int | None = None
     worker_cpus: tuple[int, ...] | None = None
+    parallel_install: bool = True
     hooks: bool = True
     device_budget: int | str | None = None
     host_budget: int | str | None = None
@@ -158,6 +167,8 @@ class RuntimeConfig:
             if len(set(cpus)) != len(cpus):
                 raise ValueError(f"RuntimeConfig.worker_cpus lists a CPU twice: {self.worker_cpus!r}")
             object.__setattr__(self, "worker_cpus", cpus)
+        if not isinstance(self.parallel_install, bool):
+            raise ValueError(f"RuntimeConfig.parallel_install must be a bool, got {self.parallel_install!r}")
         if not isinstance(self.hooks, bool):
             raise ValueError(f"RuntimeConfig.hooks must be a bool, got {self.hooks!r}")
         for name in ("device_budget", "host_budget"):

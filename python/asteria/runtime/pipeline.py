@@ -154,6 +154,57 @@ class _Pending:
     plan: Any = None  # distributed: the exchange's plan of the batch (job ids are None for jobs owned elsewhere)
 
 
+def _run_installs(work: Sequence[tuple[_Pending, list[Any]]]) -> None:
+    for pending, results in work:
+        pending.install(results)
+
+
+def _install_cost(results: Sequence[Any]) -> int:
+    """A batch's install work: n³ summed over its results (n: the size of each result's matrix), at least 1."""
+    total = 0
+    for res in results:
+        outputs = getattr(res, "outputs", None) or {}
+        for value in outputs.values():
+            shape = getattr(value, "shape", ())
+            if len(shape) == 2:
+                total += int(shape[0]) ** 3
+                break
+    return max(total, 1)
+
+
+def _split_installs(work: list[tuple[_Pending, list[Any]]]) -> tuple[list[Any], list[Any]] | None:
+    """Two groups of batches for `RefreshPipeline._install`, or None when they may not be split.
+
+    Not split unless every installer declares ``parallel_safe`` and every tag names its blocks. Batches sharing a
+    block are joined into one unit (kept together, in order); units go, largest first, to the lighter group.
+    """
+    if not all(getattr(p.install, "parallel_safe", False) for p, _ in work):
+        return None
+    keys: list[set[Any]] = []
+    for pending, _ in work:
+        tag = pending.tag
+        blocks = tag.get("blocks") if isinstance(tag, dict) else None
+        if not blocks:
+            return None
+        keys.append({tuple(k) if isinstance(k, list) else k for k in blocks})
+    units: list[list[int]] = []
+    for i in range(len(work)):
+        joined = [u for u in units if any(keys[i] & keys[j] for j in u)]
+        merged = [j for u in joined for j in u] + [i]
+        units = [u for u in units if u not in joined] + [merged]
+    if len(units) < 2:
+        return None
+    cost = [_install_cost(results) for _, results in work]
+    units.sort(key=lambda u: -sum(cost[i] for i in u))
+    groups: tuple[list[int], list[int]] = ([], [])
+    loads = [0, 0]
+    for unit in units:
+        g = 0 if loads[0] <= loads[1] else 1
+        groups[g].extend(unit)
+        loads[g] += sum(cost[i] for i in unit)
+    return [work[i] for i in sorted(groups[0])], [work[i] for i in sorted(groups[1])]
+
+
 class RefreshPipeline:
     """Submits refresh jobs to a worker pool and installs results at step boundaries.
 
@@ -199,6 +250,7 @@ class RefreshPipeline:
             "jobs_ok": 0,
             "jobs_failed": 0,
             "batches_installed": 0,
+            "parallel_installs": 0,
             "stalls": 0,
             "wait_s": 0.0,
             "job_latency_s": 0.0,
@@ -334,28 +386,56 @@ class RefreshPipeline:
             return 0
         due.sort(key=lambda p: (p.deadline, p.seq))
         gathered = self._gather_round(due, step)
-        for pending, results in zip(due, gathered):
-            self._pending.remove(pending)
-            failed = []
-            for res in results:
-                self._counters["jobs_ok" if res.ok else "jobs_failed"] += 1
-                self._counters["job_latency_s"] += float(res.latency_s)
-                if not res.ok:
-                    failed.append(res.message)
-            self._counters["batches_installed"] += 1
-            self.timeline.add_installed(len(results), step - pending.version - self.offset)
-            if failed:
-                self._failures.extend(failed)
-                del self._failures[:-50]
-                if self.is_async:
-                    warnings.warn(
-                        f"asteria: {len(failed)} background refresh job(s) of step {pending.version} failed; the "
-                        f"previous preconditioner is kept for those blocks (first error: {failed[0]})",
-                        RefreshFailureWarning,
-                        stacklevel=4,
-                    )
-            pending.install(results)
+        work = list(zip(due, gathered))
+        # not in distributed runs: the other ranks on this machine may be using the CPUs a helper would take
+        groups = _split_installs(work) if len(work) > 1 and not self.distributed else None
+        helper = self._runtime.install_helper() if groups is not None else None
+        if helper is None:
+            for pending, results in work:  # one by one: an installer that raises leaves the later ones pending
+                self._account(pending, results, step)
+                pending.install(results)
+            return len(due)
+        for pending, results in work:
+            self._account(pending, results, step)
+        self._install_parallel(helper, *groups)
         return len(due)
+
+    def _account(self, pending: _Pending, results: list[Any], step: int) -> None:
+        """Removes a due batch from the pending ones and records its results (counters, timeline, failures)."""
+        self._pending.remove(pending)
+        failed = []
+        for res in results:
+            self._counters["jobs_ok" if res.ok else "jobs_failed"] += 1
+            self._counters["job_latency_s"] += float(res.latency_s)
+            if not res.ok:
+                failed.append(res.message)
+        self._counters["batches_installed"] += 1
+        self.timeline.add_installed(len(results), step - pending.version - self.offset)
+        if failed:
+            self._failures.extend(failed)
+            del self._failures[:-50]
+            if self.is_async:
+                warnings.warn(
+                    f"asteria: {len(failed)} background refresh job(s) of step {pending.version} failed; the "
+                    f"previous preconditioner is kept for those blocks (first error: {failed[0]})",
+                    RefreshFailureWarning,
+                    stacklevel=5,
+                )
+
+    def _install_parallel(self, helper: Any, mine: list[Any], theirs: list[Any]) -> None:
+        """Installs two groups of due batches at once (``RuntimeConfig.parallel_install``): ``theirs`` on the helper
+        thread (`Runtime.install_helper`), ``mine`` on this one. Groups come from `_split_installs`: batches that
+        share a block are in one group, each group in (deadline, submission) order, so every block sees its
+        installs in order and computes what it would on one thread. Both groups finish before anything is
+        raised (this thread's error first)."""
+        future = helper.submit(_run_installs, theirs)
+        try:
+            _run_installs(mine)
+        finally:
+            error = future.exception()  # waits: no install runs once this returns or raises
+        if error is not None:
+            raise error
+        self._counters["parallel_installs"] += len(theirs)
 
     def _gather_round(self, due: list[_Pending], step: int) -> list[list[Any]]:
         """The results of the due batches; in a distributed run, one exchange round completes them on every rank."""
@@ -503,7 +583,8 @@ class RefreshPipeline:
     def stats(self) -> dict[str, Any]:
         """Returns counters, the per-step timeline with summaries, staleness and the scheduler's stats.
 
-        Top level: ``jobs_submitted``, ``jobs_ok``, ``jobs_failed``, ``batches_installed``, ``stalls`` (installs
+        Top level: ``jobs_submitted``, ``jobs_ok``, ``jobs_failed``, ``batches_installed``, ``parallel_installs``
+        (batches installed by the helper thread, see ``RuntimeConfig.parallel_install``), ``stalls`` (installs
         that had to wait), ``wait_s`` (total time the training thread waited for refresh results),
         ``job_latency_s``, ``failures`` (last messages), ``refresh``/``staleness``/``install``/``offset``,
         ``pending_batches``. ``timeline`` has one entry per step (``step_s``, ``stall_s``, ``jobs_submitted``,

@@ -79,6 +79,8 @@ class Runtime:
         # cancelled jobs whose result has not come back yet (dropped by `collect`), with the CUDA event the
         # worker may still be waiting on
         self._forgotten: dict[Any, Any] = {}
+        self._install_helper: Any = None  # the thread running part of a step's installs (`install_helper`)
+        self._install_helper_checked = False
         _LIVE.add(self)
 
     # -- scheduler ---------------------------------------------------------------------------------
@@ -99,6 +101,34 @@ class Runtime:
                 cpus=list(self.config.worker_cpus or ()),
             )
         return self._scheduler
+
+    def install_helper(self) -> Any:
+        """The one-thread executor that runs part of a step's installs (``RuntimeConfig.parallel_install``), or None.
+
+        None when the option is off or no CPU is free for it: without ``worker_cpus``, a helper needs this
+        thread's CPU set to be larger than torch's thread count. The thread is pinned to ``worker_cpus`` when
+        given (the refresh workers are idle while their results are installed) and computes without autograd.
+        """
+        if self._closed or not self.config.parallel_install:
+            return None
+        if not self._install_helper_checked:
+            self._install_helper_checked = True
+            cpus = self.config.worker_cpus
+            if cpus is None:
+                import torch
+
+                try:
+                    free = len(os.sched_getaffinity(0)) > torch.get_num_threads()
+                except (AttributeError, OSError):
+                    free = (os.cpu_count() or 1) > torch.get_num_threads()
+                if not free:
+                    return None
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._install_helper = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="asteria-install", initializer=_init_install_thread, initargs=(cpus,)
+            )
+        return self._install_helper
 
     @property
     def shadow_pool(self) -> Any:
@@ -268,8 +298,11 @@ class Runtime:
         self._closed = True
         sched, self._scheduler = self._scheduler, None
         engines, self._engines = self._engines, {}
+        helper, self._install_helper = self._install_helper, None
         self._done.clear()
         try:
+            if helper is not None:
+                helper.shutdown(wait=True)  # idle between steps: joins at once
             if sched is not None:
                 sched.close()  # joins the workers: no job waits on an event after this
         finally:
@@ -292,6 +325,18 @@ class Runtime:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def _init_install_thread(cpus: tuple[int, ...] | None) -> None:
+    """Start of the install helper thread: on the workers' CPUs, without autograd (like ``step()``)."""
+    import torch
+
+    if cpus:
+        try:
+            os.sched_setaffinity(0, set(cpus))  # this thread only (Linux)
+        except (AttributeError, OSError):
+            pass  # the workers were pinned already, so the set is valid; stay where the OS puts it
+    torch.set_grad_enabled(False)
 
 
 def _shadow_budget() -> int:
