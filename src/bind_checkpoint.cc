@@ -6,6 +6,7 @@
 
 #include "asteria/checkpoint.h"
 #include "asteria/errors.h"
+#include "message.h"
 
 namespace py = pybind11;
 namespace ck = asteria::checkpoint;
@@ -29,22 +30,24 @@ struct BufferView {
 // Writes smaller than this keep the GIL (torch.save issues many tiny writes; releasing costs more).
 constexpr std::size_t kReleaseGilBytes = 64 * 1024;
 
+// The Python objects hold shared pointers, and each call that releases the GIL keeps its own copy
+// (`get()`), so a close() or abort() from another thread meanwhile cannot free the object mid-call.
 struct PyWriter {
-  std::unique_ptr<ck::Writer> w;
+  std::shared_ptr<ck::Writer> w;
   std::string path;
-  ck::Writer& get() {
+  std::shared_ptr<ck::Writer> get() const {
     ASTERIA_CHECK(w != nullptr, kInvalidArgument,
                   "[checkpoint] the writer for '" << path << "' is closed (committed, aborted or failed); start a new one");
-    return *w;
+    return w;
   }
 };
 
 struct PyReader {
-  std::unique_ptr<ck::Reader> r;
+  std::shared_ptr<ck::Reader> r;
   std::string path;
-  ck::Reader& get() {
+  std::shared_ptr<ck::Reader> get() const {
     ASTERIA_CHECK(r != nullptr, kInvalidArgument, "[checkpoint] the reader of '" << path << "' is closed");
-    return *r;
+    return r;
   }
 };
 
@@ -83,7 +86,9 @@ void init_checkpoint(py::module_& m) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const ck::FormatError& e) {
-      py::object err = py::reinterpret_steal<py::object>(PyObject_CallFunction(checkpoint_error.ptr(), "s", e.what()));
+      const py::object msg = asteria_py::message_text(e.what());
+      if (!msg) return;  // out of memory: that error is set
+      py::object err = py::reinterpret_steal<py::object>(PyObject_CallFunction(checkpoint_error.ptr(), "O", msg.ptr()));
       if (!err) return;  // the call set a Python error already
       err.attr("reason") = ck::reason_name(e.reason());
       PyErr_SetObject(checkpoint_error.ptr(), err.ptr());
@@ -130,7 +135,7 @@ void init_checkpoint(py::module_& m) {
              o.test_fault.chunk_delay_s = chunk_delay_s;
              auto p = std::make_unique<PyWriter>();
              p->path = path;
-             p->w = std::make_unique<ck::Writer>(path, metadata, o);
+             p->w = std::make_shared<ck::Writer>(path, metadata, o);
              return p;
            }),
            py::arg("path"), py::arg("metadata") = ck::Metadata{}, py::kw_only(), py::arg("expected_bytes") = 0,
@@ -138,14 +143,14 @@ void init_checkpoint(py::module_& m) {
       .def(
           "write",
           [](PyWriter& p, const py::buffer& data) {
-            ck::Writer& w = p.get();
+            const auto w = p.get();
             BufferView v(data, false);
             try {
               if (v.size() >= kReleaseGilBytes) {
                 py::gil_scoped_release nogil;
-                w.write(v.data(), v.size());
+                w->write(v.data(), v.size());
               } else {
-                w.write(v.data(), v.size());
+                w->write(v.data(), v.size());
               }
             } catch (...) {
               p.w.reset();  // the writer aborted itself; this object is closed now
@@ -157,13 +162,13 @@ void init_checkpoint(py::module_& m) {
       .def(
           "commit",
           [](PyWriter& p) {
-            ck::Writer& w = p.get();
+            const auto w = p.get();
             struct Close {
               PyWriter& p;
               ~Close() { p.w.reset(); }
             } close{p};
             py::gil_scoped_release nogil;
-            w.commit();
+            w->commit();
           },
           "Write the header, fsync, rename over the target and fsync the directory (GIL released).")
       .def("abort", [](PyWriter& p) { p.w.reset(); }, "Remove the temporary file; the target is untouched.")
@@ -178,33 +183,33 @@ void init_checkpoint(py::module_& m) {
              auto p = std::make_unique<PyReader>();
              p->path = path;
              py::gil_scoped_release nogil;
-             p->r = std::make_unique<ck::Reader>(path);
+             p->r = std::make_shared<ck::Reader>(path);
              return p;
            }),
            py::arg("path"))
-      .def("header", [](PyReader& p) { return header_dict(p.get().header()); })
+      .def("header", [](PyReader& p) { return header_dict(p.get()->header()); })
       .def(
           "verify",
           [](PyReader& p) {
-            ck::Reader& r = p.get();
+            const auto r = p.get();
             py::gil_scoped_release nogil;
-            r.verify();
+            r->verify();
           },
           "Check the payload CRC32C, reading the payload once (GIL released); raises CheckpointError.")
       .def(
           "readinto",
           [](PyReader& p, std::uint64_t offset, const py::buffer& out) {
-            ck::Reader& r = p.get();
+            const auto r = p.get();
             BufferView v(out, true);
             if (v.size() >= kReleaseGilBytes) {
               py::gil_scoped_release nogil;
-              return r.read(offset, v.data(), v.size());
+              return r->read(offset, v.data(), v.size());
             }
-            return r.read(offset, v.data(), v.size());
+            return r->read(offset, v.data(), v.size());
           },
           py::arg("offset"), py::arg("buffer"),
           "Copy payload bytes from `offset` into the writable buffer; returns how many (0 at the end).")
-      .def_property_readonly("payload_bytes", [](PyReader& p) { return p.get().header().payload_size; })
+      .def_property_readonly("payload_bytes", [](PyReader& p) { return p.get()->header().payload_size; })
       .def_property_readonly("closed", [](const PyReader& p) { return p.r == nullptr; })
       .def("close", [](PyReader& p) { p.r.reset(); })
       .def("__enter__", [](py::object self) { return self; })

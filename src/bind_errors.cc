@@ -1,6 +1,7 @@
 #include <pybind11/pybind11.h>
 
 #include "asteria/errors.h"
+#include "message.h"
 
 namespace py = pybind11;
 
@@ -12,16 +13,18 @@ void init_errors(py::module_& m) {
       if (p) std::rethrow_exception(p);
     } catch (const asteria::Error& e) {
       using C = asteria::ErrorCategory;
+      const py::object msg = asteria_py::message_text(e.what());
+      if (!msg) return;  // out of memory: that error is set
       switch (e.category()) {
-        case C::kInvalidArgument: PyErr_SetString(PyExc_ValueError, e.what()); return;
-        case C::kBudgetExhausted: PyErr_SetString(PyExc_MemoryError, e.what()); return;
+        case C::kInvalidArgument: PyErr_SetObject(PyExc_ValueError, msg.ptr()); return;
+        case C::kBudgetExhausted: PyErr_SetObject(PyExc_MemoryError, msg.ptr()); return;
         case C::kIo: {
           py::object err = py::reinterpret_steal<py::object>(
-              PyObject_CallFunction(PyExc_OSError, "is", e.os_errno(), e.what()));
-          PyErr_SetObject(PyExc_OSError, err.ptr());
+              PyObject_CallFunction(PyExc_OSError, "iO", e.os_errno(), msg.ptr()));
+          if (err) PyErr_SetObject(PyExc_OSError, err.ptr());
           return;
         }
-        default: PyErr_SetString(asteria_error.ptr(), e.what()); return;
+        default: PyErr_SetObject(asteria_error.ptr(), msg.ptr()); return;
       }
     }
   });

@@ -109,6 +109,24 @@ def test_metadata_is_validated(tmp_path):
     assert _only(tmp_path) == []
 
 
+def test_a_key_that_is_not_utf8_in_a_crafted_file_is_a_checkpoint_error(tmp_path):
+    """A file whose CRCs are right but whose metadata key holds a byte that is not UTF-8 (crafted, or written by
+    something else): CheckpointError("invalid_metadata") with the byte escaped, never a UnicodeDecodeError."""
+    from asteria import _core
+
+    block = bytearray(_core.checkpoint.encode_header(0, _core.crc32c(b""), {"ka": "1"}))
+    header = _core.checkpoint.HEADER_BYTES
+    at = bytes(block).index(b"ka", header)
+    block[at + 1] = 0xFF  # the key becomes b"k\xff"
+    block[32:36] = _core.crc32c(bytes(block[header:])).to_bytes(4, "little")  # reseal the metadata CRC,
+    block[60:64] = _core.crc32c(bytes(block[:60])).to_bytes(4, "little")  # then the header CRC
+    path = tmp_path / "crafted.pt"
+    path.write_bytes(bytes(block))
+    with pytest.raises(CheckpointError, match=r"key 'k\\xff' has a character outside") as info:
+        load_checkpoint(path)
+    assert info.value.reason == "corrupted"
+
+
 def test_an_error_while_pickling_leaves_the_previous_checkpoint(tmp_path):
     path = tmp_path / "c.pt"
     save_checkpoint({"v": torch.arange(4)}, path)

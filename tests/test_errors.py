@@ -31,6 +31,16 @@ def test_io_errors_carry_errno():
     assert info.value.errno == errno.ENOSPC
 
 
+@pytest.mark.parametrize("category", ["invalid_argument", "io", "budget", "internal"])
+def test_messages_with_bytes_that_are_not_utf8_keep_their_exception(category):
+    """A message may carry a file name or a key read from a damaged file: bytes that are not UTF-8 are shown
+    as \\xNN escapes, and the exception stays the one the category maps to (not a UnicodeDecodeError)."""
+    exc = {"invalid_argument": ValueError, "io": OSError, "budget": MemoryError, "internal": asteria.AsteriaError}
+    with pytest.raises(exc[category]) as info:
+        _core._raise_for_test(category, b"[pager] cannot open '/data/\xff\xfe.swap'", errno.EIO)
+    assert "'/data/\\xff\\xfe.swap'" in str(info.value)
+
+
 def test_asteria_error_is_a_runtime_error():
     assert issubclass(asteria.AsteriaError, RuntimeError)
 

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -101,15 +102,32 @@ std::string utf8_problem(const std::uint8_t* s, std::size_t n) {
   return {};
 }
 
+// A key as error messages show it: at most kMaxKeyBytes, every byte outside [A-Za-z0-9_.-] as \xNN (a key
+// read from a damaged file may hold any bytes).
+std::string printable_key(const std::string& key) {
+  static const char* digits = "0123456789abcdef";
+  std::string out;
+  for (unsigned char c : key.substr(0, kMaxKeyBytes)) {
+    if (key_char(c)) {
+      out += static_cast<char>(c);
+    } else {
+      out += "\\x";
+      out += digits[c >> 4];
+      out += digits[c & 0xF];
+    }
+  }
+  return out;
+}
+
 void check_entry(const std::string& key, const std::string& value) {
   if (key.empty() || key.size() > kMaxKeyBytes)
-    refuse(FormatReason::kInvalidMetadata, "metadata key '" + key.substr(0, kMaxKeyBytes) + "' has " +
+    refuse(FormatReason::kInvalidMetadata, "metadata key '" + printable_key(key) + "' has " +
                                                std::to_string(key.size()) + " bytes; keys have 1.." +
                                                std::to_string(kMaxKeyBytes));
   for (unsigned char c : key)
     if (!key_char(c))
-      refuse(FormatReason::kInvalidMetadata, "metadata key '" + key + "' has a character outside [A-Za-z0-9_.-] (" +
-                                                 hex32(c) + ")");
+      refuse(FormatReason::kInvalidMetadata, "metadata key '" + printable_key(key) +
+                                                 "' has a character outside [A-Za-z0-9_.-] (" + hex32(c) + ")");
   if (value.size() > kMaxValueBytes)
     refuse(FormatReason::kInvalidMetadata, "the value of metadata key '" + key + "' has " +
                                                std::to_string(value.size()) + " bytes; values have at most " +
@@ -160,9 +178,10 @@ std::string random_suffix() {
   if (::getrandom(&r, sizeof(r), GRND_NONBLOCK) != static_cast<ssize_t>(sizeof(r))) {
     // No entropy yet (early boot): the time and the address of a local still make collisions rare,
     // and O_EXCL makes a collision a retry, never a clash.
-    static std::uint64_t counter = 0;
+    static std::atomic<std::uint64_t> counter{0};  // writers in several threads may get here at once
+    const std::uint64_t n = counter.fetch_add(1, std::memory_order_relaxed) + 1;
     r = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^
-        (reinterpret_cast<std::uintptr_t>(&r) << 16) ^ (++counter * 0x9E3779B97F4A7C15ull) ^
+        (reinterpret_cast<std::uintptr_t>(&r) << 16) ^ (n * 0x9E3779B97F4A7C15ull) ^
         static_cast<std::uint64_t>(::getpid());
   }
   static const char* digits = "0123456789abcdef";

@@ -444,9 +444,6 @@ std::uint64_t Pager::take_location(std::size_t capacity) {
   const std::uint64_t offset = file_end_;
   file_end_ += capacity;
   stats_.file_bytes = file_end_;
-  // Out-of-place writes take new space here too: reserve it ahead of the write. A failure is left to
-  // the write itself, which reports it through wait() like any failed write.
-  (void)preallocate(file_end_);
   return offset;
 }
 
@@ -579,6 +576,9 @@ TicketId Pager::write(ExtentId extent, const void* src, std::size_t bytes) {
     // Out of place once the extent holds valid data: its current contents stay readable until the
     // new copy is complete.
     offset = e.written ? take_location(e.capacity) : e.offset;
+    // Reserve new space ahead of the write (a metadata-only call on most file systems). A failure is left
+    // to the write itself, which reports it through wait() like any failed write.
+    if (e.written) (void)preallocate(offset + e.capacity);
     Ticket t;
     t.write = true;
     t.extent = extent;

@@ -10,6 +10,7 @@
 #include <exception>
 #include <limits>
 #include <new>
+#include <optional>
 #include <random>
 #include <stdexcept>
 
@@ -138,15 +139,15 @@ std::vector<std::pair<std::string, HostTensor>> run_typed(const JobSpec& s) {
       auto q = HostTensor::empty(dt, {n, n});
       auto p = HostTensor::empty(DType::kInt64, {n});
       linalg::eigenbasis_refresh<T>(n, a.ptr<T>(), s.inputs[1].ptr<T>(), q.ptr<T>(), p.ptr<std::int64_t>(), s.sort);
-      out.emplace_back("basis", std::move(q));
-      out.emplace_back("permutation", std::move(p));
+      std::optional<HostTensor> r;
       if (s.rotation) {
         // R = Q_oldᵀ·Q_new: what the install rotates the first moment with, computed here, off the training thread
-        const HostTensor& basis = out[0].second;
-        auto r = HostTensor::empty(dt, {n, n});
-        linalg::matmul_tn<T>(n, s.inputs[1].ptr<T>(), basis.ptr<T>(), r.ptr<T>());
-        out.emplace_back("rotation", std::move(r));
+        r = HostTensor::empty(dt, {n, n});
+        linalg::matmul_tn<T>(n, s.inputs[1].ptr<T>(), q.ptr<T>(), r->ptr<T>());
       }
+      out.emplace_back("basis", std::move(q));
+      out.emplace_back("permutation", std::move(p));
+      if (r) out.emplace_back("rotation", std::move(*r));
       break;
     }
     case JobKind::kTask: break;
@@ -405,16 +406,13 @@ void RefreshScheduler::worker_main(int index) {
         r.outputs = run_with_fault(job->spec, take_fault(job->spec));
       }
     } catch (const std::bad_alloc&) {
-      r.outputs.clear();
       r.status = JobStatus::kFailed;
       r.message = failure_message(job->id, job->spec,
                                   "out of memory on the worker (std::bad_alloc); free host memory or use fewer workers");
     } catch (const std::exception& e) {
-      r.outputs.clear();
       r.status = JobStatus::kFailed;
       r.message = failure_message(job->id, job->spec, e.what());
     } catch (...) {
-      r.outputs.clear();
       r.status = JobStatus::kFailed;
       r.message = failure_message(job->id, job->spec, "an exception of unknown type");
     }

@@ -143,6 +143,27 @@ ck::FormatReason refusal(const std::function<void()>& f, std::string* message = 
   return ck::FormatReason::kInvalidMetadata;
 }
 
+// The error other than a FormatError that `f` throws (fails the test, saying `what`, when it throws none).
+asteria::Error error_of(const std::function<void()>& f, const std::string& what) {
+  try {
+    f();
+  } catch (const ck::FormatError& e) {
+    ADD_FAILURE() << what << ": a FormatError, expected another error: " << e.what();
+    return e;
+  } catch (const asteria::Error& e) {
+    return e;
+  }
+  ADD_FAILURE() << what;
+  return asteria::Error(asteria::ErrorCategory::kInternal, "no error");
+}
+
+// The checkpoint at `path` opens, verifies and holds `payload`.
+void expect_checkpoint(const std::string& path, const Bytes& payload) {
+  ck::Reader r(path);
+  r.verify();
+  EXPECT_EQ(read_payload(r), payload) << path;
+}
+
 ck::Header sample_header() {
   ck::Header h;
   h.payload_size = 123456789;
@@ -299,6 +320,7 @@ TEST(CheckpointFormat, MalformedMetadataIsRefusedEvenWithValidCrcs) {
       {raw_metadata({{std::string(65, 'k'), "1"}}), "65-byte key"},
       {raw_metadata({{"bad key", "1"}}), "outside [A-Za-z0-9_.-]"},
       {raw_metadata({{"k/../x", "1"}}), "outside [A-Za-z0-9_.-]"},
+      {raw_metadata({{"k\xff", "1"}}), "key 'k\\xff' has a character"},  // shown escaped, never raw
       {raw_metadata({{"k", std::string(4097, 'v')}}), "4097-byte value"},
       {raw_metadata({{"k", "line\nbreak"}}), "control character"},
       {raw_metadata({{"k", std::string("nul\0x", 5)}}), "control character"},
@@ -418,9 +440,7 @@ TEST(CheckpointFile, AnUnnamedTemporaryFileIsInvisibleUntilCommit) {
   EXPECT_TRUE(dir.entries().empty()) << "a crash now would leave nothing behind";
   w.commit();
   EXPECT_EQ(dir.entries(), std::set<std::string>{"c"});
-  ck::Reader r(path);
-  r.verify();
-  EXPECT_EQ(read_payload(r), big);
+  expect_checkpoint(path, big);
 }
 
 TEST(CheckpointFile, EmptyPayloadAndReplacingAnExistingCheckpoint) {
@@ -435,9 +455,7 @@ TEST(CheckpointFile, EmptyPayloadAndReplacingAnExistingCheckpoint) {
   }
   const Bytes payload = random_bytes(5000, 2);
   write_checkpoint(path, payload);
-  ck::Reader r(path);
-  r.verify();
-  EXPECT_EQ(read_payload(r), payload);
+  expect_checkpoint(path, payload);
 }
 
 TEST(CheckpointFile, TruncationAtEveryInterestingOffsetIsRefused) {
@@ -515,21 +533,10 @@ TEST(CheckpointFile, OtherFilesAreNotCheckpoints) {
   EXPECT_EQ(refusal([&] { ck::Reader r(path); }, &msg), ck::FormatReason::kNotACheckpoint);
   EXPECT_NE(msg.find("is not an asteria checkpoint"), std::string::npos) << msg;
   EXPECT_NE(msg.find("torch.load"), std::string::npos) << msg;
-  try {
-    ck::Reader r(dir.path());
-    ADD_FAILURE() << "a directory was opened";
-  } catch (const ck::FormatError&) {
-    ADD_FAILURE() << "a directory is an I/O error";
-  } catch (const asteria::Error& e) {
-    EXPECT_EQ(e.os_errno(), EISDIR);
-  }
-  try {
-    ck::Reader r(dir / "missing");
-    ADD_FAILURE() << "a missing file was opened";
-  } catch (const asteria::Error& e) {
-    EXPECT_EQ(e.category(), asteria::ErrorCategory::kIo);
-    EXPECT_EQ(e.os_errno(), ENOENT);
-  }
+  EXPECT_EQ(error_of([&] { ck::Reader r(dir.path()); }, "a directory was opened").os_errno(), EISDIR);
+  const asteria::Error missing = error_of([&] { ck::Reader r(dir / "missing"); }, "a missing file was opened");
+  EXPECT_EQ(missing.category(), asteria::ErrorCategory::kIo);
+  EXPECT_EQ(missing.os_errno(), ENOENT);
 }
 
 TEST(CheckpointFile, FileIsOwnerOnlyWhateverTheUmask) {
@@ -565,22 +572,16 @@ TEST(CheckpointFile, SymlinkAtTheTargetIsReplacedNotFollowed) {
   write_file(victim, Bytes{'k', 'e', 'e', 'p'});
   ASSERT_EQ(::symlink(victim.c_str(), link.c_str()), 0);
   // Reading never goes through a link.
-  try {
-    ck::Reader r(link);
-    ADD_FAILURE() << "a symbolic link was opened";
-  } catch (const asteria::Error& e) {
-    EXPECT_EQ(e.os_errno(), ELOOP);
-    EXPECT_NE(std::string(e.what()).find("symbolic link"), std::string::npos) << e.what();
-  }
+  const asteria::Error refused = error_of([&] { ck::Reader r(link); }, "a symbolic link was opened");
+  EXPECT_EQ(refused.os_errno(), ELOOP);
+  EXPECT_NE(std::string(refused.what()).find("symbolic link"), std::string::npos) << refused.what();
   const Bytes payload = random_bytes(100, 6);
   write_checkpoint(link, payload);
   struct stat st {};
   ASSERT_EQ(::lstat(link.c_str(), &st), 0);
   EXPECT_TRUE(S_ISREG(st.st_mode)) << "the link itself was replaced by the checkpoint";
   EXPECT_EQ(read_file(victim), (Bytes{'k', 'e', 'e', 'p'})) << "the link's target is untouched";
-  ck::Reader r(link);
-  r.verify();
-  EXPECT_EQ(read_payload(r), payload);
+  expect_checkpoint(link, payload);
 }
 
 TEST(CheckpointFile, AbortAndDestructorRemoveTheTemporaryFile) {
@@ -609,12 +610,8 @@ TEST(CheckpointFile, AbortAndDestructorRemoveTheTemporaryFile) {
   w.abort();  // repeated: harmless
   EXPECT_EQ(dir.entries(), std::set<std::string>{"c"});
   EXPECT_EQ(read_file(path), before);
-  try {
-    w.write("x", 1);
-    ADD_FAILURE() << "an aborted writer accepted bytes";
-  } catch (const asteria::Error& e) {
-    EXPECT_EQ(e.category(), asteria::ErrorCategory::kInvalidArgument);
-  }
+  EXPECT_EQ(error_of([&] { w.write("x", 1); }, "an aborted writer accepted bytes").category(),
+            asteria::ErrorCategory::kInvalidArgument);
 }
 
 TEST(CheckpointFile, EveryInjectedFaultKeepsThePreviousCheckpointAndLeavesNoTemporaryFile) {
@@ -649,24 +646,17 @@ TEST(CheckpointFile, EveryInjectedFaultKeepsThePreviousCheckpointAndLeavesNoTemp
     o.test_fault.kind = c.kind;
     o.test_fault.after_bytes = c.after;
     o.expected_bytes = payload.size();
-    try {
-      write_checkpoint(path, payload, kMeta, 65536, o);
-      ADD_FAILURE() << "the fault did not fire: " << c.says;
-    } catch (const ck::FormatError& e) {
-      ADD_FAILURE() << e.what();
-    } catch (const asteria::Error& e) {
-      EXPECT_EQ(e.category(), asteria::ErrorCategory::kIo);
-      EXPECT_EQ(e.os_errno(), c.err) << e.what();
-      const std::string msg = e.what();
-      EXPECT_NE(msg.find(c.says), std::string::npos) << msg;
-      EXPECT_NE(msg.find(path), std::string::npos) << msg;
-      EXPECT_NE(msg.find("previous file at the target is untouched"), std::string::npos) << msg;
-    }
+    const asteria::Error e =
+        error_of([&] { write_checkpoint(path, payload, kMeta, 65536, o); }, std::string("the fault did not fire: ") + c.says);
+    EXPECT_EQ(e.category(), asteria::ErrorCategory::kIo);
+    EXPECT_EQ(e.os_errno(), c.err) << e.what();
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find(c.says), std::string::npos) << msg;
+    EXPECT_NE(msg.find(path), std::string::npos) << msg;
+    EXPECT_NE(msg.find("previous file at the target is untouched"), std::string::npos) << msg;
     EXPECT_EQ(dir.entries(), std::set<std::string>{"c"}) << c.says;
     EXPECT_EQ(read_file(path), before) << c.says;
-    ck::Reader r(path);
-    r.verify();
-    EXPECT_EQ(read_payload(r), previous);
+    expect_checkpoint(path, previous);
   }
 }
 
@@ -674,32 +664,20 @@ TEST(CheckpointFile, ATargetThatIsADirectoryFailsAtRenameAndLeavesNothing) {
   TempDir dir;
   const std::string path = dir / "sub";
   ASSERT_EQ(::mkdir(path.c_str(), 0700), 0);
-  try {
-    write_checkpoint(path, random_bytes(10, 10));
-    ADD_FAILURE() << "a checkpoint replaced a directory";
-  } catch (const asteria::Error& e) {
-    EXPECT_EQ(e.category(), asteria::ErrorCategory::kIo);
-    EXPECT_TRUE(e.os_errno() == EISDIR || e.os_errno() == ENOTEMPTY || e.os_errno() == EEXIST) << e.what();
-  }
+  const asteria::Error e = error_of([&] { write_checkpoint(path, random_bytes(10, 10)); }, "a checkpoint replaced a directory");
+  EXPECT_EQ(e.category(), asteria::ErrorCategory::kIo);
+  EXPECT_TRUE(e.os_errno() == EISDIR || e.os_errno() == ENOTEMPTY || e.os_errno() == EEXIST) << e.what();
   EXPECT_EQ(dir.entries(), std::set<std::string>{"sub"});
 }
 
 TEST(CheckpointFile, MissingDirectoryAndBadPathsAreClearErrors) {
   TempDir dir;
-  try {
-    ck::Writer w(dir / "missing/c", {});
-    ADD_FAILURE();
-  } catch (const asteria::Error& e) {
-    EXPECT_EQ(e.os_errno(), ENOENT);
-    EXPECT_NE(std::string(e.what()).find("create the directory first"), std::string::npos) << e.what();
-  }
+  const asteria::Error missing = error_of([&] { ck::Writer w(dir / "missing/c", {}); }, "a missing directory");
+  EXPECT_EQ(missing.os_errno(), ENOENT);
+  EXPECT_NE(std::string(missing.what()).find("create the directory first"), std::string::npos) << missing.what();
   for (const std::string& bad : {std::string(), dir.path() + "/", dir / "."}) {
-    try {
-      ck::Writer w(bad, {});
-      ADD_FAILURE() << bad;
-    } catch (const asteria::Error& e) {
-      EXPECT_EQ(e.category(), asteria::ErrorCategory::kInvalidArgument) << e.what();
-    }
+    const asteria::Error e = error_of([&] { ck::Writer w(bad, {}); }, "accepted the path '" + bad + "'");
+    EXPECT_EQ(e.category(), asteria::ErrorCategory::kInvalidArgument) << e.what();
   }
   EXPECT_THROW(ck::Writer(dir / "c", {{"bad key", "v"}}), ck::FormatError);
   EXPECT_TRUE(dir.entries().empty());

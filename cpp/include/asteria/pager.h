@@ -19,8 +19,9 @@
 // file holding model-derived data is ever left on disk. PagerOptions::keep_swap_name keeps both names
 // until the Pager is destroyed (for debugging). O_DIRECT is used when the file system accepts it,
 // buffered I/O otherwise.
-// Thread safety: every method may be called from any thread. write()/read() never block on I/O;
-// wait() blocks until the request completes. Buffers passed to write()/read() must stay valid and
+// Thread safety: every method may be called from any thread. write()/read() never wait for data to
+// move (a write that needs new space reserves it first, a file-system metadata call); wait() blocks
+// until the request completes. Buffers passed to write()/read() must stay valid and
 // untouched until wait() returns for that ticket.
 
 #include <condition_variable>
