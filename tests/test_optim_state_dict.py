@@ -89,6 +89,10 @@ def test_a_step_interrupted_midway_refuses_until_a_checkpoint_is_loaded(name, wh
         run(opt, params, 3, 4)
     with pytest.raises(StepFailedError, match="Reload the last checkpoint"):
         opt.state_dict()
+    ran = []
+    with pytest.raises(StepFailedError):  # refused before the closure runs: no forward/backward is wasted
+        opt.step(lambda: ran.append(1))
+    assert ran == []
     for p, s in zip(params, saved[1]):
         p.data.copy_(s)
     opt.load_state_dict(saved[0])

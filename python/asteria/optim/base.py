@@ -37,7 +37,13 @@ __all__ = ["BlockOptimizer", "Bucket", "Member", "RefreshFailureError", "check_r
 
 
 class RefreshFailureError(RuntimeError):
-    """Raised when a block's refresh failed more times in a row than the optimizer tolerates."""
+    """Raised by ``step()`` when a block's refresh failed more times in a row than ``num_tolerated_failures``.
+
+    It is raised mid-step, while the step installs the refreshes due: the step has already stored the new
+    statistics and moments, so parameters and optimizer state no longer match. From then on ``step()`` and
+    ``state_dict()`` raise `StepFailedError` until ``load_state_dict`` of the last checkpoint (together with
+    the model's ``load_state_dict``) makes the optimizer usable again.
+    """
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,8 +298,9 @@ class BlockOptimizer(torch.optim.Optimizer):
       a block of finite values whose sum exceeds the dtype's range counts as overflowed, a margin of at most
       the block size below the overflow itself.
     * Each block step whose parameter was not updated for these reasons adds one to the block's
-      ``nonfinite_steps`` (`nonfinite_steps`, ``runtime.stats()["nonfinite_steps"]``). The step counter still
-      advances (as for a skipped step in torch.amp).
+      ``nonfinite_steps`` (`nonfinite_steps`, ``runtime.stats()["nonfinite_steps"]``). The parameter's step
+      counter still advances (unlike torch.amp's ``GradScaler``, which skips ``optimizer.step()`` altogether
+      when it finds Inf/NaN gradients).
     * A refresh result that is non-finite (or, for an eigenbasis, whose rotation is non-finite or whose
       permutation is not a permutation) is never installed, like the result of a failed job: the previous
       root/basis is kept and the failure counted (per block, consecutive: the ``refresh_failures`` state;
@@ -542,12 +549,12 @@ class BlockOptimizer(torch.optim.Optimizer):
                 (with the model's) makes the optimizer usable again. An exception before any parameter was
                 updated leaves everything as it was, and the step may be repeated.
         """
+        if self._failed_step is not None:  # checked before the closure: a refused step runs no forward/backward
+            raise StepFailedError(self._failed_step)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._failed_step is not None:
-            raise StepFailedError(self._failed_step)
         self.runtime.begin_step()
         self._state_touched = False
         try:
@@ -684,6 +691,22 @@ class BlockOptimizer(torch.optim.Optimizer):
         """Adds one to ``nonfinite_steps`` of every row whose step was rejected (``ok`` False)."""
         rows.set("nonfinite_steps", rows.state["nonfinite_steps"] + (~ok).to(torch.int64))
 
+    def write_accepted_params(self, rows: _Rows, ok: torch.Tensor, W: torch.Tensor, W_new: torch.Tensor) -> None:
+        """Writes the new parameter values of the rows that may take them; counts the others (no host sync).
+
+        A row takes ``W_new`` when ``ok`` is True and `params_ok` accepts the values; every other row keeps
+        ``W`` and adds one to its ``nonfinite_steps`` (`count_rejected`).
+
+        Args:
+            rows: The rows stepped.
+            ok: ``(B,)`` acceptance mask of the step (`acceptance`).
+            W: The rows' parameters before the step (stacked, state dtype).
+            W_new: Their new values.
+        """
+        ok_param = self.params_ok(rows, ok, W_new)
+        self.write_params(rows, ops.masked(ok_param, W_new, W))
+        self.count_rejected(rows, ok_param)
+
     def commit_rows(
         self, rows: _Rows, finite: torch.Tensor, updates: dict[str, torch.Tensor], W: torch.Tensor, W_new: torch.Tensor
     ) -> None:
@@ -699,10 +722,8 @@ class BlockOptimizer(torch.optim.Optimizer):
             W_new: Their new values.
         """
         ok = self.acceptance(finite, updates)
-        ok_param = self.params_ok(rows, ok, W_new)
-        self.write_params(rows, ops.masked(ok_param, W_new, W))
+        self.write_accepted_params(rows, ok, W, W_new)
         self.accept_rows(rows, ok, updates)
-        self.count_rejected(rows, ok_param)
         rows.commit()
 
     def folded_statistics(self, bucket: Bucket, rows: _Rows) -> dict[str, torch.Tensor] | None:
@@ -755,8 +776,11 @@ class BlockOptimizer(torch.optim.Optimizer):
 
         Non-finite blocks are zeroed in ``G`` (so nothing downstream sees NaN/Inf); ``finite`` is a
         ``(B,)`` bool mask used to discard that step's updates for those blocks (no host sync). The test is a
-        block sum (`asteria.optim.tensor_ops.finite_blocks`): a finite block whose sum overflows has entries
-        above ``max/numel``, whose squares (hence the statistics) overflow anyway, so it is rejected either way.
+        block sum (`asteria.optim.tensor_ops.finite_blocks`): a finite block whose sum overflows has an entry
+        above ``max/numel``, whose square overflows, so where the step squares G (statistics, second moments)
+        the block would be rejected anyway. Where nothing squares G (Shampoo with grafting ``"sgd"`` or
+        ``"none"`` and no preconditioned dim) the rejection is conservative: such a block is rejected although
+        its step might have stayed finite.
         """
         blocks = []
         for m in rows.members:
@@ -830,24 +854,18 @@ class BlockOptimizer(torch.optim.Optimizer):
         """
         counter = bucket.state["refresh_failures"]
         with _OUTCOME_LOCK:  # batches of one step may be installed on two threads (parallel_install)
-            self._count_refresh_outcome(bucket, row_list, ok, messages, tolerance, counter)
-
-    def _count_refresh_outcome(
-        self, bucket: Bucket, row_list: Sequence[int], ok: Sequence[bool], messages: Sequence[str], tolerance: int,
-        counter: torch.Tensor,
-    ) -> None:
-        for i, r in enumerate(row_list):
-            if ok[i]:
-                counter[r] = 0
-            else:
-                counter[r] += 1
-                self._refresh_failure_total += 1
-                if int(counter[r]) > tolerance:
-                    m = bucket.members[r]
-                    raise RefreshFailureError(
-                        f"{type(self).__name__}: refresh of {m.label} failed {int(counter[r])} times in a row "
-                        f"(tolerance {tolerance}); last error: {messages[i]}"
-                    )
+            for i, r in enumerate(row_list):
+                if ok[i]:
+                    counter[r] = 0
+                else:
+                    counter[r] += 1
+                    self._refresh_failure_total += 1
+                    if int(counter[r]) > tolerance:
+                        m = bucket.members[r]
+                        raise RefreshFailureError(
+                            f"{type(self).__name__}: refresh of {m.label} failed {int(counter[r])} times in a row "
+                            f"(tolerance {tolerance}); last error: {messages[i]}"
+                        )
 
     def _nonfinite_total(self) -> int:
         if not self._buckets:
@@ -855,7 +873,18 @@ class BlockOptimizer(torch.optim.Optimizer):
         return int(sum(int(b.state["nonfinite_steps"].sum()) for b in self._buckets if "nonfinite_steps" in b.state))
 
     def nonfinite_steps(self) -> dict[str, int]:
-        """Per block, how many steps had a non-finite gradient and were skipped (synchronises the device)."""
+        """Per block, how many of its steps were rejected or did not write its parameter (synchronises the device).
+
+        A step is counted when the block's gradient holds NaN/Inf or its new statistics or moments would not be
+        finite (`acceptance`; the step is rejected and the state kept), or when only its new parameter values
+        would not be finite or not be representable in the parameter's dtype (`params_ok`; the parameter is not
+        written). The first call of `SOAP`, `KLShampoo` and `KLSOAP`, which updates no parameter, counts the
+        factored blocks whose gradient or first statistics were rejected. The total is
+        ``runtime.stats()["nonfinite_steps"]``.
+
+        Returns:
+            The count per block, keyed by the block's label (parameter name, and the block for a split one).
+        """
         out: dict[str, int] = {}
         for bucket in self._buckets or []:
             counts = bucket.state["nonfinite_steps"].tolist()

@@ -16,10 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from asteria import _core
 from asteria.optim.base import BlockOptimizer, Bucket, _Rows, check_betas, check_dtype, check_range
 from asteria.optim.blocking import ParamLayout, soap_layout
-from asteria.optim.results import all_finite, stack_results, to_device
+from asteria.optim.results import all_finite, outputs_checked, stack_results, to_device
 from asteria.runtime.pipeline import RefreshJob
 
 __all__ = ["EigenbasisOptimizer", "eigh_ridge_for", "result_problem"]
@@ -53,8 +52,8 @@ def result_problem(basis: Any, permutation: Any, rotation: Any, n: int, message:
         rotation: ``R = Q_oldᵀ Q_new`` when the job computed it, or None.
         n: The factor's size.
         message: The job's error message when it failed.
-        finite_checked: The outputs were already checked for NaN/Inf where they were computed (the C++
-            scheduler's workers fail a job whose outputs are not finite), so they are not scanned again.
+        finite_checked: The outputs were already checked for NaN/Inf where they were computed
+            (`asteria.optim.results.outputs_checked`), so they are not scanned again.
 
     Returns:
         "" for an installable result, else a message naming the problem.
@@ -228,7 +227,7 @@ class EigenbasisOptimizer(BlockOptimizer):
             perm = res.outputs.get("permutation") if res.ok else None
             rot = res.outputs.get("rotation") if res.ok else None
             problem = result_problem(q, perm, rot, bucket.shape[i], "" if res.ok else res.message,
-                                     finite_checked=isinstance(res, _core.JobResult))
+                                     finite_checked=outputs_checked(res))
             if problem:
                 ok[k] = False
                 msgs[k] = problem

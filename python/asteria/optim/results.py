@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["all_finite", "as_tensor", "stack_results", "to_device"]
+from asteria import _core
+
+__all__ = ["all_finite", "as_tensor", "output_finite", "outputs_checked", "stack_results", "to_device"]
 
 
 def all_finite(x: Any) -> bool:
@@ -23,6 +25,22 @@ def all_finite(x: Any) -> bool:
     if isinstance(x, torch.Tensor):
         return True if x.is_cuda else bool(torch.isfinite(x).all())
     return bool(np.isfinite(x).all())
+
+
+def outputs_checked(result: Any) -> bool:
+    """Whether a job result's outputs were already checked for NaN/Inf where they were computed.
+
+    True for a `_core.JobResult`: the C++ scheduler's workers fail a job whose outputs are not finite. Any
+    other result (one restored from a checkpoint, received from another rank, or wrapped by a caller) is
+    checked at install.
+    """
+    return isinstance(result, _core.JobResult)
+
+
+def output_finite(result: Any, x: Any) -> bool:
+    """Whether the output ``x`` of the job result ``result`` may be installed as far as NaN/Inf go: read only
+    when `outputs_checked` is False (`all_finite`)."""
+    return outputs_checked(result) or all_finite(x)
 
 
 def as_tensor(x: Any) -> torch.Tensor:

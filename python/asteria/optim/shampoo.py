@@ -12,7 +12,7 @@ import torch
 from asteria.optim import tensor_ops as ops
 from asteria.optim.base import BlockOptimizer, Bucket, _Rows, check_betas, check_dtype, check_range
 from asteria.optim.blocking import ParamLayout, shampoo_layout
-from asteria.optim.results import all_finite, stack_results, to_device
+from asteria.optim.results import output_finite, stack_results, to_device
 from asteria.runtime.config import RuntimeConfig
 from asteria.runtime.pipeline import RefreshJob
 
@@ -108,18 +108,18 @@ def precondition(gbar: torch.Tensor, roots: Sequence[torch.Tensor | None]) -> to
 
 
 def install_roots(
-    roots: Sequence[torch.Tensor], new: Sequence[torch.Tensor], ok: torch.Tensor
+    roots: Sequence[torch.Tensor], new: Sequence[torch.Tensor], ok: torch.Tensor | None
 ) -> None:
     """Shampoo install: swap every root of a block at once; rows whose refresh failed keep the old roots.
 
     Args:
         roots: The installed ``(B, d_i, d_i)`` roots (modified in place).
         new: The new roots, aligned with ``roots``.
-        ok: ``(B,)`` bool mask of rows whose every job succeeded.
+        ok: ``(B,)`` bool mask of rows whose every job succeeded, or None when every row installs.
     """
-    mask = to_device(ok.reshape(-1, 1, 1), roots[0].device)
+    mask = None if ok is None else to_device(ok, roots[0].device)
     for X, X_new in zip(roots, new):
-        X.copy_(torch.where(mask, X_new.to(device=X.device, dtype=X.dtype), X))
+        X.copy_(ops.masked(mask, X_new.to(device=X.device, dtype=X.dtype), X))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -375,7 +375,7 @@ class Shampoo(BlockOptimizer):
         for j, res in enumerate(results):
             i, k = dims[j // n], j % n
             root = res.outputs.get("root") if res.ok else None
-            if root is None or not all_finite(root):
+            if root is None or not output_finite(res, root):
                 ok[k] = False
                 msgs[k] = res.message if not res.ok else "non-finite inverse root"
             else:
@@ -385,7 +385,8 @@ class Shampoo(BlockOptimizer):
 
     def _install(self, bucket: Bucket, row_list: list[int], dims: list[int], outs: dict[int, list[Any]], ok: list[bool], t: int) -> None:
         idx = to_device(torch.tensor(row_list, dtype=torch.long), bucket.device)
-        okm = torch.tensor(ok, dtype=torch.bool)
+        # rows that keep their old roots are masked out; when every row installs there is nothing to mask
+        okm = None if all(ok) else torch.tensor(ok, dtype=torch.bool)
         roots, new = [], []
         for i in dims:
             cur = bucket.state[f"root_{i}"].index_select(0, idx)
@@ -441,6 +442,4 @@ class Shampoo(BlockOptimizer):
         if group["weight_decay"] != 0.0:
             P = P.add(W, alpha=group["weight_decay"])
         W_new = W.add(P, alpha=-group["lr"])
-        ok = self.params_ok(rows, ok, W_new)
-        self.write_params(rows, ops.masked(ok, W_new, W))
-        self.count_rejected(rows, ok)
+        self.write_accepted_params(rows, ok, W, W_new)

@@ -234,9 +234,8 @@ class SOAP(EigenbasisOptimizer):
         return {"sort": True}
 
     def _first_statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
-        k = len(bucket.shape)
-        new = update_soap_factors([rows.state[f"factor_{i}"] for i in range(k)], G, self._shampoo_beta(group), None)
-        return {f"factor_{i}": L for i, L in enumerate(new)}
+        # SOAP's first call folds G like every later step (called for factored buckets only)
+        return self._statistics(bucket, rows, G, group)
 
     def _update_rows(self, bucket: Bucket, rows: _Rows, t: int, group: dict[str, Any]) -> None:
         st = rows.state

@@ -22,7 +22,6 @@ __all__ = [
     "project_out",
     "mode_gram",
     "permute_along",
-    "finite_mask",
     "finite_blocks",
     "masked",
     "expand_mask",
@@ -123,11 +122,6 @@ def permute_along(x: torch.Tensor, perm: torch.Tensor, dim: int) -> torch.Tensor
     shape[dim + 1] = x.shape[dim + 1]
     index = perm.reshape(shape).expand_as(x)
     return torch.gather(x, dim + 1, index)
-
-
-def finite_mask(x: torch.Tensor) -> torch.Tensor:
-    """Returns a ``(B,)`` bool tensor: whether every entry of each block is finite (no host sync)."""
-    return torch.isfinite(x).flatten(1).all(dim=1)
 
 
 def finite_blocks(mask: torch.Tensor | None, *tensors: torch.Tensor) -> torch.Tensor:
