@@ -45,6 +45,7 @@ for f in "${fuzzers[@]}"; do
       "${cov:-?}" "${ft:-?}" "${corp:-?}"
   if [[ $rc -ne 0 ]]; then
     echo "fuzz: $f FAILED (exit $rc); the input is under $build/artifacts/, the log in $log:"
+    grep -m1 'INFO: Seed' "$log" || true  # reproduces the run: -seed=N
     tail -40 "$log"
     status=1
   fi

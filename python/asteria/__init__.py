@@ -10,7 +10,8 @@ runtime settings ``RuntimeConfig`` and ``Runtime`` (a refresh worker pool severa
 ``select_provider()`` (LAPACK provider); ``AsteriaError`` (errors of the native core); for distributed
 runs, ``gather_state_dict()`` (one full checkpoint from every rank's state) and ``DistributedError``;
 ``BudgetError`` (the memory budgets cannot hold the optimizer state; a ``MemoryError``);
-``StepFailedError`` (a step failed midway on an I/O error of the NVMe tier: reload the last checkpoint);
+``StepFailedError`` (a step was interrupted midway, e.g. by an I/O error of the NVMe tier: reload the last
+checkpoint);
 crash-safe checkpoints: ``save_checkpoint()``, ``load_checkpoint()``, ``checkpoint_info()`` and
 ``CheckpointError`` (a torn, corrupted or foreign checkpoint file; a ``ValueError``).
 """

@@ -221,17 +221,22 @@ class RuntimeConfig:
             return self.workers
         if self.worker_cpus is not None:
             return min(8, len(self.worker_cpus))
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            cores = os.cpu_count() or 1
-        try:
-            import torch  # noqa: PLC0415
+        return max(1, min(8, free_cores()))
 
-            training = torch.get_num_threads()
-        except Exception:  # noqa: BLE001 - torch missing or broken: assume one training thread
-            training = 1
-        return max(1, min(8, cores - training))
+
+def free_cores() -> int:
+    """CPUs this thread may run on that torch's training threads leave free (may be 0 or negative)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        import torch  # noqa: PLC0415
+
+        training = torch.get_num_threads()
+    except Exception:  # noqa: BLE001 - torch missing or broken: assume one training thread
+        training = 1
+    return cores - training
 
 
 def _is_process_group(value: Any) -> bool:

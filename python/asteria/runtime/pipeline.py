@@ -154,8 +154,10 @@ class _Pending:
     plan: Any = None  # distributed: the exchange's plan of the batch (job ids are None for jobs owned elsewhere)
 
 
-def _run_installs(work: Sequence[tuple[_Pending, list[Any]]]) -> None:
+def _run_installs(work: Sequence[tuple[_Pending, list[Any]]], started: set[int]) -> None:
+    """Installs the batches in order, recording each one (``id``) in ``started`` just before it is installed."""
     for pending, results in work:
+        started.add(id(pending))
         pending.install(results)
 
 
@@ -388,16 +390,14 @@ class RefreshPipeline:
         gathered = self._gather_round(due, step)
         work = list(zip(due, gathered))
         # not in distributed runs: the other ranks on this machine may be using the CPUs a helper would take
-        groups = _split_installs(work) if len(work) > 1 and not self.distributed else None
-        helper = self._runtime.install_helper() if groups is not None else None
-        if helper is None:
+        helper = self._runtime.install_helper() if len(work) > 1 and not self.distributed else None
+        groups = _split_installs(work) if helper is not None else None
+        if groups is None:
             for pending, results in work:  # one by one: an installer that raises leaves the later ones pending
                 self._account(pending, results, step)
                 pending.install(results)
             return len(due)
-        for pending, results in work:
-            self._account(pending, results, step)
-        self._install_parallel(helper, *groups)
+        self._install_parallel(helper, work, *groups, step=step)
         return len(due)
 
     def _account(self, pending: _Pending, results: list[Any], step: int) -> None:
@@ -422,20 +422,34 @@ class RefreshPipeline:
                     stacklevel=5,
                 )
 
-    def _install_parallel(self, helper: Any, mine: list[Any], theirs: list[Any]) -> None:
-        """Installs two groups of due batches at once (``RuntimeConfig.parallel_install``): ``theirs`` on the helper
-        thread (`Runtime.install_helper`), ``mine`` on this one. Groups come from `_split_installs`: batches that
-        share a block are in one group, each group in (deadline, submission) order, so every block sees its
-        installs in order and computes what it would on one thread. Both groups finish before anything is
-        raised (this thread's error first)."""
-        future = helper.submit(_run_installs, theirs)
+    def _install_parallel(self, helper: Any, work: list[Any], mine: list[Any], theirs: list[Any], *, step: int) -> None:
+        """Installs two groups of the due batches ``work`` at once (``RuntimeConfig.parallel_install``): ``theirs`` on
+        the helper thread (`Runtime.install_helper`), ``mine`` on this one. Groups come from `_split_installs`:
+        batches that share a block are in one group, each group in (deadline, submission) order, so every block
+        sees its installs in order and computes what it would on one thread.
+
+        Both groups finish before anything is raised. As on one thread, an installer that raises stops its group:
+        the batches it did not start stay pending, and only the started ones are accounted (in ``work`` order).
+        This thread's error is raised first, with the helper's as its ``__context__``.
+        """
+        started: set[int] = set()
+        future = helper.submit(_run_installs, theirs, started)
+        mine_error: BaseException | None = None
         try:
-            _run_installs(mine)
-        finally:
-            error = future.exception()  # waits: no install runs once this returns or raises
-        if error is not None:
-            raise error
-        self._counters["parallel_installs"] += len(theirs)
+            _run_installs(mine, started)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, once the helper is done too
+            mine_error = exc
+        their_error = future.exception()  # waits: no install runs once this returns
+        for pending, results in work:
+            if id(pending) in started:
+                self._account(pending, results, step)
+        self._counters["parallel_installs"] += sum(id(p) in started for p, _ in theirs)
+        if mine_error is not None:
+            if their_error is not None and mine_error.__context__ is None:
+                mine_error.__context__ = their_error
+            raise mine_error
+        if their_error is not None:
+            raise their_error
 
     def _gather_round(self, due: list[_Pending], step: int) -> list[list[Any]]:
         """The results of the due batches; in a distributed run, one exchange round completes them on every rank."""

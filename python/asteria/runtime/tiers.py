@@ -54,8 +54,8 @@ What the error means for the optimizer depends on when it happens in ``step()``:
   nothing changed, the OSError says so, and ``step()`` may be called again once the cause is fixed;
 * after some buckets were updated (their parameters and state) and before others were: parameters and state no
   longer match. The optimizer refuses to go on: the OSError says so, and from then on ``step()``,
-  ``state_dict()`` and every access to its tiered state raise `StepFailedError` (so no inconsistent checkpoint
-  can be saved). ``load_state_dict()`` of the last checkpoint (with the model's own) makes it usable again.
+  ``state_dict()``, ``acquire()`` and every access to its tiered state during a step raise `StepFailedError`
+  (so no inconsistent checkpoint can be saved). ``load_state_dict()`` of the last checkpoint (with the model's own) makes it usable again.
 
 **Swap file lifecycle and threat model.** Optimizer state is derived from the gradients, so it can leak
 information about the training data. The swap file is created with mode 0600 in a fresh mode-0700 directory
@@ -112,9 +112,10 @@ class BudgetError(MemoryError):
 
 
 class StepFailedError(RuntimeError):
-    """An optimizer step failed midway (an I/O error of the NVMe tier after some buckets were updated), so the
-    parameters and the optimizer state no longer match: the optimizer refuses to continue until the last
-    checkpoint is loaded (the message says what failed)."""
+    """An optimizer step was interrupted midway, by any exception after some parameters or state were updated (an
+    I/O error of the NVMe tier, an out-of-memory error, a refresh failure past its tolerance, a KeyboardInterrupt
+    the script caught...), so the parameters and the optimizer state no longer match: the optimizer refuses to
+    continue until the last checkpoint is loaded (the message says what failed)."""
 
 
 class TierIOWarning(RuntimeWarning):
@@ -245,7 +246,7 @@ class TieredState(MutableMapping):
 
     def _v(self) -> dict[str, torch.Tensor]:
         rec = self._rec
-        if rec is self._mgr._current and rec.views is not None and not self._mgr._failed:
+        if rec is self._mgr._current and rec.views is not None and rec.owner_id not in self._mgr._failed:
             return rec.views
         return self._mgr._use(rec)
 
@@ -1026,7 +1027,8 @@ class TierManager:
             raise StepFailedError(msg)
 
     def _fail_owner(self, owner_id: int, owner_name: str, cause: str) -> None:
-        """Marks an optimizer as failed midway: every later access to its tiered state raises `StepFailedError`."""
+        """Marks an optimizer as failed midway: its ``step()``, ``state_dict()``, ``acquire()`` and accesses to its tiered
+        state during a step raise `StepFailedError` (reads outside a step stay allowed)."""
         self._failed.setdefault(
             owner_id,
             f"asteria tiers: a step of this {owner_name} failed midway ({cause}); its parameters and optimizer state "

@@ -24,7 +24,7 @@ import threading
 import weakref
 from typing import Any
 
-from asteria.runtime.config import DEFAULT_RUNTIME_CONFIG, RuntimeConfig
+from asteria.runtime.config import DEFAULT_RUNTIME_CONFIG, RuntimeConfig, free_cores
 
 __all__ = ["Runtime"]
 
@@ -114,15 +114,8 @@ class Runtime:
         if not self._install_helper_checked:
             self._install_helper_checked = True
             cpus = self.config.worker_cpus
-            if cpus is None:
-                import torch
-
-                try:
-                    free = len(os.sched_getaffinity(0)) > torch.get_num_threads()
-                except (AttributeError, OSError):
-                    free = (os.cpu_count() or 1) > torch.get_num_threads()
-                if not free:
-                    return None
+            if cpus is None and free_cores() < 1:
+                return None
             from concurrent.futures import ThreadPoolExecutor
 
             self._install_helper = ThreadPoolExecutor(

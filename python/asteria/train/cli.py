@@ -319,10 +319,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     stop_at=args.stop_at,
                     save_every=args.save_every or 0,
                 )
-            except KeyboardInterrupt:  # a second signal while the last checkpoint was being written
+            except KeyboardInterrupt as exc:  # a second signal while the last checkpoint was being written
                 print(f"asteria-train: {cfg.name}: aborted; the checkpoint being written was abandoned "
                       "(the previous one, if any, is intact)", file=sys.stderr, flush=True)
-                return 130
+                signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
+                return 128 + int(signum)  # 130 for Ctrl-C, 143 for SIGTERM
             except Exception as exc:  # one broken configuration must not lose the others
                 traceback.print_exc(file=sys.stderr)
                 result = loop.RunResult(

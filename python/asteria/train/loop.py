@@ -343,7 +343,7 @@ class _GracefulStop:
         if self.requested:
             self.aborted = True
             self.signum = signum
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(signum)  # the signal, for the exit status (128 + signum)
         self.requested = True
         self.signum = signum
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
@@ -527,8 +527,11 @@ def _run(
                     bar.update(1)
                 if result.status != "ok":
                     break
-                if save is not None and save_every and step % save_every == 0 and not end:
-                    write_checkpoint()  # periodic; the one at the end of the session follows the loop
+                # Periodic; the one at the end of the session follows the loop. Decided from the step number only:
+                # `end` also depends on this rank's own clock (the time budget), and the ranks of a distributed
+                # run must all take part in a save (it gathers the optimizer state) or none.
+                if save is not None and save_every and step % save_every == 0 and step < last_step:
+                    write_checkpoint()
         except KeyboardInterrupt:
             result.status = "interrupted"
             result.stop_signal = stopper.signum or signal.SIGINT
