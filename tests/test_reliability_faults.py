@@ -18,6 +18,7 @@ import copy
 import functools
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ import torch
 import asteria
 from asteria import _core
 from asteria.runtime import RefreshFailureWarning, RuntimeConfig, StepFailedError, TierIOWarning
+from helpers import stop
 
 DIMS = [24, 32, 20, 28, 16, 36, 12]  # six weight matrices of distinct shapes: six buckets
 STEPS = 8
@@ -116,10 +118,14 @@ def _reference(name: str):
 def _assert_matches(model, opt, name: str, after: int) -> None:
     """Parameters and optimizer state equal the reference after ``after`` steps, bit for bit."""
     params, sd = _reference(name)[after - 1]
-    for p, q in zip(params, model.parameters()):
+    current = list(model.parameters())
+    assert len(params) == len(current)
+    for p, q in zip(params, current):
         assert torch.equal(p, q)
     got = opt.state_dict()
+    assert sd["state"].keys() == got["state"].keys()
     for i, blocks in sd["state"].items():
+        assert len(blocks["blocks"]) == len(got["state"][i]["blocks"]), i
         for b, c in zip(blocks["blocks"], got["state"][i]["blocks"]):
             assert b.keys() == c.keys()
             for k in b:
@@ -380,6 +386,9 @@ def test_sigkilled_training_leaves_no_swap_file_behind(tmp_path):
     with subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(nvme)], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, env=env) as child:
         try:
+            if not select.select([child.stdout], [], [], 60)[0]:
+                _, err, _ = stop(child, signal.SIGKILL)
+                pytest.fail(f"the training process printed nothing in 60 s; its stderr: {err[-4000:]}")
             line = child.stdout.readline()
             assert line.startswith("training"), child.stderr.read()
             nvme_bytes, written = map(int, line.split()[1:])

@@ -11,6 +11,9 @@ After every kill:
 * the checkpoint on disk is either absent (none completed yet) or loads and verifies, and it is the last
   one the process finished or the one it was writing (a write is atomic: never torn, never lost);
 * nothing is left behind: no swap file or swap directory under ``nvme_path``, no temporary checkpoint file.
+  (Where the file system has no ``O_TMPFILE`` the writer uses a named temporary file, which a kill during a save
+  leaves behind; it is never taken for the checkpoint: either not a checkpoint at all, or a complete copy of the
+  save that was being written.)
 
 ``ASTERIA_KILL_CYCLES`` (default 20) sets the number of kills; set it higher to run a longer campaign.
 """
@@ -21,6 +24,7 @@ import json
 import os
 import queue
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -32,6 +36,7 @@ import pytest
 import torch
 
 import asteria
+from helpers import has_o_tmpfile
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "kill_worker.py"
@@ -39,17 +44,17 @@ KILLS = int(os.environ.get("ASTERIA_KILL_CYCLES", "20"))
 SEED = int(os.environ.get("ASTERIA_KILL_SEED", "20261122"))
 STEPS, SAVE_EVERY = 24, 3
 CHAINS = ("soap", "kl-soap", "shampoo")
+TEMP_NAME = re.compile(r"^\.ckpt\.pt\..+\.tmp$")  # the writer's named temporary file for ckpt.pt
 
 
 class _Server:
     """kill_worker.py's fork server and the event lines it and its children print, read by a thread."""
 
     def __init__(self, log: Path) -> None:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
         self.log = log
         self._err = open(log, "w")
         self.proc = subprocess.Popen([sys.executable, str(WORKER), "--serve"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self._err, text=True, env=env)
+                                     stdout=subprocess.PIPE, stderr=self._err, text=True)
         self.lines: queue.Queue[tuple[str, list[int]] | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -87,6 +92,7 @@ class _Child:
         assert event is not None and event[0] == "PID", (event, server.stderr())
         self.pid = event[1][0]
         self.returncode: int | None = None
+        self.late: list[tuple[str, int]] = []  # the events `finish` read instead of the caller
 
     def next_event(self, timeout: float) -> tuple[str, int] | None:
         """The next event line of the run; None when it ended (or printed nothing for `timeout` seconds)."""
@@ -104,7 +110,9 @@ class _Child:
         return word, (nums[0] if nums else -1)
 
     def kill(self, sig: int) -> float:
-        """Sends `sig` and waits for the process to end; returns how long it took to exit."""
+        """Sends `sig` and waits for the process to end; returns how long it took to exit. The events the run
+        printed before it died (possibly after the caller's last read: the signal lands some time after that)
+        are in `late`."""
         t0 = time.monotonic()
         os.kill(self.pid, sig)
         rc = self.finish()
@@ -112,13 +120,15 @@ class _Child:
         return time.monotonic() - t0
 
     def finish(self, timeout: float = 60.0) -> int:
-        """Waits for the end of the run (skipping its remaining events) and returns its exit status."""
+        """Waits for the end of the run and returns its exit status; its remaining events go to `late`."""
         deadline = time.monotonic() + timeout
         while self.returncode is None:
             if time.monotonic() > deadline:  # pragma: no cover - a hang is the failure this reports
                 os.kill(self.pid, signal.SIGKILL)
                 raise AssertionError(f"the training process did not exit within {timeout:.0f} s")
-            self.next_event(max(0.0, deadline - time.monotonic()))
+            event = self.next_event(max(0.0, deadline - time.monotonic()))
+            if event is not None:
+                self.late.append(event)
         return self.returncode
 
 
@@ -147,10 +157,26 @@ def _assert_bit_identical(a: dict, b: dict) -> None:
             assert x == y, key
 
 
-def _leftovers(workdir: Path) -> list[str]:
-    """Files a killed process must not leave behind: swap files/directories and temporary checkpoints."""
+def _leftovers(workdir: Path, named_temp: bool, pending: int | None, checked: set[str]) -> list[str]:
+    """Files a killed process must not leave behind: swap files/directories and temporary checkpoints.
+
+    With ``named_temp`` (no O_TMPFILE in `workdir`) the writer's named temporary files are allowed, each checked
+    once (names in `checked`) when it appears: it is not a checkpoint (the header is written last), or, killed
+    between the header write and the rename, a complete copy of the save in progress (step `pending`)."""
     extra = [f"swap/{p}" for p in os.listdir(workdir / "swap")] if (workdir / "swap").exists() else []
-    extra += [p for p in os.listdir(workdir) if p not in ("swap", "ckpt.pt")]
+    for p in os.listdir(workdir):
+        if p in ("swap", "ckpt.pt") or p in checked:
+            continue
+        if not (named_temp and TEMP_NAME.match(p)):
+            extra.append(p)
+            continue
+        try:
+            step = asteria.load_checkpoint(workdir / p)["step"]
+        except asteria.CheckpointError as e:
+            assert e.reason == "not_a_checkpoint", f"{p}: {e.reason}: {e}"
+        else:
+            assert pending is not None and step == pending, f"{p} is a complete checkpoint of step {step}"
+        checked.add(p)
     return extra
 
 
@@ -170,9 +196,8 @@ def references(tmp_path_factory):
     def get(name: str) -> dict:
         if name not in cache:
             workdir = tmp_path_factory.mktemp(f"reference-{name}")
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
             subprocess.run([sys.executable, str(WORKER), str(workdir), "--optimizer", name, "--steps", str(STEPS),
-                            "--save-every", str(SAVE_EVERY)], check=True, capture_output=True, env=env, timeout=300)
+                            "--save-every", str(SAVE_EVERY)], check=True, capture_output=True, timeout=300)
             cache[name] = asteria.load_checkpoint(workdir / "ckpt.pt")
         return cache[name]
 
@@ -185,6 +210,14 @@ def _one_cycle(child: _Child, rng: random.Random, family: str, sig: int) -> tupl
     last_end = pending = None
     steps = 0
     deadline = None
+
+    def track(word: str, num: int) -> None:
+        nonlocal last_end, pending
+        if word == "SAVE-BEGIN":
+            pending = num
+        elif word == "SAVE-END":
+            last_end, pending = num, None
+
     if family == "start":
         deadline = child.started + rng.uniform(0.0, 0.4)  # building the optimizer, loading the checkpoint
     target_steps = rng.randint(1, 2 * SAVE_EVERY)
@@ -195,10 +228,13 @@ def _one_cycle(child: _Child, rng: random.Random, family: str, sig: int) -> tupl
             if deadline is not None and time.monotonic() >= deadline and child.returncode is None:
                 elapsed = child.kill(sig)
                 assert sig == signal.SIGKILL or elapsed < 10.0, f"{elapsed:.1f} s to exit after signal {sig}"
+                for late in child.late:  # printed before it died, after the last read: they happened
+                    track(*late)
                 return False, last_end, pending
             rc = child.finish()
             raise AssertionError(f"the training process ended early (exit {rc}): {child.server.stderr()}")
         word, num = event
+        track(word, num)
         if word == "DONE":
             assert child.finish() == 0, child.server.stderr()
             return True, last_end, pending
@@ -207,11 +243,8 @@ def _one_cycle(child: _Child, rng: random.Random, family: str, sig: int) -> tupl
             if family == "step" and steps >= target_steps and deadline is None:
                 deadline = time.monotonic() + rng.uniform(0.0, 0.03)  # somewhere inside the next step
         elif word == "SAVE-BEGIN":
-            pending = num
             if family == "save" and deadline is None:
                 deadline = time.monotonic() + rng.uniform(0.0, 0.25)  # inside the (slowed) write
-        elif word == "SAVE-END":
-            last_end, pending = num, None
 
 
 @pytest.mark.parametrize("sig,cycles", [(signal.SIGKILL, KILLS), (signal.SIGTERM, 4), (signal.SIGINT, 4)],
@@ -221,6 +254,7 @@ def test_killed_at_random_points_never_loses_or_corrupts_state(tmp_path, server,
     (KeyboardInterrupt wherever the main thread is) at random points: prompt exit, nothing left behind,
     the last checkpoint intact, and the resumed chain bit-identical to the uninterrupted run."""
     rng = random.Random(SEED + sig)
+    named_temp = not has_o_tmpfile(tmp_path)
     kills = bit_identical = chains = 0
     families: dict[str, int] = {"step": 0, "save": 0, "start": 0}
     while kills < cycles:
@@ -228,6 +262,7 @@ def test_killed_at_random_points_never_loses_or_corrupts_state(tmp_path, server,
         workdir = tmp_path / f"chain-{chains}"
         workdir.mkdir()
         committed = None
+        checked: set[str] = set()
         while True:
             family = rng.choice(("step", "step", "save", "start")) if kills < cycles else "none"
             child = _Child(server, workdir, name, save_delay=0.05 if family == "save" else 0.0)
@@ -248,7 +283,8 @@ def test_killed_at_random_points_never_loses_or_corrupts_state(tmp_path, server,
                 allowed = {s for s in (committed, pending) if s is not None}
                 assert step in allowed, (step, allowed)
                 committed = step
-            assert _leftovers(workdir) == [], f"left behind after signal {sig} ({family}): {_leftovers(workdir)}"
+            left = _leftovers(workdir, named_temp, pending, checked)
+            assert left == [], f"left behind after signal {sig} ({family}): {left}"
         final = asteria.load_checkpoint(workdir / "ckpt.pt")
         assert final["step"] == STEPS
         _assert_bit_identical(final, references(name))

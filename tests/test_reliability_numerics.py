@@ -359,6 +359,7 @@ def test_denormal_gradients(name, refresh):
                 p.grad = torch.full_like(p, 1e-40 * (1 + t))  # fp32 denormals; G·Gᵀ underflows to 0
             opt.step()
             watch.check()
+        assert watch.installs > 0
         start, end = _train_normally(prob, opt, watch, 30)
         assert end < 0.7 * start
         assert opt.runtime.stats()["nonfinite_steps"] == 0

@@ -27,6 +27,7 @@ from asteria import _core
 from asteria.optim import KLSOAP, SOAP, KLShampoo, Shampoo
 from asteria.optim.shampoo import is_refresh_step
 from asteria.runtime import RefreshFailureWarning, RefreshPipeline, Runtime, RuntimeConfig, accepted_refresh_step
+from helpers import assert_same_bits, stop
 from oracles import KLOracle, ShampooOracle, SOAPOracle, gradient_sequence
 
 F64 = torch.float64
@@ -464,14 +465,10 @@ def test_sigint_mid_refresh_exits_promptly(tmp_path):
         try:
             assert proc.stdout.readline().strip() == "ready"
             time.sleep(0.2)
-            t0 = time.perf_counter()
-            proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=30)
-            elapsed = time.perf_counter() - t0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+        except BaseException:
+            proc.kill()
+            raise
+        _, err, elapsed = stop(proc, signal.SIGINT)
     assert proc.returncode != 0 and "KeyboardInterrupt" in err
     assert elapsed < 10  # the 60 s refresh in flight was interrupted, not waited for
 
@@ -533,23 +530,7 @@ def test_parallel_installs_change_nothing(name):
     assert helped > 0 and none == 0
     assert va == vb
     assert_same(a, b)
-    flat_a, flat_b = _flatten(sa), _flatten(sb)
-    assert flat_a.keys() == flat_b.keys()
-    for key in flat_a:
-        assert torch.equal(flat_a[key], flat_b[key]), key
-
-
-def _flatten(obj, prefix=""):
-    if isinstance(obj, torch.Tensor):
-        return {prefix: obj}
-    out = {}
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}/{k}"))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            out.update(_flatten(v, f"{prefix}/{i}"))
-    return out
+    assert_same_bits(sa, sb)
 
 
 def _pending(seq, blocks, install=None, safe=True):
@@ -578,6 +559,9 @@ def test_split_keeps_batches_of_a_block_together_and_in_order():
 
 
 def test_parallel_install_errors_surface_after_both_threads_finish_and_the_helper_is_joined():
+    """As on one thread, an installer that raises stops its group: batches it did not start stay pending and only
+    the started ones are accounted; the other group finishes first; this thread's error wins, the helper's is its
+    context. The helper is pinned to the workers' CPUs and joined at close."""
     import threading
 
     cpu = max(os.sched_getaffinity(0))
@@ -593,12 +577,31 @@ def test_parallel_install_errors_surface_after_both_threads_finish_and_the_helpe
     def bad(results):
         raise RuntimeError("install failed")
 
-    with pytest.raises(RuntimeError, match="install failed"):
-        pipe._install_parallel(helper, [(_pending(0, [(0, 0, 0)], bad), [])], [(_pending(1, [(0, 1, 0)], slow), [])])
-    assert len(done) == 1 and done[0].startswith("asteria-install")  # finished before the error was raised
-    with pytest.raises(RuntimeError, match="install failed"):  # an error on the helper surfaces too
-        pipe._install_parallel(helper, [(_pending(0, [(0, 0, 0)], slow), [])], [(_pending(1, [(0, 1, 0)], bad), [])])
-    assert len(done) == 2
+    def helper_bad(results):
+        raise OSError("helper failed")
+
+    def attempt(mine, theirs):
+        """Runs two groups through _install_parallel; returns the error and the batches still pending."""
+        batches = [b for group in (mine, theirs) for b in group]
+        pipe._pending.extend(p for p, _ in batches)
+        try:
+            pipe._install_parallel(helper, batches, mine, theirs, step=1)
+        except BaseException as exc:  # noqa: BLE001 - inspected by the caller
+            return exc, [p.seq for p in pipe._pending]
+        return None, [p.seq for p in pipe._pending]
+
+    before = pipe.stats()["batches_installed"]
+    err, left = attempt([(_pending(0, [(0, 0, 0)], bad), []), (_pending(1, [(0, 2, 0)]), [])],
+                        [(_pending(2, [(0, 1, 0)], slow), [])])
+    assert isinstance(err, RuntimeError) and "install failed" in str(err)
+    assert len(done) == 1 and done[0].startswith("asteria-install")  # the helper's group finished first
+    assert left == [1]  # not started after the failure: still pending, as on one thread
+    assert pipe.stats()["batches_installed"] == before + 2
+    pipe._pending.clear()
+    err, left = attempt([(_pending(3, [(0, 0, 0)], slow), [])], [(_pending(4, [(0, 1, 0)], bad), [])])
+    assert isinstance(err, RuntimeError) and len(done) == 2 and left == []  # an error on the helper surfaces too
+    err, _ = attempt([(_pending(5, [(0, 0, 0)], bad), [])], [(_pending(6, [(0, 1, 0)], helper_bad), [])])
+    assert isinstance(err, RuntimeError) and isinstance(err.__context__, OSError)  # both kept
     helper_tid = helper.submit(threading.get_native_id).result()
     assert os.sched_getaffinity(helper_tid) == {cpu}  # on the workers' CPUs
     pipe.close()

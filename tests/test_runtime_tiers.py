@@ -99,6 +99,7 @@ def _assert_same_state(a, b):
     ba, bb = _blocks(a), _blocks(b)
     assert ba.keys() == bb.keys()
     for i in ba:
+        assert len(ba[i]) == len(bb[i]), i
         for x, y in zip(ba[i], bb[i]):
             assert x.keys() == y.keys()
             for k in x:

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from asteria.train.cli import build_parser, main, plan_runs
+from helpers import stop
 
 FAST = ["--steps", "6", "--batch-size", "2", "--context", "32", "--eval-every", "3",
         "--eval-batches", "1", "--corpus-bytes", "200000", "--warmup", "2", "--threads", "1",
@@ -169,15 +170,21 @@ def _start(tmp_path, *extra):
 
 
 def _wait_for_steps(proc, metrics, n, timeout=60.0):
+    """Returns once the run has logged `n` steps; otherwise the test fails and the process is killed and reaped."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"asteria-train ended early ({proc.returncode}): {proc.stderr.read()}")
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
-            return
-        time.sleep(0.02)
-    proc.kill()
-    pytest.fail(f"asteria-train did not reach step {n} in {timeout} s")
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"asteria-train ended early ({proc.returncode}): {proc.stderr.read()}")
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
+                return
+            time.sleep(0.02)
+        _, err, _ = stop(proc, signal.SIGKILL)
+        pytest.fail(f"asteria-train did not reach step {n} in {timeout} s: {err[-2000:]}")
+    except BaseException:
+        if proc.poll() is None:
+            stop(proc, signal.SIGKILL)
+        raise
 
 
 def test_sigterm_stops_the_run_and_writes_the_checkpoint(tmp_path):
@@ -187,15 +194,8 @@ def test_sigterm_stops_the_run_and_writes_the_checkpoint(tmp_path):
 
     ckpt = tmp_path / "run.pt"
     proc, metrics = _start(tmp_path, "--save", str(ckpt))
-    try:
-        _wait_for_steps(proc, metrics, 3)
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-        took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _wait_for_steps(proc, metrics, 3)
+    _, err, took = stop(proc, signal.SIGTERM)
     assert proc.returncode == 143, err
     assert took < 15, f"{took:.1f} s from SIGTERM to exit"
     assert "SIGTERM: stopping after this step" in err
@@ -230,6 +230,7 @@ def test_a_second_sigterm_aborts_at_once_and_keeps_the_last_checkpoint(tmp_path)
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.communicate()
     err = "".join(err) + rest
     assert proc.returncode in (130, 143, -signal.SIGTERM), err
     assert took < 15, f"{took:.1f} s from SIGTERM to exit"

@@ -13,6 +13,7 @@ from asteria.train.loop import (
     resolve_device,
     train,
 )
+from helpers import assert_same_bits
 
 SMALL = 200_000
 
@@ -131,24 +132,6 @@ def test_torn_and_corrupted_checkpoints_are_refused(corpus, tmp_path):
         load_checkpoint(path)
 
 
-def _tensors_equal(a, b):
-    """Exact equality of two nested state dicts (bits of every tensor)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
-        bits = lambda t: t.detach().reshape(-1).contiguous().view(torch.uint8)  # noqa: E731
-        assert torch.equal(bits(a), bits(b))
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            _tensors_equal(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _tensors_equal(x, y)
-    else:
-        assert a == b
-
-
 class _Crash(Exception):
     pass
 
@@ -175,9 +158,9 @@ def _resume_from_periodic(corpus, tmp_path, **kw):
     assert [r["loss"] for r in rest.records] == [r["loss"] for r in full.records]
     a, b = load_checkpoint(straight), load_checkpoint(path)
     assert a["step"] == b["step"] == 8
-    _tensors_equal(a["model"], b["model"])
-    _tensors_equal(a["optimizer"], b["optimizer"])
-    _tensors_equal(a["rng"], b["rng"])
+    assert_same_bits(a["model"], b["model"])
+    assert_same_bits(a["optimizer"], b["optimizer"])
+    assert_same_bits(a["rng"], b["rng"])
 
 
 def test_periodic_checkpoint_resumes_bit_identically_adamw(corpus, tmp_path):

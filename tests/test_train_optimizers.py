@@ -119,7 +119,14 @@ def test_second_order_optimizers_build_and_step(name):
 
 def test_async_refresh_is_built():
     model = _model()
-    opt = build_optimizer("soap", param_groups(model, 0.01), lr=1e-3, weight_decay=0.01, refresh="async")
+    opt = build_optimizer("soap", param_groups(model, 0.01), lr=1e-3, weight_decay=0.01, refresh="async",
+                          precondition_frequency=2)
     assert opt.runtime.config.refresh == "async"
     _one_step(model, opt)
+    first_basis = opt.runtime.stats()["jobs_submitted"]
+    for _ in range(2):
+        _one_step(model, opt)
+    stats = opt.runtime.stats()
     opt.runtime.close()
+    assert first_basis > 0 and stats["jobs_submitted"] > first_basis  # a refresh after the first basis
+    assert stats["pending_batches"] > 0  # still in flight: installed S steps later

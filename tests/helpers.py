@@ -1,0 +1,110 @@
+"""Small pieces the test modules share: a probe for unnamed temporary files, stopping a subprocess without leaving
+it behind, and bit-exact comparison of nested state."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import time
+
+import torch
+
+
+def has_o_tmpfile(directory: str | os.PathLike) -> bool:
+    """Whether the checkpoint writer gets an unnamed temporary file (``O_TMPFILE``) in ``directory``.
+
+    The same test the writer makes: ``/proc/self/fd`` must be searchable (the unnamed file gets its name through
+    it) and the file system must accept ``O_TMPFILE``. Where either is missing, the writer uses a named temporary
+    file, ``.<name>.<random>.tmp``, which a killed process leaves behind.
+
+    Args:
+        directory: an existing directory.
+
+    Returns:
+        True when an unnamed file can be created there; False when the writer falls back to a named one.
+
+    Raises:
+        OSError: ``directory`` cannot be opened, or creating the file failed for another reason (no space,
+            no permission): the writer would refuse to save there too.
+    """
+    if not hasattr(os, "O_TMPFILE") or not os.access("/proc/self/fd", os.X_OK):
+        return False
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.close(os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dir_fd))
+    except OSError as e:
+        # EOPNOTSUPP: the file system has no O_TMPFILE; EISDIR: the kernel does not know the flag; EINVAL and
+        # ENOENT: reported by some file systems and older kernels instead
+        if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+            return False
+        raise
+    finally:
+        os.close(dir_fd)
+    return True
+
+
+def stop(proc: subprocess.Popen, sig: int, timeout: float = 30.0) -> tuple[object, object, float]:
+    """Sends ``sig`` to ``proc`` and waits for it to exit, collecting the rest of its output.
+
+    Whatever happens (the process outlives ``timeout``, the wait is interrupted), ``proc`` is killed and reaped
+    before this returns or raises, so no test leaves a process running (or a pipe open).
+
+    Args:
+        proc: a process started with ``subprocess.Popen`` (its ``stdout``/``stderr`` pipes, if any, are drained).
+        sig: the signal to send.
+        timeout: seconds to wait for the exit.
+
+    Returns:
+        ``(stdout, stderr, seconds)``: the output that ``communicate()`` collected (None for a stream that is not
+        a pipe) and the seconds from sending the signal to the exit.
+
+    Raises:
+        subprocess.TimeoutExpired: ``proc`` did not exit within ``timeout`` seconds (it was killed).
+    """
+    try:
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=timeout)
+        return out, err, time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()  # waits, and closes the pipes
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
+def assert_same_bits(a, b, path: str = "") -> None:
+    """Asserts that two nested containers are the same, tensors bit for bit.
+
+    Dicts must have the same keys, lists and tuples the same type and length, tensors the same dtype, shape and
+    device and bytes (so NaN payloads and the sign of zero count), other values must compare equal.
+
+    Args:
+        a: the expected value (dicts, lists and tuples of tensors and plain values).
+        b: the value to check.
+        path: where ``a`` sits in an enclosing structure, shown in the failure message.
+
+    Raises:
+        AssertionError: at the first difference, naming its path.
+    """
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), f"{path or '/'}: a tensor against {type(b).__name__}"
+        assert a.dtype == b.dtype and a.shape == b.shape and a.device == b.device, (
+            f"{path or '/'}: {a.dtype} {tuple(a.shape)} on {a.device} against {b.dtype} {tuple(b.shape)} on {b.device}")
+        assert torch.equal(_bits(a), _bits(b)), f"{path or '/'}: the bits differ"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (
+            f"{path or '/'}: keys {list(a)} against {list(b) if isinstance(b, dict) else type(b).__name__}")
+        for k in a:
+            assert_same_bits(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), (
+            f"{path or '/'}: {type(a).__name__} of {len(a)} against {type(b).__name__}")
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_bits(x, y, f"{path}/{i}")
+    else:
+        assert a == b, f"{path or '/'}: {a!r} != {b!r}"
