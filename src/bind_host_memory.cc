@@ -7,8 +7,10 @@
 #include "asteria/cuda.h"
 #include "asteria/errors.h"
 #include "asteria/host_memory.h"
+#include "convert.h"
 
 namespace py = pybind11;
+using asteria::DeferredCopy;
 using asteria::Lease;
 using asteria::PinnedPool;
 
@@ -67,4 +69,43 @@ void init_host_memory(py::module_& m) {
         d["warning"] = s.warning;
         return d;
       });
+
+  py::class_<DeferredCopy, std::shared_ptr<DeferredCopy>>(
+      m, "DeferredCopy",
+      "Copies into pinned leases made once, by whichever thread calls run() first (a refresh worker before the "
+      "job that reads the leases, or the training thread before it writes the sources again).")
+      .def(py::init([](const std::vector<py::tuple>& pieces) {
+             std::vector<DeferredCopy::Piece> out;
+             std::vector<std::shared_ptr<const void>> keep;
+             out.reserve(pieces.size());
+             for (const auto& t : pieces) {
+               ASTERIA_CHECK(t.size() == 3, kInvalidArgument,
+                             "[DeferredCopy] each piece is (destination array, source address, bytes)");
+               auto dst = t[0].cast<py::array>();
+               const auto src = t[1].cast<std::uintptr_t>();
+               const auto bytes = t[2].cast<std::size_t>();
+               auto lease = asteria_py::viewed_lease(dst);
+               ASTERIA_CHECK(lease != nullptr, kInvalidArgument,
+                             "[DeferredCopy] the destination must be a view of a PinnedPool lease");
+               const auto* begin = static_cast<const unsigned char*>(lease->data());
+               auto* p = static_cast<unsigned char*>(dst.mutable_data());
+               ASTERIA_CHECK(bytes <= static_cast<std::size_t>(dst.nbytes()) && p >= begin &&
+                                 p + bytes <= begin + lease->size(),
+                             kInvalidArgument,
+                             "[DeferredCopy] a copy of " << bytes << " bytes does not fit its destination view of "
+                                                         << dst.nbytes() << " bytes");
+               out.push_back({p, reinterpret_cast<const void*>(src), bytes});
+               keep.push_back(std::move(lease));
+             }
+             return std::make_shared<DeferredCopy>(std::move(out), std::move(keep));
+           }),
+           py::arg("pieces"),
+           "pieces: (destination: a numpy view of a Lease, source address, bytes) triples. The caller keeps every "
+           "source alive and unwritten until run() has returned on some thread.")
+      .def("run", &DeferredCopy::run, py::call_guard<py::gil_scoped_release>(),
+           "Make the copies unless they were made (waiting while another thread makes them); True when this "
+           "call made them.")
+      .def_property_readonly("done", &DeferredCopy::done)
+      .def_property_readonly("nbytes", &DeferredCopy::bytes);
 }
+

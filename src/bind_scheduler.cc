@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "asteria/cuda.h"
+#include "asteria/host_memory.h"
 #include "asteria/scheduler.h"
 #include "convert.h"
 
@@ -24,8 +25,13 @@ py::dict result_outputs(const asteria::JobResult& r) {
   return d;
 }
 
+using CopyPtr = std::shared_ptr<asteria::DeferredCopy>;
+
+#define COPY_DOC                                                                                            \
+  "copy: a DeferredCopy filling the input leases, made by the worker before the job unless made already."
+
 JobSpec base_spec(JobKind kind, std::uint64_t block_id, std::int64_t version, std::int64_t deadline,
-                  std::uintptr_t wait_event = 0) {
+                  std::uintptr_t wait_event, std::shared_ptr<asteria::DeferredCopy> copy) {
   JobSpec s;
   s.kind = kind;
   s.block_id = block_id;
@@ -36,7 +42,12 @@ JobSpec base_spec(JobKind kind, std::uint64_t block_id, std::int64_t version, st
     // (the training thread never does). The caller keeps the event alive until the job completes.
     ASTERIA_CHECK(asteria::cuda::built_with_cuda(), kUnavailable,
                   "[RefreshScheduler] wait_event needs asteria built with -DASTERIA_ENABLE_CUDA=ON");
+    ASTERIA_CHECK(copy == nullptr, kInvalidArgument,
+                  "[RefreshScheduler] a job's inputs come from a CUDA copy (wait_event) or a deferred copy, not both");
     s.prerequisite = [wait_event] { asteria::cuda::event_synchronize(wait_event); };
+  } else if (copy != nullptr) {
+    // The inputs are leases filled by a deferred snapshot copy: the worker makes it (unless it was made).
+    s.prerequisite = [copy] { copy->run(); };
   }
   return s;
 }
@@ -128,22 +139,22 @@ void init_scheduler(py::module_& m) {
       .def(
           "submit_eigh",
           [](RefreshScheduler& s, std::uint64_t block_id, std::int64_t version, std::int64_t deadline,
-             const py::array& a, double ridge, bool descending, std::uintptr_t wait_event) {
-            auto spec = base_spec(JobKind::kEigh, block_id, version, deadline, wait_event);
+             const py::array& a, double ridge, bool descending, std::uintptr_t wait_event, CopyPtr copy) {
+            auto spec = base_spec(JobKind::kEigh, block_id, version, deadline, wait_event, std::move(copy));
             spec.inputs.push_back(square_from_numpy(a, "RefreshScheduler.submit_eigh"));
             spec.eigh.ridge = ridge;
             spec.eigh.descending = descending;
             return s.submit(std::move(spec));
           },
           py::arg("block_id"), py::arg("version"), py::arg("deadline"), py::arg("a"), py::kw_only(),
-          py::arg("ridge") = 0.0, py::arg("descending") = false, py::arg("wait_event") = 0,
-          "Queue a symmetric eigendecomposition; outputs 'eigenvalues' and 'eigenvectors' (in columns).")
+          py::arg("ridge") = 0.0, py::arg("descending") = false, py::arg("wait_event") = 0, py::arg("copy") = nullptr,
+          "Queue a symmetric eigendecomposition; outputs 'eigenvalues' and 'eigenvectors' (in columns). " COPY_DOC)
       .def(
           "submit_inverse_root",
           [](RefreshScheduler& s, std::uint64_t block_id, std::int64_t version, std::int64_t deadline,
              const py::array& a, double root, double epsilon, const std::string& method, int max_iterations,
-             double tolerance, std::uintptr_t wait_event) {
-            auto spec = base_spec(JobKind::kInverseRoot, block_id, version, deadline, wait_event);
+             double tolerance, std::uintptr_t wait_event, CopyPtr copy) {
+            auto spec = base_spec(JobKind::kInverseRoot, block_id, version, deadline, wait_event, std::move(copy));
             spec.inputs.push_back(square_from_numpy(a, "RefreshScheduler.submit_inverse_root"));
             spec.root = root;
             spec.epsilon = epsilon;
@@ -157,12 +168,14 @@ void init_scheduler(py::module_& m) {
           },
           py::arg("block_id"), py::arg("version"), py::arg("deadline"), py::arg("a"), py::kw_only(), py::arg("root"),
           py::arg("epsilon"), py::arg("method") = "eigh", py::arg("max_iterations") = 100,
-          py::arg("tolerance") = 1e-6, py::arg("wait_event") = 0, "Queue X = (A + eps·I)^(-1/root); output 'root'.")
+          py::arg("tolerance") = 1e-6, py::arg("wait_event") = 0, py::arg("copy") = nullptr,
+          "Queue X = (A + eps·I)^(-1/root); output 'root'. " COPY_DOC)
       .def(
           "submit_eigenbasis_refresh",
           [](RefreshScheduler& s, std::uint64_t block_id, std::int64_t version, std::int64_t deadline,
-             const py::array& a, const py::array& q, bool sort, bool rotation, std::uintptr_t wait_event) {
-            auto spec = base_spec(JobKind::kEigenbasisRefresh, block_id, version, deadline, wait_event);
+             const py::array& a, const py::array& q, bool sort, bool rotation, std::uintptr_t wait_event,
+             CopyPtr copy) {
+            auto spec = base_spec(JobKind::kEigenbasisRefresh, block_id, version, deadline, wait_event, std::move(copy));
             spec.inputs.push_back(square_from_numpy(a, "RefreshScheduler.submit_eigenbasis_refresh"));
             spec.inputs.push_back(square_from_numpy(q, "RefreshScheduler.submit_eigenbasis_refresh"));
             spec.sort = sort;
@@ -170,14 +183,14 @@ void init_scheduler(py::module_& m) {
             return s.submit(std::move(spec));
           },
           py::arg("block_id"), py::arg("version"), py::arg("deadline"), py::arg("a"), py::arg("q"), py::kw_only(),
-          py::arg("sort") = true, py::arg("rotation") = true, py::arg("wait_event") = 0,
+          py::arg("sort") = true, py::arg("rotation") = true, py::arg("wait_event") = 0, py::arg("copy") = nullptr,
           "Queue a SOAP (sort=True) or KL (sort=False) eigenbasis refresh; outputs 'basis', 'permutation' and, "
-          "with rotation=True, 'rotation' = qᵀ·basis.")
+          "with rotation=True, 'rotation' = qᵀ·basis. " COPY_DOC)
       .def(
           "submit_sleep",
           [](RefreshScheduler& s, std::uint64_t block_id, std::int64_t version, std::int64_t deadline,
              double seconds) {
-            auto spec = base_spec(JobKind::kTask, block_id, version, deadline);
+            auto spec = base_spec(JobKind::kTask, block_id, version, deadline, 0, nullptr);
             spec.task = [seconds] { std::this_thread::sleep_for(std::chrono::duration<double>(seconds)); };
             return s.submit(std::move(spec));
           },

@@ -102,3 +102,93 @@ def test_optimizer_snapshots_live_in_the_shadow_pool():
     while pool.stats()["leases"] and time.time() < deadline:  # every snapshot is returned once its job is gone
         time.sleep(0.01)
     assert pool.stats()["leases"] == 0
+
+
+# -- deferred copies: made by the worker, or by the training thread before it writes the statistics again ----------
+
+
+def test_deferred_snapshot_is_filled_by_the_worker_before_its_job(pool):
+    x = torch.diag(torch.arange(1.0, 9.0, dtype=torch.float64)).expand(2, 8, 8).clone()
+    snap = snapshot_to_host([x], pool, defer=True)
+    assert snap.copy is not None and not snap.copy.done and snap.copy.nbytes == 2 * 8 * 8 * 8
+    assert snap.sources[0].data_ptr() == x.data_ptr()  # the live statistics, kept alive, not copied yet
+    with _core.RefreshScheduler(workers=1) as sched:
+        jid = sched.submit_eigh(0, 1, 2, snap.matrices[0][1], copy=snap.copy)
+        res = sched.wait(jid)
+    assert res.ok and snap.copy.done
+    np.testing.assert_allclose(res.outputs["eigenvalues"], np.arange(1.0, 9.0))
+    assert snap.copy.run() is False  # made by the worker: the training thread has nothing left to do
+    x.mul_(100.0)  # writes after the copy are not seen by the snapshot
+    np.testing.assert_array_equal(snap.matrices[0][0], np.diag(np.arange(1.0, 9.0)))
+
+
+def test_deferred_snapshot_made_by_the_caller_when_the_worker_is_late(pool):
+    x = torch.eye(8, dtype=torch.float32).expand(1, 8, 8).clone() * 3.0
+    snap = snapshot_to_host([x], pool, defer=True)
+    with _core.RefreshScheduler(workers=1, test_delay_s=0.3) as sched:
+        jid = sched.submit_eigh(0, 1, 2, snap.matrices[0][0], copy=snap.copy)
+        assert snap.copy.run() is True  # the worker has not started: this thread copies
+        x.mul_(100.0)  # the next step writes the statistics: the job still sees the snapshot
+        res = sched.wait(jid)
+    np.testing.assert_allclose(res.outputs["eigenvalues"], np.full(8, 3.0))
+
+
+def test_deferred_snapshot_of_non_contiguous_statistics_is_private(pool):
+    base = torch.randn(8, 8, 2)
+    x = base[..., 0].unsqueeze(0)  # (1, 8, 8), not contiguous: copied at once into a private tensor
+    snap = snapshot_to_host([x], pool, defer=True)
+    base.zero_()
+    snap.copy.run()
+    assert snap.matrices[0][0].any()
+
+
+def test_deferred_copy_needs_a_lease_destination():
+    with pytest.raises(ValueError, match="lease"):
+        _core.DeferredCopy([(np.zeros((4, 4), np.float32), 0, 64)])
+
+
+def _train(opt, model, steps, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(8, 32, generator=gen)).square().mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05])
+def test_async_refreshes_copy_their_snapshots_off_the_training_thread(delay):
+    """CPU statistics are snapshotted by deferred copies; a late worker leaves the copy to the next step, and the
+    numbers equal the synchronous algorithm's either way (staleness 0: bit-identical)."""
+    results = {}
+    for mode in ("sync", "async"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 24), torch.nn.Tanh(), torch.nn.Linear(24, 8))
+        cfg = asteria.RuntimeConfig(refresh=mode, staleness=0)
+        sched = _core.RefreshScheduler(workers=1, test_delay_s=delay) if mode == "async" else None
+        rt = asteria.Runtime(cfg, scheduler=sched)
+        opt = asteria.KLSOAP(model.parameters(), lr=1e-2, precondition_frequency=2, runtime=rt)
+        try:
+            _train(opt, model, 9)
+            stats = opt.runtime.stats()
+        finally:
+            opt.close()
+            rt.close()
+        results[mode] = [p.detach().clone() for p in model.parameters()]
+        assert stats["snapshot_copies_deferred"] + stats["snapshot_copies_inline"] > 0
+        if mode == "async" and delay:
+            assert stats["snapshot_copies_inline"] > 0  # the slow worker had not started: the step copied
+    for a, b in zip(results["sync"], results["async"]):
+        assert torch.equal(a, b)
+
+
+def test_tiered_state_is_snapshotted_at_once(tmp_path):
+    model = torch.nn.Linear(32, 16)
+    cfg = asteria.RuntimeConfig(staleness=2, host_budget="1MiB", nvme_path=str(tmp_path))
+    opt = asteria.SOAP(model.parameters(), precondition_frequency=2, runtime=cfg)
+    try:
+        _train(opt, model, 6)
+        stats = opt.runtime.stats()
+    finally:
+        opt.close()
+    assert stats["jobs_submitted"] > 0
+    assert stats["snapshot_copies_deferred"] == stats["snapshot_copies_inline"] == 0

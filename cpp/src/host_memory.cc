@@ -194,4 +194,24 @@ std::size_t PinnedPool::trim() {
   return freed;
 }
 
+DeferredCopy::DeferredCopy(std::vector<Piece> pieces, std::vector<std::shared_ptr<const void>> keep_alive)
+    : pieces_(std::move(pieces)), keep_alive_(std::move(keep_alive)) {
+  for (const auto& p : pieces_) {
+    ASTERIA_CHECK(p.bytes == 0 || (p.dst != nullptr && p.src != nullptr), kInvalidArgument,
+                  "[DeferredCopy] a copy of " << p.bytes << " bytes needs a source and a destination");
+    bytes_ += p.bytes;
+  }
+}
+
+bool DeferredCopy::run() {
+  bool made = false;
+  std::call_once(once_, [&] {
+    for (const auto& p : pieces_)
+      if (p.bytes != 0) std::memcpy(p.dst, p.src, p.bytes);
+    done_.store(true, std::memory_order_release);
+    made = true;
+  });
+  return made;
+}
+
 }  // namespace asteria

@@ -2,7 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cstdint>
+#include <memory>
 #include <cstring>
 #include <stdexcept>
 #include <thread>
@@ -165,4 +167,62 @@ TEST(PinnedPool, RejectsZero) {
   EXPECT_THROW(pool.acquire(0), asteria::Error);
 }
 
+// -- DeferredCopy -------------------------------------------------------------------------------------
+
+TEST(DeferredCopy, CopiesExactlyOnceWhicheverThreadAsksFirst) {
+  asteria::PinnedPool pool(opts(8 << 20));
+  auto lease = std::make_shared<asteria::Lease>(pool.acquire(3 << 20));
+  std::vector<float> src(3 << 18);
+  for (std::size_t i = 0; i < src.size(); ++i) src[i] = static_cast<float>(i);
+  auto* dst = static_cast<unsigned char*>(lease->data());
+  // two pieces, the second at an offset, copied in one go
+  const std::size_t half = src.size() * sizeof(float) / 2;
+  asteria::DeferredCopy copy({{dst, src.data(), half}, {dst + half, reinterpret_cast<unsigned char*>(src.data()) + half, half}},
+                             {lease});
+  EXPECT_FALSE(copy.done());
+  EXPECT_EQ(copy.bytes(), 2 * half);
+  std::vector<std::thread> threads;
+  std::atomic<int> made{0};
+  std::atomic<int> saw_complete{0};
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&] {
+      if (copy.run()) made.fetch_add(1);
+      // whoever made it, run() returns only once the copy is complete
+      if (std::memcmp(dst, src.data(), 2 * half) == 0) saw_complete.fetch_add(1);
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(made.load(), 1);
+  EXPECT_EQ(saw_complete.load(), 8);
+  EXPECT_TRUE(copy.done());
+  // later writes to the source are not copied again
+  src[0] = -1.0f;
+  EXPECT_FALSE(copy.run());
+  EXPECT_EQ(reinterpret_cast<float*>(dst)[0], 0.0f);
+}
+
+TEST(DeferredCopy, KeepsItsLeasesAlive) {
+  asteria::PinnedPool pool(opts(1 << 20));
+  std::vector<unsigned char> src(4096, 7);
+  std::unique_ptr<asteria::DeferredCopy> copy;
+  {
+    auto lease = std::make_shared<asteria::Lease>(pool.acquire(4096));
+    copy = std::make_unique<asteria::DeferredCopy>(
+        std::vector<asteria::DeferredCopy::Piece>{{lease->data(), src.data(), src.size()}},
+        std::vector<std::shared_ptr<const void>>{lease});
+  }
+  EXPECT_EQ(pool.stats().leases, 1u);  // only the copy holds it now
+  EXPECT_TRUE(copy->run());
+  copy.reset();
+  EXPECT_EQ(pool.stats().leases, 0u);
+}
+
+TEST(DeferredCopy, RejectsAPieceWithoutPointers) {
+  std::vector<unsigned char> src(16);
+  EXPECT_THROW(asteria::DeferredCopy({{nullptr, src.data(), 16}}, {}), asteria::Error);
+  asteria::DeferredCopy empty({{nullptr, nullptr, 0}}, {});  // an empty piece needs none
+  EXPECT_TRUE(empty.run());
+}
+
 }  // namespace
+

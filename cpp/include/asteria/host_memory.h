@@ -8,13 +8,19 @@
 // max_locked_bytes (RLIMIT_MEMLOCK by default); beyond it, or when mlock fails, memory is
 // unlocked and PoolStats::warning says so once, with the fix.
 // Lifetime: a Lease keeps the pool's arena alive, so a lease may outlive its PinnedPool object.
+//
+// asteria::DeferredCopy — copies into leases made once, by whichever thread asks first (the refresh
+// worker before its job, or the training thread before it writes the sources again).
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace asteria {
 
@@ -98,6 +104,39 @@ class PinnedPool {
 
  private:
   std::shared_ptr<host_memory_detail::Arena> arena_;
+};
+
+// Copies into leases that run exactly once, on whichever thread asks first (a deferred shadow snapshot).
+//
+// The training thread names the copies (from its statistics into pinned leases) instead of making them;
+// the refresh worker that starts the first job reading the leases runs them as the job's prerequisite, off
+// the training thread, and the training thread runs them itself before it next writes a source (a no-op
+// once they are done). run() returns only when every copy is complete, whoever made it, so once any run()
+// has returned no thread reads the sources again: the caller keeps the sources alive and unwritten until
+// then. The leases are kept alive by the object.
+class DeferredCopy {
+ public:
+  struct Piece {
+    void* dst = nullptr;
+    const void* src = nullptr;
+    std::size_t bytes = 0;
+  };
+  DeferredCopy(std::vector<Piece> pieces, std::vector<std::shared_ptr<const void>> keep_alive);
+  DeferredCopy(const DeferredCopy&) = delete;
+  DeferredCopy& operator=(const DeferredCopy&) = delete;
+
+  // Makes the copies unless they were made; waits while another thread is making them. Returns true when
+  // this call made them. Thread-safe.
+  bool run();
+  bool done() const noexcept { return done_.load(std::memory_order_acquire); }
+  std::size_t bytes() const noexcept { return bytes_; }
+
+ private:
+  std::vector<Piece> pieces_;
+  std::vector<std::shared_ptr<const void>> keep_alive_;
+  std::size_t bytes_ = 0;
+  std::once_flag once_;
+  std::atomic<bool> done_{false};
 };
 
 }  // namespace asteria

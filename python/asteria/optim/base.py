@@ -188,6 +188,7 @@ class _Rows:
         self.full = rows == list(range(bucket.size))
         self._index: dict[torch.device, torch.Tensor] = {}
         self._state: dict[str, torch.Tensor] | None = None
+        self._replaced: set[str] = set()
 
     @property
     def state(self) -> dict[str, torch.Tensor]:
@@ -211,19 +212,23 @@ class _Rows:
     def set(self, key: str, value: torch.Tensor) -> None:
         """Replaces a state tensor of these rows (written back to the bucket by `commit`)."""
         self.state[key] = value
+        self._replaced.add(key)
 
     def commit(self) -> None:
-        """Writes the rows' state back into the bucket storage (in place, keeping the views alive)."""
-        for key, value in self.state.items():
-            dest = self.bucket.state[key]
-            if self.full:
-                if value is not dest:
-                    dest.copy_(value)
-            else:
-                dest.index_copy_(0, self.index(dest.device), value.to(dest.dtype))
+        """Writes the replaced state tensors of the rows back into the bucket storage (in place, keeping the views
+        alive). Tensors that were not replaced are not written: a refresh worker may be reading them."""
+        if self._state is not None:
+            for key in self._replaced:
+                value, dest = self._state[key], self.bucket.state[key]
+                if self.full:
+                    if value is not dest:
+                        dest.copy_(value)
+                else:
+                    dest.index_copy_(0, self.index(dest.device), value.to(dest.dtype))
         # Later reads gather the committed values again: the new tensors are not kept alive for the rest of
         # the step (a step's work list holds the rows of every bucket).
         self._state = None
+        self._replaced = set()
 
 
 class _WeakInstaller:

@@ -179,7 +179,7 @@ class EigenbasisOptimizer(BlockOptimizer):
                     RefreshJob(
                         "eigh", m.block_id, i, 0, 1, snap.matrices[0][k],
                         options=dict(ridge=eigh_ridge_for(traces[k], d, group["eigh_ridge"]), descending=True),
-                        ready=snap.ready,
+                        ready=snap.ready, copy=snap.copy,
                     )
                 )
         tag = {"what": "initial", "version": 0, "blocks": self.member_keys(rows)}
@@ -202,7 +202,7 @@ class EigenbasisOptimizer(BlockOptimizer):
                 jobs.append(
                     RefreshJob(
                         "eigenbasis_refresh", m.block_id, i, t, deadline, a[k], q[k], self._refresh_options(),
-                        ready=snap.ready,
+                        ready=snap.ready, copy=snap.copy,
                     )
                 )
         tag = {"what": "basis", "version": t, "blocks": self.member_keys(rows)}

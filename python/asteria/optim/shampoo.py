@@ -356,7 +356,7 @@ class Shampoo(BlockOptimizer):
                     RefreshJob(
                         "inverse_root", m.block_id, i, t, deadline, snap.matrices[0][k],
                         options=dict(root=1.0 / exps[i], epsilon=float(group["epsilon"]), method=group["root_method"]),
-                        ready=snap.ready,
+                        ready=snap.ready, copy=snap.copy,
                     )
                 )
         tag = {"what": "roots", "version": t, "blocks": self.member_keys(rows)}

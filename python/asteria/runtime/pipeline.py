@@ -108,6 +108,8 @@ class RefreshJob:
         options: Keyword options for the scheduler call (ridge, descending, root, epsilon, sort, ...).
         ready: The CUDA event of the snapshot's device-to-host copy, waited for by the worker (host route of
             CUDA statistics), else None.
+        copy: The deferred copy filling ``a``/``q`` (`Snapshot.copy`, host route of CPU statistics), made by the
+            worker before the job unless made already, else None.
     """
 
     kind: str
@@ -119,6 +121,7 @@ class RefreshJob:
     q: np.ndarray | None = None
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     ready: Any = None
+    copy: Any = None
 
 
 def _to_cpu_tensor(v: Any) -> torch.Tensor:
@@ -245,6 +248,7 @@ class RefreshPipeline:
         self.exchange: Any = None
         self._closed = False
         self._stats_sources: dict[str, Callable[[], Any]] = {}
+        self._unsettled: list[Snapshot] = []  # deferred snapshot copies not known to be made (see `settle`)
         self.timeline = StepTimeline()
         self._failures: list[str] = []
         self._counters = {
@@ -253,6 +257,8 @@ class RefreshPipeline:
             "jobs_failed": 0,
             "batches_installed": 0,
             "parallel_installs": 0,
+            "snapshot_copies_deferred": 0,
+            "snapshot_copies_inline": 0,
             "stalls": 0,
             "wait_s": 0.0,
             "job_latency_s": 0.0,
@@ -290,7 +296,9 @@ class RefreshPipeline:
 
     # -- per-step telemetry ----------------------------------------------------------------------
     def begin_step(self) -> None:
-        """Marks the start of an optimizer step (telemetry; the memory tiers note it for their failure policy)."""
+        """Marks the start of an optimizer step (telemetry; the memory tiers note it for their failure policy) and
+        makes the deferred snapshot copies not made yet (`settle`): the step is about to write the statistics."""
+        self.settle()
         self.timeline.begin_step()
         if self._runtime.tiers_active:
             self._runtime.tiers.begin_step()
@@ -360,8 +368,31 @@ class RefreshPipeline:
         """
         if route == "device":
             return snapshot_on_device(tensors)
-        stream = self._runtime.copy_stream(tensors[0].device) if tensors and tensors[0].is_cuda else None
-        return snapshot_to_host(tensors, self._runtime.shadow_pool, stream)
+        on_cuda = bool(tensors) and tensors[0].is_cuda
+        stream = self._runtime.copy_stream(tensors[0].device) if on_cuda else None
+        # CPU statistics: the copy is made by the refresh worker (or by `settle`); not with memory tiers, which
+        # may move a bucket's storage between steps
+        defer = not on_cuda and not self._runtime.tiers_active and not self._closed
+        snap = snapshot_to_host(tensors, self._runtime.shadow_pool, stream, defer=defer)
+        if snap.copy is not None:
+            self._unsettled.append(snap)
+        return snap
+
+    def settle(self) -> None:
+        """Makes the deferred snapshot copies not made yet (on this thread; waits for one a worker is making).
+
+        Called before anything may write statistics a deferred snapshot reads: at the start of every step, before
+        installs, before checkpoints export or import the pending batches, and at close. Afterwards no worker
+        reads the optimizer's tensors, and the snapshots no longer keep them alive.
+        """
+        if not self._unsettled:
+            return
+        for snap in self._unsettled:
+            if snap.copy.run():
+                self._counters["snapshot_copies_inline"] += 1
+            else:
+                self._counters["snapshot_copies_deferred"] += 1
+        self._unsettled = []
 
     def _ready(self, p: _Pending) -> bool:
         return p.results is not None or all(j is None or self._runtime.is_done(j) for j in p.job_ids)
@@ -386,6 +417,7 @@ class RefreshPipeline:
         due = [p for p in self._pending if p.deadline <= step or (eager and self._ready(p))]
         if not due:
             return 0
+        self.settle()  # installs write the state that deferred snapshots may still read
         due.sort(key=lambda p: (p.deadline, p.seq))
         gathered = self._gather_round(due, step)
         work = list(zip(due, gathered))
@@ -488,6 +520,7 @@ class RefreshPipeline:
         The batches stay pending: they are still installed at their deadlines. Result arrays become CPU
         tensors so the list can go through ``torch.save``.
         """
+        self.settle()
         out = []
         for p in self._pending:
             if p.results is None:
@@ -553,6 +586,7 @@ class RefreshPipeline:
 
     def discard_pending(self) -> None:
         """Cancels and forgets every pending batch (their results are never installed)."""
+        self.settle()  # no worker may read the sources once the snapshots are dropped
         for p in self._pending:
             if p.results is None and not self._runtime.closed:
                 for jid in p.job_ids:

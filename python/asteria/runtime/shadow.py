@@ -6,7 +6,11 @@ the snapshot step (DESIGN.md, "Asynchronous refresh"). Where that copy lives dep
 * **host route** (LAPACK on the scheduler's worker threads): one lease of the runtime's `PinnedPool`
   per stacked ``(B, n, n)`` tensor, each matrix starting on a 64-byte boundary. The scheduler reads the
   lease in place (no second copy: a numpy view of a lease is passed zero-copy and keeps the lease alive
-  until the job is done). For a CUDA tensor the copy is a non-blocking device-to-host DMA: a device-side
+  until the job is done). For CPU tensors the copy is *deferred* (``defer=True``): the snapshot names the
+  copies in a `_core.DeferredCopy` made once, by the refresh worker right before the first job reading the
+  leases (off the training thread), or by the training thread before it next writes the statistics
+  (`RefreshPipeline.settle`), whichever comes first; until then the snapshot keeps the source tensors alive.
+  For a CUDA tensor the copy is a non-blocking device-to-host DMA: a device-side
   clone on the training stream (microseconds), then the transfer on a side stream ordered with CUDA
   events, and the worker waits for the copy's event before it starts, so the training stream never
   waits for the transfer. With CUDA present the pool's mappings are registered (``cudaHostRegister``),
@@ -14,7 +18,8 @@ the snapshot step (DESIGN.md, "Asynchronous refresh"). Where that copy lives dep
 * **device route** (cuSOLVER on the runtime's low-priority stream): a device clone on the training stream;
   the engine's stream waits for it with an event (no host synchronisation).
 
-`Snapshot` holds the per-matrix views and what must stay alive until the jobs finish (the CUDA event).
+`Snapshot` holds the per-matrix views and what must stay alive until the jobs finish (the CUDA event), or until
+the deferred copy is made (the sources).
 """
 
 from __future__ import annotations
@@ -35,12 +40,15 @@ ALIGN_BYTES = 64
 @dataclasses.dataclass
 class Snapshot:
     """Per tensor, the per-matrix snapshot views (numpy arrays on the host route, CUDA tensors on the device
-    route), and the CUDA event the host job must wait for (None when the copy is already complete)."""
+    route), and the CUDA event the host job must wait for (None when the copy is already complete), or the
+    deferred copy filling the views (``copy``, a `_core.DeferredCopy`) with the tensors it reads (``sources``)."""
 
     matrices: list[list[Any]]
     ready: Any = None
     route: str = "host"
     nbytes: int = 0
+    copy: Any = None
+    sources: tuple[torch.Tensor, ...] = ()
 
 
 def matrix_stride(n: int, itemsize: int) -> int:
@@ -49,27 +57,34 @@ def matrix_stride(n: int, itemsize: int) -> int:
     return -(-raw // ALIGN_BYTES) * ALIGN_BYTES
 
 
-def _host_views(lease: Any, B: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, list[np.ndarray]]:
-    itemsize = torch.empty((), dtype=dtype).element_size()
+def _host_views(lease: Any, B: int, n: int, dtype: torch.dtype, itemsize: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The lease as bytes, and its B (n, n) matrices as numpy views (each at a multiple of `matrix_stride`)."""
     stride = matrix_stride(n, itemsize)
     raw = np.frombuffer(lease, dtype=np.uint8, count=B * stride)
     np_dtype = np.float32 if dtype == torch.float32 else np.float64
     views = [raw[k * stride : k * stride + n * n * itemsize].view(np_dtype).reshape(n, n) for k in range(B)]
+    return raw, views
+
+
+def _stacked(raw: np.ndarray, B: int, n: int, dtype: torch.dtype, itemsize: int) -> torch.Tensor:
+    """The lease's matrices as one strided ``(B, n, n)`` tensor (the destination of a stacked copy)."""
     flat = torch.from_numpy(raw).view(dtype)  # (B * stride / itemsize,)
-    dst = flat.as_strided((B, n, n), (stride // itemsize, n, 1))
-    return dst, views
+    return flat.as_strided((B, n, n), (matrix_stride(n, itemsize) // itemsize, n, 1))
 
 
-def snapshot_to_host(tensors: Sequence[torch.Tensor], pool: Any, copy_stream: Any = None) -> Snapshot:
+def snapshot_to_host(tensors: Sequence[torch.Tensor], pool: Any, copy_stream: Any = None, *, defer: bool = False) -> Snapshot:
     """Copies stacked ``(B, n, n)`` float32/float64 tensors into pinned leases (the host route).
 
     Args:
         tensors: The statistics (and bases) to freeze; CPU or CUDA tensors of one device.
         pool: The runtime's ``_core.PinnedPool``.
         copy_stream: For CUDA tensors, the side stream carrying the device-to-host copies.
+        defer: CPU tensors only: do not copy now; return the copies as ``Snapshot.copy`` (a
+            `_core.DeferredCopy`) for the refresh worker to make. The caller must not write the tensors until
+            ``copy.run()`` has returned on some thread (`RefreshPipeline.settle`).
 
     Returns:
-        A `Snapshot` whose ``ready`` is the copy's CUDA event (None for CPU tensors, copied at once).
+        A `Snapshot` whose ``ready`` is the copy's CUDA event (None for CPU tensors, copied at once or deferred).
 
     Raises:
         MemoryError: If the pool's budget cannot hold the snapshot (the message names the numbers).
@@ -83,25 +98,38 @@ def snapshot_to_host(tensors: Sequence[torch.Tensor], pool: Any, copy_stream: An
             raise ValueError(f"[snapshot] expected stacked (B, n, n) float32/float64 matrices, got {tuple(x.shape)} {x.dtype}")
     # CUDA: device-side clones on the training stream first (fast), then the side stream waits for them and
     # carries the slow transfers; the training stream may overwrite the statistics right away
+    defer = defer and not on_cuda
     sources = [x.detach().clone() if on_cuda else x.detach() for x in tensors]
+    if defer:  # one memcpy per matrix, from a contiguous source (a non-contiguous one is copied here, privately)
+        sources = [x if x.is_contiguous() else x.contiguous() for x in sources]
     if on_cuda:
         copy_stream.wait_stream(torch.cuda.current_stream(tensors[0].device))
+    pieces: list[tuple[np.ndarray, int, int]] = []
     for src in sources:
         B, n = int(src.shape[0]), int(src.shape[1])
         nbytes = B * matrix_stride(n, src.element_size())
         lease = pool.acquire(nbytes)
         total += nbytes
-        dst, views = _host_views(lease, B, n, src.dtype)
-        if on_cuda:
+        itemsize = src.element_size()
+        raw, views = _host_views(lease, B, n, src.dtype, itemsize)
+        if defer:
+            size = n * n * itemsize
+            base = src.data_ptr()
+            pieces.extend((views[k], base + k * size, size) for k in range(B))
+        elif on_cuda:
             src.record_stream(copy_stream)
             with torch.cuda.stream(copy_stream):
-                dst.copy_(src, non_blocking=True)
+                _stacked(raw, B, n, src.dtype, itemsize).copy_(src, non_blocking=True)
         else:
-            dst.copy_(src)
+            _stacked(raw, B, n, src.dtype, itemsize).copy_(src)
         out.append(views)
     if on_cuda:
         ready = torch.cuda.Event()
         ready.record(copy_stream)
+    if defer:
+        from asteria import _core  # noqa: PLC0415 - the pure-Python paths of this module need no extension
+
+        return Snapshot(out, None, "host", total, _core.DeferredCopy(pieces), tuple(sources))
     return Snapshot(out, ready, "host", total)
 
 

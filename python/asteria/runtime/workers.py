@@ -172,6 +172,8 @@ class Runtime:
         opts = dict(job.options)
         if job.ready is not None:
             opts["wait_event"] = int(job.ready.cuda_event)
+        if job.copy is not None:
+            opts["copy"] = job.copy
         if job.kind == "eigh":
             jid = sched.submit_eigh(job.block_id, job.version, job.deadline, job.a, **opts)
         elif job.kind == "inverse_root":
