@@ -107,5 +107,13 @@ void init_host_memory(py::module_& m) {
            "call made them.")
       .def_property_readonly("done", &DeferredCopy::done)
       .def_property_readonly("nbytes", &DeferredCopy::bytes);
+
+  py::class_<asteria::CopyQueue, std::shared_ptr<asteria::CopyQueue>>(
+      m, "CopyQueue", "Deferred copies not made yet; a refresh worker makes all of them before its next job.")
+      .def(py::init<>())
+      .def("push", &asteria::CopyQueue::push, py::arg("copy"))
+      .def("drain", &asteria::CopyQueue::drain, py::call_guard<py::gil_scoped_release>(),
+           "Make every queued copy and empty the queue; returns how many this call made.")
+      .def("__len__", &asteria::CopyQueue::size);
 }
 

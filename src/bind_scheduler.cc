@@ -26,12 +26,14 @@ py::dict result_outputs(const asteria::JobResult& r) {
 }
 
 using CopyPtr = std::shared_ptr<asteria::DeferredCopy>;
+using QueuePtr = std::shared_ptr<asteria::CopyQueue>;
 
 #define COPY_DOC                                                                                            \
-  "copy: a DeferredCopy filling the input leases, made by the worker before the job unless made already."
+  "copy: a DeferredCopy filling the input leases, made by the worker before the job unless made already; "  \
+  "copies: a CopyQueue the worker drains first (the deferred copies of other jobs' snapshots)."
 
 JobSpec base_spec(JobKind kind, std::uint64_t block_id, std::int64_t version, std::int64_t deadline,
-                  std::uintptr_t wait_event, std::shared_ptr<asteria::DeferredCopy> copy) {
+                  std::uintptr_t wait_event, CopyPtr copy, QueuePtr copies) {
   JobSpec s;
   s.kind = kind;
   s.block_id = block_id;
@@ -45,9 +47,13 @@ JobSpec base_spec(JobKind kind, std::uint64_t block_id, std::int64_t version, st
     ASTERIA_CHECK(copy == nullptr, kInvalidArgument,
                   "[RefreshScheduler] a job's inputs come from a CUDA copy (wait_event) or a deferred copy, not both");
     s.prerequisite = [wait_event] { asteria::cuda::event_synchronize(wait_event); };
-  } else if (copy != nullptr) {
-    // The inputs are leases filled by a deferred snapshot copy: the worker makes it (unless it was made).
-    s.prerequisite = [copy] { copy->run(); };
+  } else if (copy != nullptr || copies != nullptr) {
+    // The inputs are leases filled by a deferred snapshot copy: the worker makes every queued copy (those of
+    // the snapshots taken since), then its own (unless made: run() waits for one another thread is making).
+    s.prerequisite = [copy, copies] {
+      if (copies) copies->drain();
+      if (copy) copy->run();
+    };
   }
   return s;
 }
@@ -139,22 +145,22 @@ void init_scheduler(py::module_& m) {
       .def(
           "submit_eigh",
           [](RefreshScheduler& s, std::uint64_t block_id, std::int64_t version, std::int64_t deadline,
-             const py::array& a, double ridge, bool descending, std::uintptr_t wait_event, CopyPtr copy) {
-            auto spec = base_spec(JobKind::kEigh, block_id, version, deadline, wait_event, std::move(copy));
+             const py::array& a, double ridge, bool descending, std::uintptr_t wait_event, CopyPtr copy, QueuePtr copies) {
+            auto spec = base_spec(JobKind::kEigh, block_id, version, deadline, wait_event, std::move(copy), std::move(copies));
             spec.inputs.push_back(square_from_numpy(a, "RefreshScheduler.submit_eigh"));
             spec.eigh.ridge = ridge;
             spec.eigh.descending = descending;
             return s.submit(std::move(spec));
           },
           py::arg("block_id"), py::arg("version"), py::arg("deadline"), py::arg("a"), py::kw_only(),
-          py::arg("ridge") = 0.0, py::arg("descending") = false, py::arg("wait_event") = 0, py::arg("copy") = nullptr,
+          py::arg("ridge") = 0.0, py::arg("descending") = false, py::arg("wait_event") = 0, py::arg("copy") = nullptr, py::arg("copies") = nullptr,
           "Queue a symmetric eigendecomposition; outputs 'eigenvalues' and 'eigenvectors' (in columns). " COPY_DOC)
       .def(
           "submit_inverse_root",
           [](RefreshScheduler& s, std::uint64_t block_id, std::int64_t version, std::int64_t deadline,
              const py::array& a, double root, double epsilon, const std::string& method, int max_iterations,
-             double tolerance, std::uintptr_t wait_event, CopyPtr copy) {
-            auto spec = base_spec(JobKind::kInverseRoot, block_id, version, deadline, wait_event, std::move(copy));
+             double tolerance, std::uintptr_t wait_event, CopyPtr copy, QueuePtr copies) {
+            auto spec = base_spec(JobKind::kInverseRoot, block_id, version, deadline, wait_event, std::move(copy), std::move(copies));
             spec.inputs.push_back(square_from_numpy(a, "RefreshScheduler.submit_inverse_root"));
             spec.root = root;
             spec.epsilon = epsilon;
@@ -168,14 +174,14 @@ void init_scheduler(py::module_& m) {
           },
           py::arg("block_id"), py::arg("version"), py::arg("deadline"), py::arg("a"), py::kw_only(), py::arg("root"),
           py::arg("epsilon"), py::arg("method") = "eigh", py::arg("max_iterations") = 100,
-          py::arg("tolerance") = 1e-6, py::arg("wait_event") = 0, py::arg("copy") = nullptr,
+          py::arg("tolerance") = 1e-6, py::arg("wait_event") = 0, py::arg("copy") = nullptr, py::arg("copies") = nullptr,
           "Queue X = (A + eps·I)^(-1/root); output 'root'. " COPY_DOC)
       .def(
           "submit_eigenbasis_refresh",
           [](RefreshScheduler& s, std::uint64_t block_id, std::int64_t version, std::int64_t deadline,
              const py::array& a, const py::array& q, bool sort, bool rotation, std::uintptr_t wait_event,
-             CopyPtr copy) {
-            auto spec = base_spec(JobKind::kEigenbasisRefresh, block_id, version, deadline, wait_event, std::move(copy));
+             CopyPtr copy, QueuePtr copies) {
+            auto spec = base_spec(JobKind::kEigenbasisRefresh, block_id, version, deadline, wait_event, std::move(copy), std::move(copies));
             spec.inputs.push_back(square_from_numpy(a, "RefreshScheduler.submit_eigenbasis_refresh"));
             spec.inputs.push_back(square_from_numpy(q, "RefreshScheduler.submit_eigenbasis_refresh"));
             spec.sort = sort;
@@ -183,14 +189,14 @@ void init_scheduler(py::module_& m) {
             return s.submit(std::move(spec));
           },
           py::arg("block_id"), py::arg("version"), py::arg("deadline"), py::arg("a"), py::arg("q"), py::kw_only(),
-          py::arg("sort") = true, py::arg("rotation") = true, py::arg("wait_event") = 0, py::arg("copy") = nullptr,
+          py::arg("sort") = true, py::arg("rotation") = true, py::arg("wait_event") = 0, py::arg("copy") = nullptr, py::arg("copies") = nullptr,
           "Queue a SOAP (sort=True) or KL (sort=False) eigenbasis refresh; outputs 'basis', 'permutation' and, "
           "with rotation=True, 'rotation' = qᵀ·basis. " COPY_DOC)
       .def(
           "submit_sleep",
           [](RefreshScheduler& s, std::uint64_t block_id, std::int64_t version, std::int64_t deadline,
              double seconds) {
-            auto spec = base_spec(JobKind::kTask, block_id, version, deadline, 0, nullptr);
+            auto spec = base_spec(JobKind::kTask, block_id, version, deadline, 0, nullptr, nullptr);
             spec.task = [seconds] { std::this_thread::sleep_for(std::chrono::duration<double>(seconds)); };
             return s.submit(std::move(spec));
           },

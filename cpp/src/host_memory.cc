@@ -214,4 +214,27 @@ bool DeferredCopy::run() {
   return made;
 }
 
+void CopyQueue::push(std::shared_ptr<DeferredCopy> copy) {
+  ASTERIA_CHECK(copy != nullptr, kInvalidArgument, "[CopyQueue] cannot queue a null copy");
+  std::lock_guard<std::mutex> lock(mu_);
+  queue_.push_back(std::move(copy));
+}
+
+std::size_t CopyQueue::drain() {
+  std::deque<std::shared_ptr<DeferredCopy>> taken;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    taken.swap(queue_);
+  }
+  std::size_t made = 0;
+  for (auto& c : taken) made += c->run() ? 1 : 0;  // one taken by another drain is waited for by run()
+  return made;
+}
+
+std::size_t CopyQueue::size() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return queue_.size();
+}
+
 }  // namespace asteria
+

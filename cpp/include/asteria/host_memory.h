@@ -10,11 +10,13 @@
 // Lifetime: a Lease keeps the pool's arena alive, so a lease may outlive its PinnedPool object.
 //
 // asteria::DeferredCopy — copies into leases made once, by whichever thread asks first (the refresh
-// worker before its job, or the training thread before it writes the sources again).
+// worker before its job, or the training thread before it writes the sources again); asteria::CopyQueue —
+// the deferred copies a worker makes, all of them, before its next job.
 
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -139,4 +141,22 @@ class DeferredCopy {
   std::atomic<bool> done_{false};
 };
 
+// Deferred copies not made yet, oldest first. A refresh worker drains the queue before each job, so the copies
+// of every snapshot a step took leave the training thread as soon as a worker is free, not one per job as the
+// worker reaches it. Thread-safe.
+class CopyQueue {
+ public:
+  void push(std::shared_ptr<DeferredCopy> copy);
+  // Takes every queued copy and makes it (DeferredCopy::run: one another thread is making is waited for).
+  // Copies a concurrent drain took are not waited for: run() a copy itself to know it is made. Returns how
+  // many copies this call made.
+  std::size_t drain();
+  std::size_t size() const;
+
+ private:
+  mutable std::mutex mu_;
+  std::deque<std::shared_ptr<DeferredCopy>> queue_;
+};
+
 }  // namespace asteria
+

@@ -52,17 +52,20 @@ def result_problem(basis: Any, permutation: Any, rotation: Any, n: int, message:
         rotation: ``R = Q_oldᵀ Q_new`` when the job computed it, or None.
         n: The factor's size.
         message: The job's error message when it failed.
-        finite_checked: The outputs were already checked for NaN/Inf where they were computed
-            (`asteria.optim.results.outputs_checked`), so they are not scanned again.
+        finite_checked: The result comes from asteria's C++ scheduler (`asteria.optim.results.outputs_checked`):
+            its outputs were checked for NaN/Inf where they were computed and its permutation is one by
+            construction, so neither is scanned again.
 
     Returns:
         "" for an installable result, else a message naming the problem.
     """
     if basis is None:
         return message or "the refresh returned no basis"
-    if not finite_checked and not all_finite(basis):
+    if finite_checked:
+        return ""
+    if not all_finite(basis):
         return "non-finite basis"
-    if not finite_checked and rotation is not None and not all_finite(rotation):
+    if rotation is not None and not all_finite(rotation):
         return "non-finite basis rotation"
     # device results (CUDA tensors) were checked by the engine and are not read back (no host sync)
     if permutation is not None and not (isinstance(permutation, torch.Tensor) and permutation.is_cuda):
@@ -72,10 +75,23 @@ def result_problem(basis: Any, permutation: Any, rotation: Any, n: int, message:
     return ""
 
 
+def _is_identity(perm: Any) -> bool:
+    """Whether a host permutation is the identity (device permutations are not read back: treated as not)."""
+    if isinstance(perm, torch.Tensor):
+        if perm.is_cuda:
+            return False
+        perm = perm.numpy()
+    p = np.asarray(perm)
+    return bool((p == np.arange(p.shape[0])).all())
+
+
 class EigenbasisOptimizer(BlockOptimizer):
     """Base of `SOAP`, `KLShampoo`, `KLSOAP`; see the module docstring."""
 
     _offset = 1
+    # whether `_install_rows` reads the bases installed before (SOAP and KL-SOAP rotate their first moment
+    # from them when the job computed no rotation); False lets a full install write the new bases in place
+    _install_reads_old_bases = True
 
     def _validate_common(self, group: dict[str, Any]) -> None:
         """Checks the hyperparameters SOAP, KLShampoo and KLSOAP share (ValueError naming value and range)."""
@@ -223,9 +239,10 @@ class EigenbasisOptimizer(BlockOptimizer):
         rots: list[list[Any]] = [[None] * n for _ in range(k_dims)]
         for j, res in enumerate(results):
             i, k = j // n, j % n
-            q = res.outputs.get(output) if res.ok else None
-            perm = res.outputs.get("permutation") if res.ok else None
-            rot = res.outputs.get("rotation") if res.ok else None
+            outputs = res.outputs if res.ok else {}  # (a C++ result builds the dict on every read)
+            q = outputs.get(output)
+            perm = outputs.get("permutation")
+            rot = outputs.get("rotation")
             problem = result_problem(q, perm, rot, bucket.shape[i], "" if res.ok else res.message,
                                      finite_checked=outputs_checked(res))
             if problem:
@@ -253,16 +270,33 @@ class EigenbasisOptimizer(BlockOptimizer):
             return
         rows = _Rows(bucket, row_list)
         n = len(row_list)
-        new_bases, new_perms = [], []
+        version_t = rows.state["basis_version"].clone()
+        for k in range(n):  # checked before anything is written
+            if ok[k]:
+                if int(version_t[k]) >= version:  # invariant 2: versions only increase per block
+                    raise RuntimeError(
+                        f"{type(self).__name__}: install of version {version} over version {int(version_t[k])} "
+                        f"for {bucket.members[row_list[k]].label}"
+                    )
+                version_t[k] = version
+        new_bases: list[torch.Tensor] = []
+        new_perms: list[torch.Tensor | None] = []
         # R = Q_oldᵀ·Q_new from the refresh jobs (host jobs compute it off the training thread); used only
         # when every installed row has one, else the install computes it
         have_rot = rots is not None and all(r is not None for i in range(len(bucket.shape)) for k, r in enumerate(rots[i]) if ok[k])
         rotations = [] if have_rot else None
+        # an install that reads no old basis may write the new one straight into the state (one copy, not two)
+        in_place = self._install_reads_old_bases is False and rows.full and all(ok)
+        sorts = bool(self._refresh_options().get("sort", True))  # unsorted refreshes keep the column order
         for i, d in enumerate(bucket.shape):
             cur = rows.state[f"basis_{i}"]
-            q = stack_results([b if b is not None else cur[k] for k, b in enumerate(bases[i])], cur.device, cur.dtype)
-            ident = torch.arange(d, dtype=torch.int64)
-            p = stack_results([pp if pp is not None else ident for pp in perms[i]], cur.device, torch.int64)
+            items = [b if b is not None else cur[k] for k, b in enumerate(bases[i])]
+            q = stack_results(items, cur.device, cur.dtype, out=cur if in_place else None)
+            if sorts and any(pp is not None and not _is_identity(pp) for pp in perms[i]):
+                ident = torch.arange(d, dtype=torch.int64)
+                p = stack_results([pp if pp is not None else ident for pp in perms[i]], cur.device, torch.int64)
+            else:
+                p = None  # every row keeps its column order (KL refreshes, and rows that keep their basis)
             new_bases.append(q)
             new_perms.append(p)
             if rotations is not None:
@@ -275,14 +309,5 @@ class EigenbasisOptimizer(BlockOptimizer):
         updated = self._install_rows(rows.state, new_bases, new_perms, okm, group, rotations)
         for key, value in updated.items():
             rows.set(key, value)
-        version_t = rows.state["basis_version"].clone()
-        for k in range(n):
-            if ok[k]:
-                if int(version_t[k]) >= version:  # invariant 2: versions only increase per block
-                    raise RuntimeError(
-                        f"{type(self).__name__}: install of version {version} over version {int(version_t[k])} "
-                        f"for {bucket.members[row_list[k]].label}"
-                    )
-                version_t[k] = version
         rows.set("basis_version", version_t)
         rows.commit()

@@ -167,19 +167,21 @@ def install_kl_bases(
 
     KL-SOAP also rotates its first moment exactly into the new basis and permutes its second moment by π
     (never rotated). KL-Shampoo keeps its moment in the original coordinates. ``ok`` is the ``(B,)`` mask of
-    rows to install (the others keep everything), or None when every row installs.
+    rows to install (the others keep everything), or None when every row installs. A ``perms`` entry may be
+    None: the identity for every row of that dim.
 
     Returns:
         ``(bases, sqrt_inv, m, v)`` after the install (m and v None when not given).
     """
-    out_s = [ops.masked(ok, torch.gather(s, 1, p), s) for s, p in zip(sqrt_inv, perms)]
+    out_s = [s if p is None else ops.masked(ok, torch.gather(s, 1, p), s) for s, p in zip(sqrt_inv, perms)]
     m_out = v_out = None
     if m_in_basis is not None:
         m_out = ops.masked(ok, rotate_into_new_bases(m_in_basis, bases, new_bases, rotations), m_in_basis)
     if v_in_basis is not None:
         v_new = v_in_basis
         for i, p in enumerate(perms):
-            v_new = ops.permute_along(v_new, p, i)
+            if p is not None:
+                v_new = ops.permute_along(v_new, p, i)
         v_out = ops.masked(ok, v_new, v_in_basis)
     out_q = [ops.masked(ok, qn, q) for q, qn in zip(bases, new_bases)]
     return out_q, out_s, m_out, v_out
@@ -392,6 +394,7 @@ class KLShampoo(_KLBase):
         + _KL_DOC.replace("{eps_doc}", "Damping of the scale: ``1/(√(D_a·D_b) + ε)``")
     )
     _klsoap = False
+    _install_reads_old_bases = False  # its moment stays in the original coordinates: nothing is rotated
 
 
 class KLSOAP(_KLBase):

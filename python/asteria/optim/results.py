@@ -55,12 +55,19 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device)
 
 
-def stack_results(items: Sequence[Any], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def stack_results(items: Sequence[Any], device: torch.device, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """Stacks per-row results (numpy arrays, CPU or device tensors) into one ``(B, ...)`` tensor on ``device``.
 
-    Host items travel together in one pinned non-blocking copy; device items stay where they are.
+    Host items travel together in one pinned non-blocking copy; device items stay where they are. ``out``: a CPU
+    tensor of the stacked shape and ``dtype`` to write into (returned), when ``device`` is the CPU; an item may
+    be a view of ``out`` only at its own row (it is then written over itself).
     """
     ts = [as_tensor(x) for x in items]
+    if out is not None and device.type == "cpu" and out.dtype == dtype and all(t.dtype == dtype for t in ts):
+        for k, t in enumerate(ts):
+            if t.data_ptr() != out[k].data_ptr():
+                out[k].copy_(t)
+        return out
     if device.type == "cuda":
         host = [k for k, t in enumerate(ts) if not t.is_cuda]
         if host:

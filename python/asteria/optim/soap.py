@@ -111,7 +111,7 @@ def install_soap_bases(
     Args:
         bases: Installed bases (one per dim).
         new_bases: Bases returned by the refresh.
-        perms: ``(B, d_i)`` permutations returned by the refresh.
+        perms: ``(B, d_i)`` permutations returned by the refresh (None: the identity for every row).
         m: First moment in the installed basis.
         v: Second moment in the installed basis.
         ok: ``(B,)`` rows to install (others keep everything), or None when every row installs.
@@ -123,7 +123,8 @@ def install_soap_bases(
     m_new = rotate_into_new_bases(m, bases, new_bases, rotations)
     v_new = v
     for i, p in enumerate(perms):
-        v_new = ops.permute_along(v_new, p, i)
+        if p is not None:
+            v_new = ops.permute_along(v_new, p, i)
     out_bases = [ops.masked(ok, qn, q) for q, qn in zip(bases, new_bases)]
     return out_bases, ops.masked(ok, m_new, m), ops.masked(ok, v_new, v)
 

@@ -375,6 +375,7 @@ class RefreshPipeline:
         defer = not on_cuda and not self._runtime.tiers_active and not self._closed
         snap = snapshot_to_host(tensors, self._runtime.shadow_pool, stream, defer=defer)
         if snap.copy is not None:
+            self._runtime.copy_queue.push(snap.copy)
             self._unsettled.append(snap)
         return snap
 
@@ -387,11 +388,10 @@ class RefreshPipeline:
         """
         if not self._unsettled:
             return
-        for snap in self._unsettled:
-            if snap.copy.run():
-                self._counters["snapshot_copies_inline"] += 1
-            else:
-                self._counters["snapshot_copies_deferred"] += 1
+        inline = sum(bool(snap.copy.run()) for snap in self._unsettled)  # waits for one a worker is making
+        self._counters["snapshot_copies_inline"] += inline
+        self._counters["snapshot_copies_deferred"] += len(self._unsettled) - inline
+        self._runtime.copy_queue.drain()  # releases the queue's made copies (and makes other pipelines': harmless)
         self._unsettled = []
 
     def _ready(self, p: _Pending) -> bool:

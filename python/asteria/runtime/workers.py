@@ -71,6 +71,7 @@ class Runtime:
         self._pipelines: weakref.WeakSet[Any] = weakref.WeakSet()
         self._closed = False
         self._pool: Any = None
+        self._copy_queue: Any = None
         self._tiers: Any = None
         self._copy_streams: dict[int, Any] = {}
         self._engines: dict[int, Any] = {}
@@ -138,6 +139,16 @@ class Runtime:
             self._pool = _core.PinnedPool(budget_bytes=_shadow_budget(), cuda_register=cuda_backend_available())
         return self._pool
 
+    @property
+    def copy_queue(self) -> Any:
+        """The ``_core.CopyQueue`` of deferred snapshot copies (`asteria.runtime.shadow`): a worker makes all of them
+        before its next job, so one step's snapshots are copied off the training thread together."""
+        if self._copy_queue is None:
+            from asteria import _core
+
+            self._copy_queue = _core.CopyQueue()
+        return self._copy_queue
+
     def copy_stream(self, device: Any) -> Any:
         """The side CUDA stream carrying snapshot copies off ``device`` (created on first use)."""
         import torch
@@ -174,6 +185,7 @@ class Runtime:
             opts["wait_event"] = int(job.ready.cuda_event)
         if job.copy is not None:
             opts["copy"] = job.copy
+            opts["copies"] = self.copy_queue
         if job.kind == "eigh":
             jid = sched.submit_eigh(job.block_id, job.version, job.deadline, job.a, **opts)
         elif job.kind == "inverse_root":
@@ -305,6 +317,7 @@ class Runtime:
                 eng.close()
             self._events.clear()
             self._forgotten.clear()
+            self._copy_queue = None  # its copies are made by the pipelines' own settle (they hold the sources)
             tiers, self._tiers = self._tiers, None
             if tiers is not None:  # removes the NVMe swap directory
                 tiers.close()
