@@ -171,3 +171,32 @@ def test_one_dimensional_and_scalar_params_use_adamw(cls):
         opt.step()
     assert set(opt.state[b]["blocks"][0]) == {"exp_avg", "exp_avg_sq", "nonfinite_steps"}
     assert opt.state[b]["step"] == 2 and opt.state[s]["step"] == 2
+
+
+@pytest.mark.parametrize("klsoap", [False, True])
+def test_an_install_over_a_newer_version_writes_nothing(klsoap):
+    """Invariant 2 (versions only increase per block) is checked before anything is written, also where
+    KL-Shampoo writes the new bases straight into its state."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 6))
+    opt = CLASSES[klsoap]([p], lr=0.01, precondition_frequency=2, runtime=SYNC)
+    for g in gradient_sequence((4, 6), 5, seed=3):
+        p.grad = torch.tensor(g, dtype=torch.float32)
+        opt.step()
+    blk = opt.state[p]["blocks"][0]
+    before = {k: v.clone() for k, v in blk.items()}
+    version = int(blk["basis_version"])
+    assert version > 0
+
+    class Result:  # a valid refresh result for the block, of a version already installed
+        ok, status, message = True, "ok", ""
+
+        def __init__(self, n):
+            self.outputs = {"basis": np.linalg.qr(np.random.default_rng(n).normal(size=(n, n)))[0].astype(np.float32),
+                            "permutation": np.arange(n)}
+
+    tag = {"what": "basis", "version": version, "blocks": [list(k) for k in opt._member_index]}
+    with pytest.raises(RuntimeError, match="over version"):
+        opt._install_batch(tag, [Result(4), Result(6)])
+    for k, v in blk.items():
+        assert torch.equal(v, before[k]), k

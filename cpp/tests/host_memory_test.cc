@@ -224,5 +224,41 @@ TEST(DeferredCopy, RejectsAPieceWithoutPointers) {
   EXPECT_TRUE(empty.run());
 }
 
+TEST(CopyQueue, DrainMakesEveryQueuedCopyOnce) {
+  asteria::PinnedPool pool(opts(1 << 20));
+  std::vector<std::vector<unsigned char>> src;
+  std::vector<std::shared_ptr<asteria::DeferredCopy>> copies;
+  std::vector<std::shared_ptr<asteria::Lease>> leases;
+  asteria::CopyQueue queue;
+  for (int i = 0; i < 16; ++i) {
+    src.emplace_back(4096, static_cast<unsigned char>(i + 1));
+    leases.push_back(std::make_shared<asteria::Lease>(pool.acquire(4096)));
+    copies.push_back(std::make_shared<asteria::DeferredCopy>(
+        std::vector<asteria::DeferredCopy::Piece>{{leases.back()->data(), src.back().data(), 4096}},
+        std::vector<std::shared_ptr<const void>>{leases.back()}));
+    queue.push(copies.back());
+  }
+  EXPECT_EQ(queue.size(), 16u);
+  EXPECT_TRUE(copies[3]->run());  // one made early by its owner is not made again
+  std::atomic<std::size_t> made{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      made.fetch_add(queue.drain());
+      // what a worker does before its job: its own copy is complete once run() returns
+      if (copies[static_cast<std::size_t>(t) * 4]->run()) made.fetch_add(1);
+      EXPECT_EQ(static_cast<unsigned char*>(leases[static_cast<std::size_t>(t) * 4]->data())[4095], t * 4 + 1);
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(made.load(), 15u);  // each copy made exactly once, by a drain or by its owner's run()
+  EXPECT_EQ(queue.size(), 0u);
+  for (int i = 0; i < 16; ++i) {
+    EXPECT_TRUE(copies[static_cast<std::size_t>(i)]->done());
+    EXPECT_EQ(std::memcmp(leases[static_cast<std::size_t>(i)]->data(), src[static_cast<std::size_t>(i)].data(), 4096), 0);
+  }
+  EXPECT_EQ(queue.drain(), 0u);
+}
+
 }  // namespace
 

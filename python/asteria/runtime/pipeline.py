@@ -1,8 +1,7 @@
 """The refresh pipeline: submits refresh jobs to the worker pool and installs their results between steps.
 
 A refresh is a *batch* of jobs (one per Kronecker factor of each block of a bucket) that the optimizer
-snapshots at step ``s`` (the job ``version``; the scheduler copies the inputs at submit, so training may
-overwrite the statistics at once) and that is installed at the step boundary ``deadline = s + o + S``
+snapshots at step ``s`` (the job ``version``) and that is installed at the step boundary ``deadline = s + o + S``
 (ALGORITHMS.md, "Staleness and install rule"). The optimizer hands the pipeline the jobs and an
 *installer*: a callable taking the completed `JobResult`s in job order. The pipeline decides only **when**
 that installer runs:
@@ -12,6 +11,13 @@ that installer runs:
   algorithm (``refresh="sync"`` is exactly this with S = 0).
 * ``install="eager"``: at the first install point after every job of the batch is done, and never later
   than the deadline.
+
+Snapshots of CPU statistics are *deferred copies* (`asteria.runtime.shadow`): the pipeline hands the worker
+the statistics and pinned leases to copy them into, and the worker makes the copies before it starts the jobs
+(all pending ones, through the runtime's copy queue), off the training thread. `settle` makes the ones not
+made yet on the training thread, and is called before anything writes the statistics again: at the start of
+every step, before installs, before checkpoints export or import pending batches, and at close. A snapshot
+therefore always holds the values of its step, whichever thread copied it.
 
 Installs happen only at the optimizer's install points inside ``step()`` (between the statistics of one
 step and the direction that uses them), never from another thread. At most one refresh per block is in
