@@ -160,19 +160,22 @@ def _assert_bit_identical(a: dict, b: dict) -> None:
 def _leftovers(workdir: Path, named_temp: bool, pending: int | None, checked: set[str]) -> list[str]:
     """Files a killed process must not leave behind: swap files/directories and temporary checkpoints.
 
-    With ``named_temp`` (no O_TMPFILE in `workdir`) the writer's named temporary files are allowed, each checked
-    once (names in `checked`) when it appears: it is not a checkpoint (the header is written last), or, killed
-    between the header write and the rename, a complete copy of the save in progress (step `pending`)."""
+    The writer's named temporary file is allowed, checked once (names in `checked`) when it appears, as a
+    complete copy of the save in progress (step `pending`): with O_TMPFILE the finished file is linked under that
+    name just before the rename, and a kill in between leaves it. With ``named_temp`` (no O_TMPFILE in
+    `workdir`) the file exists from the start, so it may also be an unfinished one, which is not a checkpoint
+    (the header is written last)."""
     extra = [f"swap/{p}" for p in os.listdir(workdir / "swap")] if (workdir / "swap").exists() else []
     for p in os.listdir(workdir):
         if p in ("swap", "ckpt.pt") or p in checked:
             continue
-        if not (named_temp and TEMP_NAME.match(p)):
+        if not TEMP_NAME.match(p):
             extra.append(p)
             continue
         try:
             step = asteria.load_checkpoint(workdir / p)["step"]
         except asteria.CheckpointError as e:
+            assert named_temp, f"{p}: an unfinished checkpoint under a name, written through O_TMPFILE: {e}"
             assert e.reason == "not_a_checkpoint", f"{p}: {e.reason}: {e}"
         else:
             assert pending is not None and step == pending, f"{p} is a complete checkpoint of step {step}"
