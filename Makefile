@@ -57,9 +57,9 @@ ctest: build
 tsan: deps venv
 	@$(STAGE) tsan-build -- sh -c '$(CMAKE) -S . -B $(TSAN_DIR) -G Ninja -DCMAKE_MAKE_PROGRAM=$(CURDIR)/$(VENV)/bin/ninja \
 	    -DCMAKE_BUILD_TYPE=RelWithDebInfo -DASTERIA_USE_TSAN=ON -DASTERIA_BUILD_TESTS=ON -DASTERIA_BUILD_PYTHON=OFF \
-	    -DPython_EXECUTABLE=$(CURDIR)/$(PY) >/dev/null && $(CMAKE) --build $(TSAN_DIR) --target mpmc_queue_test scheduler_test pager_test'
+	    -DPython_EXECUTABLE=$(CURDIR)/$(PY) >/dev/null && $(CMAKE) --build $(TSAN_DIR) --target mpmc_queue_test scheduler_test pager_test host_memory_test'
 	@$(STAGE) tsan-test -- env TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
-	    $(CTEST) --test-dir $(TSAN_DIR) -R "MpmcQueue|Scheduler|Pager" -j$(JOBS) --output-on-failure
+	    $(CTEST) --test-dir $(TSAN_DIR) -R "MpmcQueue|Scheduler|Pager|PinnedPool|DeferredCopy|CopyQueue" -j$(JOBS) --output-on-failure
 
 # AddressSanitizer + UndefinedBehaviorSanitizer build of every C++ core test.
 asan: deps venv
