@@ -142,17 +142,33 @@ def test_deferred_snapshot_of_non_contiguous_statistics_is_private(pool):
     assert snap.matrices[0][0].any()
 
 
+def test_a_worker_makes_every_queued_copy_before_its_job(pool):
+    """The copies of snapshots taken after the job's own (queued meanwhile) leave with the first job a worker starts."""
+    xs = [torch.full((1, 4, 4), float(i + 1)) for i in range(3)]
+    snaps = [snapshot_to_host([x], pool, defer=True) for x in xs]
+    queue = _core.CopyQueue()
+    for snap in snaps:
+        queue.push(snap.copy)
+    with _core.RefreshScheduler(workers=1) as sched:
+        res = sched.wait(sched.submit_eigh(0, 1, 2, snaps[0].matrices[0][0], copy=snaps[0].copy, copies=queue))
+    assert res.ok and len(queue) == 0
+    for i, snap in enumerate(snaps):
+        assert snap.copy.run() is False  # made by the worker
+        np.testing.assert_array_equal(snap.matrices[0][0], np.full((4, 4), float(i + 1), np.float32))
+
+
 def test_deferred_copy_needs_a_lease_destination():
     with pytest.raises(ValueError, match="lease"):
         _core.DeferredCopy([(np.zeros((4, 4), np.float32), 0, 64)])
 
 
-def _train(opt, model, steps, seed=0):
+def _train(opt, model, steps, seed=0, pause=0.0):
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         opt.zero_grad()
         model(torch.randn(8, 32, generator=gen)).square().mean().backward()
         opt.step()
+        time.sleep(pause)
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.05])
@@ -168,15 +184,16 @@ def test_async_refreshes_copy_their_snapshots_off_the_training_thread(delay):
         rt = asteria.Runtime(cfg, scheduler=sched)
         opt = asteria.KLSOAP(model.parameters(), lr=1e-2, precondition_frequency=2, runtime=rt)
         try:
-            _train(opt, model, 9)
+            _train(opt, model, 9, pause=0.0 if delay else 0.05)  # a prompt worker has time to copy between steps
             stats = opt.runtime.stats()
         finally:
             opt.close()
             rt.close()
         results[mode] = [p.detach().clone() for p in model.parameters()]
-        assert stats["snapshot_copies_deferred"] + stats["snapshot_copies_inline"] > 0
-        if mode == "async" and delay:
+        if delay and mode == "async":
             assert stats["snapshot_copies_inline"] > 0  # the slow worker had not started: the step copied
+        else:
+            assert stats["snapshot_copies_deferred"] > 0  # the worker copied, off the training thread
     for a, b in zip(results["sync"], results["async"]):
         assert torch.equal(a, b)
 

@@ -59,14 +59,13 @@ def stack_results(items: Sequence[Any], device: torch.device, dtype: torch.dtype
     """Stacks per-row results (numpy arrays, CPU or device tensors) into one ``(B, ...)`` tensor on ``device``.
 
     Host items travel together in one pinned non-blocking copy; device items stay where they are. ``out``: a CPU
-    tensor of the stacked shape and ``dtype`` to write into (returned), when ``device`` is the CPU; an item may
-    be a view of ``out`` only at its own row (it is then written over itself).
+    tensor of the stacked shape and ``dtype`` to write into (returned) when ``device`` is the CPU and every item
+    has that dtype; otherwise a new tensor is returned.
     """
     ts = [as_tensor(x) for x in items]
     if out is not None and device.type == "cpu" and out.dtype == dtype and all(t.dtype == dtype for t in ts):
         for k, t in enumerate(ts):
-            if t.data_ptr() != out[k].data_ptr():
-                out[k].copy_(t)
+            out[k].copy_(t)
         return out
     if device.type == "cuda":
         host = [k for k, t in enumerate(ts) if not t.is_cuda]

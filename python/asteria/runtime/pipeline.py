@@ -397,7 +397,7 @@ class RefreshPipeline:
         inline = sum(bool(snap.copy.run()) for snap in self._unsettled)  # waits for one a worker is making
         self._counters["snapshot_copies_inline"] += inline
         self._counters["snapshot_copies_deferred"] += len(self._unsettled) - inline
-        self._runtime.copy_queue.drain()  # releases the queue's made copies (and makes other pipelines': harmless)
+        self._runtime.release_copies()  # frees the queue's leases (making other pipelines' copies early is harmless)
         self._unsettled = []
 
     def _ready(self, p: _Pending) -> bool:

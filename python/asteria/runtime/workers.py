@@ -149,6 +149,12 @@ class Runtime:
             self._copy_queue = _core.CopyQueue()
         return self._copy_queue
 
+    def release_copies(self) -> None:
+        """Empties the copy queue, making the copies not made yet (a worker may still reach them); nothing to do
+        before the queue exists or after `close`."""
+        if self._copy_queue is not None:
+            self._copy_queue.drain()
+
     def copy_stream(self, device: Any) -> Any:
         """The side CUDA stream carrying snapshot copies off ``device`` (created on first use)."""
         import torch
