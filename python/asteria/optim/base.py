@@ -256,6 +256,12 @@ class _WeakInstaller:
         opt = self._ref()
         return opt is not None and opt._installs_thread_safe()
 
+    @property
+    def parallel_pays(self) -> bool:
+        """Whether this batch's install gains from a second thread (see `BlockOptimizer._parallel_install_pays`)."""
+        opt = self._ref()
+        return opt is not None and opt._parallel_install_pays
+
 
 def _grad_ready_hook(ref: weakref.ref) -> Callable[[torch.Tensor], None]:
     def hook(param: torch.Tensor) -> None:
@@ -834,6 +840,11 @@ class BlockOptimizer(torch.optim.Optimizer):
     def installer(self, tag: dict[str, Any]) -> _WeakInstaller:
         """The installer of the refresh batch described by ``tag`` (see `_install_batch`)."""
         return _WeakInstaller(self, tag)
+
+    #: Whether a step's installs gain from a second thread (``RuntimeConfig.parallel_install``). Measured: SOAP's
+    #: rotations of the first moment and Shampoo's root installs do; KL-Shampoo's installs, which only copy the
+    #: new bases, are faster on the training thread alone (handing them over costs more than the copies).
+    _parallel_install_pays = True
 
     def _installs_thread_safe(self) -> bool:
         """Whether installs may run on a helper thread (see `_WeakInstaller.parallel_safe`)."""

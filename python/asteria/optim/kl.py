@@ -395,6 +395,7 @@ class KLShampoo(_KLBase):
     )
     _klsoap = False
     _install_reads_old_bases = False  # its moment stays in the original coordinates: nothing is rotated
+    _parallel_install_pays = False  # an install only copies the new bases
 
 
 class KLSOAP(_KLBase):

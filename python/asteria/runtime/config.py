@@ -56,8 +56,9 @@ class RuntimeConfig:
         parallel_install: When several refresh batches are due at the same step (a refresh round installs
             one batch per bucket), run them on two threads: the training thread and one helper on the
             workers' CPUs (``worker_cpus``, else a CPU training leaves free), which are idle at that point.
-            Used only in single-process runs, for optimizer state in CPU memory without budgets, and only
-            when such a CPU exists;
+            Used only in single-process runs, for optimizer state in CPU memory without budgets, only
+            when such a CPU exists, and only for optimizers whose installs gain from it (SOAP, KL-SOAP and
+            Shampoo; KL-Shampoo's installs only copy bases, which is faster on one thread);
             batches sharing a block stay on one thread, in order. Each batch computes exactly what it would
             on the training thread, so the numbers are the same bits. Default True; False installs every
             batch on the training thread.

@@ -186,10 +186,13 @@ def _install_cost(results: Sequence[Any]) -> int:
 def _split_installs(work: list[tuple[_Pending, list[Any]]]) -> tuple[list[Any], list[Any]] | None:
     """Two groups of batches for `RefreshPipeline._install`, or None when they may not be split.
 
-    Not split unless every installer declares ``parallel_safe`` and every tag names its blocks. Batches sharing a
-    block are joined into one unit (kept together, in order); units go, largest first, to the lighter group.
+    Not split unless every installer declares ``parallel_safe``, some installer's work ``parallel_pays`` (copies
+    alone are faster on one thread), and every tag names its blocks. Batches sharing a block are joined into one
+    unit (kept together, in order); units go, largest first, to the lighter group.
     """
     if not all(getattr(p.install, "parallel_safe", False) for p, _ in work):
+        return None
+    if not any(getattr(p.install, "parallel_pays", True) for p, _ in work):
         return None
     keys: list[set[Any]] = []
     for pending, _ in work:
