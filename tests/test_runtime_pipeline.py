@@ -330,6 +330,37 @@ def test_hooks_do_not_change_the_numbers(name):
     assert_same(with_hooks, without)
 
 
+def test_hooks_collect_once_per_backward():
+    """The first hook of a backward collects finished jobs; the other hooks of that backward do not poll again."""
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = build("SOAP", model.parameters(), RuntimeConfig(staleness=3), f=2)
+    rt = opt.runtime._runtime
+    polls = []
+    inner = rt.collect
+
+    def counting(*, blocking=True):
+        polls.append(blocking)
+        return inner(blocking=blocking)
+
+    rt.collect = counting
+    gen = torch.Generator().manual_seed(1)
+    backwards_with_pending = 0
+    try:
+        for _ in range(8):
+            x, y = torch.randn(16, 8, generator=gen), torch.randn(16, 4, generator=gen)
+            opt.zero_grad()
+            pending = opt.runtime.pending() > 0
+            before = polls.count(False)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            assert polls.count(False) - before == (1 if pending else 0)  # 4 hooks, one poll
+            backwards_with_pending += pending
+            opt.step()
+    finally:
+        opt.close()
+    assert backwards_with_pending >= 3
+
+
 def test_shared_runtime_is_one_pool_and_changes_nothing():
     rt = asteria.Runtime(RuntimeConfig(staleness=3, workers=2))
     opt_a, a, _ = run("SOAP", rt)

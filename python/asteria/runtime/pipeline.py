@@ -251,6 +251,7 @@ class RefreshPipeline:
         self._runtime.attach(self)
         self._pending: list[_Pending] = []
         self._seq = 0
+        self._hook_collects = True  # see on_grad_ready
         # Distributed runs (set by asteria.runtime.distributed): installs are deterministic, and with an
         # exchange each job is submitted by its owner only and the results are exchanged at the install step.
         self.distributed = False
@@ -314,18 +315,22 @@ class RefreshPipeline:
 
     def end_step(self) -> None:
         """Marks the end of an optimizer step (telemetry; the memory tiers start their last write-back)."""
+        self._hook_collects = True  # the next backward's first hook collects finished jobs
         self.timeline.end_step()
         if self._runtime.tiers_active:
             self._runtime.tiers.end_step()
 
     def on_grad_ready(self) -> None:
-        """Called from the post-accumulate-grad hooks: collects finished jobs without blocking.
+        """Called from the post-accumulate-grad hooks: the first call of each backward collects finished jobs
+        without blocking (once is enough: nothing is installed before ``step()``, and the later hooks of the same
+        backward would find little new, at a few microseconds each on the training thread).
 
         This cannot change the numbers: results are only *installed* inside ``step()``, at the points the
         install rule fixes (in eager mode, a result collected here is installed at the next install point,
         as it would be had it been collected there).
         """
-        if self._pending and not self._closed:
+        if self._hook_collects and self._pending and not self._closed:
+            self._hook_collects = False
             self._runtime.collect(blocking=False)
 
     # -- submit / install ------------------------------------------------------------------------------
