@@ -62,8 +62,8 @@ class RuntimeConfig:
             batches sharing a block stay on one thread, in order. Each batch computes exactly what it would
             on the training thread, so the numbers are the same bits. Default True; False installs every
             batch on the training thread.
-        hooks: Register a ``post_accumulate_grad`` hook per parameter that collects finished refresh jobs
-            and, with memory tiers, starts reading the first NVMe-tier buckets of the coming step while
+        hooks: Register a ``post_accumulate_grad`` hook per parameter; the first of each backward collects
+            finished refresh jobs, and with memory tiers, starts reading the first NVMe-tier buckets of the coming step while
             backward still runs (work that cannot change the numbers). Default True.
         device_budget: Bytes of optimizer state kept in the memory the optimizer computes in: the GPU's
             memory for parameters on a GPU (including the work buffers that host and NVMe state is
