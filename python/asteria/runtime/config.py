@@ -63,8 +63,8 @@ class RuntimeConfig:
             on the training thread, so the numbers are the same bits. Default True; False installs every
             batch on the training thread.
         hooks: Register a ``post_accumulate_grad`` hook per parameter; the first of each backward collects
-            finished refresh jobs, and with memory tiers, starts reading the first NVMe-tier buckets of the coming step while
-            backward still runs (work that cannot change the numbers). Default True.
+            finished refresh jobs, and with memory tiers the hooks start reading the first NVMe-tier buckets
+            of the coming step while backward still runs (work that cannot change the numbers). Default True.
         device_budget: Bytes of optimizer state kept in the memory the optimizer computes in: the GPU's
             memory for parameters on a GPU (including the work buffers that host and NVMe state is
             streamed through), ordinary process memory for parameters on the CPU. An int >= 0 or a string
