@@ -421,6 +421,11 @@ def test_stats_timeline_and_summary():
     assert len(tl["step_s"]) == len(tl["stall_s"]) == len(tl["jobs_submitted"]) == len(tl["jobs_installed"]) == 10
     assert sum(tl["jobs_submitted"]) == stats["jobs_submitted"]
     assert sum(tl["jobs_installed"]) == stats["jobs_ok"] + stats["jobs_failed"]
+    # the runtime's own time: on the steps that submit or install, and on no other
+    assert len(tl["submit_s"]) == len(tl["install_s"]) == 10
+    assert all((s > 0) == (n > 0) for s, n in zip(tl["submit_s"], tl["jobs_submitted"]))
+    assert all((s > 0) == (n > 0) for s, n in zip(tl["install_s"], tl["jobs_installed"]))
+    assert all(s < step for s, step in zip(tl["install_s"], tl["step_s"]))
     for key in ("mean", "p50", "p90", "p99", "max"):
         assert stats["summary"]["step_s"][key] >= 0
     assert stats["summary"]["step_s"]["max"] >= stats["summary"]["step_s"]["p50"]

@@ -158,6 +158,8 @@ class _Run:
                 out.update(
                     stalls=st["stalls"],
                     stall_s=sum(st["timeline"]["stall_s"][args.warmup:]),
+                    submit_s=sum(st["timeline"]["submit_s"][args.warmup:]),
+                    install_s=sum(st["timeline"]["install_s"][args.warmup:]),
                     jobs=st["jobs_submitted"],
                     max_staleness=st["summary"]["max_staleness"],
                     worker_busy_s=sum(st.get("scheduler", {}).get("worker_busy_s", [0.0])),
@@ -272,6 +274,9 @@ def run(args: Any) -> dict[str, Any]:
             row["stalls"] = statistics.median(res["stalls"] for res in results)
             row["stall_s"] = statistics.median(res["stall_s"] for res in results)
             row["max_staleness"] = max(res["max_staleness"] for res in results)
+            periods = (args.steps - args.warmup) / args.frequency
+            for key in ("submit_s", "install_s"):  # the runtime's own time on the training thread, per period
+                row[f"{key}_per_period"] = statistics.median(res[key] for res in results) / periods
         if "val_loss" in results[0]:
             row["val_loss"] = [res["val_loss"] for res in results]
         table[f"{name}:{mode}"] = row
@@ -307,13 +312,17 @@ def _print_profiles(table: dict[str, dict[str, Any]], configs: list, frequency: 
     """Prints each configuration's `period_profile` (medians over rounds) and its cost per period over the floor."""
     print(f"\nstep time (ms) by position in the refresh period: median over the periods, then over the rounds; "
           f"'robust' hidden uses the mean of these")
-    print(f"{'configuration':<18}" + "".join(f"{p:>7}" for p in range(frequency)) + f"{'mean':>8}{'+/period':>10}")
+    print(f"{'configuration':<18}" + "".join(f"{p:>7}" for p in range(frequency))
+          + f"{'mean':>8}{'+/period':>10}{'submit':>8}{'install':>8}")
     for name, mode in configs:
         row = table[f"{name}:{mode}"]
         floor = table.get(f"{name}:floor")
-        extra = f"{(row['profile_mean'] - floor['profile_mean']) * frequency * 1e3:10.1f}" if floor else ""
+        extra = f"{(row['profile_mean'] - floor['profile_mean']) * frequency * 1e3:10.1f}" if floor else f"{'':>10}"
+        own = "".join(f"{row[k] * 1e3:8.1f}" for k in ("submit_s_per_period", "install_s_per_period") if k in row)
         print(f"{name + ':' + mode:<18}" + "".join(f"{x * 1e3:7.1f}" for x in row["profile"])
-              + f"{row['profile_mean'] * 1e3:8.2f}{extra}")
+              + f"{row['profile_mean'] * 1e3:8.2f}{extra}{own}")
+    print("+/period: the profile's cost per refresh period over the floor; submit, install: the runtime's own time on "
+          "the training thread per period (snapshots and submissions; installs without stalls), from opt.runtime.stats()")
 
 
 def _loss_check(table: dict[str, dict[str, Any]], configs: list) -> dict[str, Any]:

@@ -348,6 +348,13 @@ class RefreshPipeline:
         """
         if not jobs:
             return
+        start = time.perf_counter()
+        try:
+            self._submit(jobs, install, tag)
+        finally:
+            self.timeline.add_submit_time(time.perf_counter() - start)
+
+    def _submit(self, jobs: Sequence[RefreshJob], install: Callable[[Sequence[Any]], None], tag: Any) -> None:
         deadlines = {job.deadline for job in jobs}
         if len(deadlines) != 1:
             raise ValueError(f"[RefreshPipeline.submit] one batch must share one deadline, got {sorted(deadlines)}")
@@ -380,6 +387,13 @@ class RefreshPipeline:
         stream for CUDA tensors). Device route: a device clone. The returned `Snapshot` has, per tensor, the
         per-matrix views to put in `RefreshJob.a`/``q``, and the copy's event for `RefreshJob.ready`.
         """
+        start = time.perf_counter()
+        try:
+            return self._snapshot(tensors, route)
+        finally:
+            self.timeline.add_submit_time(time.perf_counter() - start)
+
+    def _snapshot(self, tensors: Sequence[torch.Tensor], route: str) -> Snapshot:
         if route == "device":
             return snapshot_on_device(tensors)
         on_cuda = bool(tensors) and tensors[0].is_cuda
@@ -431,6 +445,13 @@ class RefreshPipeline:
         due = [p for p in self._pending if p.deadline <= step or (eager and self._ready(p))]
         if not due:
             return 0
+        start, waited = time.perf_counter(), self._counters["wait_s"]
+        try:
+            return self._install(due, step)
+        finally:  # the training thread's install time, without the wait for late results (the stalls)
+            self.timeline.add_install_time(time.perf_counter() - start - (self._counters["wait_s"] - waited))
+
+    def _install(self, due: list[_Pending], step: int) -> int:
         self.settle()  # installs write the state that deferred snapshots may still read
         due.sort(key=lambda p: (p.deadline, p.seq))
         gathered = self._gather_round(due, step)
@@ -649,8 +670,9 @@ class RefreshPipeline:
         (batches installed by the helper thread, see ``RuntimeConfig.parallel_install``), ``stalls`` (installs
         that had to wait), ``wait_s`` (total time the training thread waited for refresh results),
         ``job_latency_s``, ``failures`` (last messages), ``refresh``/``staleness``/``install``/``offset``,
-        ``pending_batches``. ``timeline`` has one entry per step (``step_s``, ``stall_s``, ``jobs_submitted``,
-        ``jobs_installed``), ``installed_staleness`` one per installed batch (install step minus the step the
+        ``pending_batches``. ``timeline`` has one entry per step (``step_s``, ``stall_s``, ``submit_s``: time
+        spent snapshotting and submitting, ``install_s``: time spent installing without the stalls,
+        ``jobs_submitted``, ``jobs_installed``), ``installed_staleness`` one per installed batch (install step minus the step the
         synchronous algorithm uses it), ``summary`` the percentiles, ``scheduler`` the worker pool's stats
         (``worker_busy_s`` per worker, ...).
         """

@@ -41,13 +41,17 @@ class _Current:
     stall_s: float = 0.0
     submitted: int = 0
     installed: int = 0
+    submit_s: float = 0.0
+    install_s: float = 0.0
 
 
 class StepTimeline:
     """Records one entry per optimizer step.
 
     Per step: ``step_s`` (wall time inside ``step()``), ``stall_s`` (time the training thread waited for a
-    refresh result that was due), ``jobs_submitted`` and ``jobs_installed``. Per installed batch: its
+    refresh result that was due), ``submit_s`` (time spent snapshotting and submitting refresh jobs),
+    ``install_s`` (time spent installing results, stalls excluded), ``jobs_submitted`` and
+    ``jobs_installed``. Per installed batch: its
     staleness (install step minus the step the synchronous algorithm would have used it, so 0..S) and
     whether it stalled.
     """
@@ -57,6 +61,8 @@ class StepTimeline:
         self.stall_s: list[float] = []
         self.jobs_submitted: list[int] = []
         self.jobs_installed: list[int] = []
+        self.submit_s: list[float] = []
+        self.install_s: list[float] = []
         self.staleness: list[int] = []
         self._cur: _Current | None = None
         self._outside = _Current(0.0)  # work recorded outside a step (direct pipeline use, checkpoints)
@@ -72,6 +78,8 @@ class StepTimeline:
         self.stall_s.append(cur.stall_s)
         self.jobs_submitted.append(cur.submitted)
         self.jobs_installed.append(cur.installed)
+        self.submit_s.append(cur.submit_s)
+        self.install_s.append(cur.install_s)
         self._cur = None
 
     def _target(self) -> _Current:
@@ -82,6 +90,12 @@ class StepTimeline:
 
     def add_submitted(self, jobs: int) -> None:
         self._target().submitted += jobs
+
+    def add_submit_time(self, seconds: float) -> None:
+        self._target().submit_s += seconds
+
+    def add_install_time(self, seconds: float) -> None:
+        self._target().install_s += seconds
 
     def add_installed(self, jobs: int, staleness: int) -> None:
         self._target().installed += jobs
@@ -95,6 +109,8 @@ class StepTimeline:
                 "stall_s": list(self.stall_s),
                 "jobs_submitted": list(self.jobs_submitted),
                 "jobs_installed": list(self.jobs_installed),
+                "submit_s": list(self.submit_s),
+                "install_s": list(self.install_s),
             },
             "installed_staleness": list(self.staleness),
             "staleness_histogram": dict(sorted(Counter(self.staleness).items())),
@@ -102,6 +118,8 @@ class StepTimeline:
                 "steps": len(self.step_s),
                 "step_s": summarize(self.step_s),
                 "stall_s": summarize(self.stall_s),
+                "submit_s": summarize(self.submit_s),
+                "install_s": summarize(self.install_s),
                 "stalled_steps": sum(1 for s in self.stall_s if s > 0.0),
                 "max_staleness": max(self.staleness) if self.staleness else 0,
             },
