@@ -672,8 +672,9 @@ class RefreshPipeline:
         ``job_latency_s``, ``failures`` (last messages), ``refresh``/``staleness``/``install``/``offset``,
         ``pending_batches``. ``timeline`` has one entry per step (``step_s``, ``stall_s``, ``submit_s``: time
         spent snapshotting and submitting, ``install_s``: time spent installing without the stalls,
-        ``jobs_submitted``, ``jobs_installed``), ``installed_staleness`` one per installed batch (install step minus the step the
-        synchronous algorithm uses it), ``summary`` the percentiles, ``scheduler`` the worker pool's stats
+        ``jobs_submitted``, ``jobs_installed``), ``installed_staleness`` one per installed batch (install step
+        minus the step the synchronous algorithm uses it), ``summary`` the percentiles, ``scheduler`` the worker
+        pool's stats
         (``worker_busy_s`` per worker, ...).
         """
         out: dict[str, Any] = self.counters()
