@@ -674,8 +674,7 @@ class RefreshPipeline:
         spent snapshotting and submitting, ``install_s``: time spent installing without the stalls,
         ``jobs_submitted``, ``jobs_installed``), ``installed_staleness`` one per installed batch (install step
         minus the step the synchronous algorithm uses it), ``summary`` the percentiles, ``scheduler`` the worker
-        pool's stats
-        (``worker_busy_s`` per worker, ...).
+        pool's stats (``worker_busy_s`` per worker, ...).
         """
         out: dict[str, Any] = self.counters()
         out["refresh"] = self.config.refresh
