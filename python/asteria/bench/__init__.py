@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pin", action="store_true",
                    help="pin the training thread to the first CPU of this process and the refresh workers to the "
                         "others (RuntimeConfig.worker_cpus), so that neither migrates onto the other's core")
+    p.add_argument("--no-parallel-install", dest="parallel_install", action="store_false",
+                   help="install every refresh batch on the training thread (RuntimeConfig.parallel_install=False), "
+                        "to compare the 'install' column with the default")
     p.add_argument("--out", default="bench-overhead", help="folder for overhead.json and the PNG (default: %(default)s)")
     p = sub.add_parser("transfer", help="host<->device copy bandwidth: runtime leases vs torch pinned memory (CUDA)")
     p.add_argument("--sizes", default="4,16,64,256", help="comma-separated MiB (default: %(default)s)")

@@ -70,7 +70,8 @@ def _no_refresh(cls: type) -> type:
 
 
 def _build(name: str, mode: str, model: torch.nn.Module, freq: int, staleness: int = 5,
-           lr: float | None = None, worker_cpus: tuple[int, ...] | None = None) -> torch.optim.Optimizer:
+           lr: float | None = None, worker_cpus: tuple[int, ...] | None = None,
+           parallel_install: bool = True) -> torch.optim.Optimizer:
     import asteria
 
     if name == "adamw":
@@ -83,13 +84,15 @@ def _build(name: str, mode: str, model: torch.nn.Module, freq: int, staleness: i
     route = "gpu" if where == "gpu" else "host"
     if refresh == "floor":
         cls = _no_refresh(cls)
-        runtime = asteria.RuntimeConfig(refresh="sync", refresh_device=route, worker_cpus=worker_cpus)
+        runtime = asteria.RuntimeConfig(refresh="sync", refresh_device=route, worker_cpus=worker_cpus,
+                                        parallel_install=parallel_install)
     elif refresh == "sync":
-        runtime = asteria.RuntimeConfig(refresh="sync", refresh_device=route, worker_cpus=worker_cpus)
+        runtime = asteria.RuntimeConfig(refresh="sync", refresh_device=route, worker_cpus=worker_cpus,
+                                        parallel_install=parallel_install)
     else:
         runtime = asteria.RuntimeConfig(refresh="async", staleness=staleness, refresh_device=route,
                                         install="eager" if refresh == "eager" else "deterministic",
-                                        worker_cpus=worker_cpus)
+                                        worker_cpus=worker_cpus, parallel_install=parallel_install)
     lr = lr or (1e-4 if name.startswith("kl") else 1e-3)
     return cls(model.parameters(), lr=lr, runtime=runtime, **kw)
 
@@ -114,7 +117,7 @@ class _Run:
         self.cfg = ModelConfig(n_layer=args.layers, n_head=4, d_model=args.d_model, context=args.context)
         self.model = GPT(self.cfg).to(self.device)
         self.opt = _build(name, mode, self.model, args.frequency, getattr(args, "staleness", 5), getattr(args, "lr", None),
-                          getattr(args, "worker_cpus", None))
+                          getattr(args, "worker_cpus", None), getattr(args, "parallel_install", True))
         self.gen = torch.Generator().manual_seed(seed)
         self.corpus = _corpus() if getattr(args, "data", "random") == "corpus" else None
         self.times: list[float] = []
@@ -251,7 +254,8 @@ def run(args: Any) -> dict[str, Any]:
           f"batch {args.batch} on {where}; {args.steps} steps (first {args.warmup} excluded), refresh every "
           f"{args.frequency}, staleness {getattr(args, 'staleness', 5)}; torch threads {torch.get_num_threads()}, "
           f"refresh workers {workers} (cores {len(os.sched_getaffinity(0)) + len(getattr(args, 'worker_cpus', None) or ())})"
-          f"{pinned}; {args.repeats} rounds (seeds), configurations in lockstep by refresh period")
+          f"{pinned}; {args.repeats} rounds (seeds), configurations in lockstep by refresh period"
+          f"{'' if getattr(args, 'parallel_install', True) else '; parallel installs off'}")
     if getattr(args, "staleness", 5) + 1 >= args.frequency:
         print(f"  note: staleness + 1 >= frequency: a refresh may still run while another configuration trains, "
               "which flatters the async modes")

@@ -841,10 +841,10 @@ class BlockOptimizer(torch.optim.Optimizer):
         """The installer of the refresh batch described by ``tag`` (see `_install_batch`)."""
         return _WeakInstaller(self, tag)
 
-    #: Whether a step's installs gain from a second thread (``RuntimeConfig.parallel_install``). Measured side by
-    #: side on the benchmark GPT: SOAP's rotations of the first moment gain most, Shampoo's root installs a little;
-    #: KL-Shampoo's installs, which only copy the new bases, are faster on the training thread alone (handing them
-    #: over costs more than the copies).
+    #: Whether a step's installs gain from a second thread (``RuntimeConfig.parallel_install``). On the benchmark
+    #: GPT (BENCHMARKS.md, ``asteria-bench overhead --no-parallel-install``) SOAP's rotations of the first moment
+    #: gain most and Shampoo's root installs a little; KL-Shampoo's installs, which only copy the new bases, were
+    #: faster on the training thread alone (handing them over cost more than the copies).
     _parallel_install_pays = True
 
     def _installs_thread_safe(self) -> bool:
