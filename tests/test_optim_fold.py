@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -17,7 +19,8 @@ def _model() -> torch.nn.Module:
 
 def _train(cls, fold: str, *, steps: int = 10, refresh: str = "async", staleness: int | None = 1, probe=None):
     model = _model()
-    rt = asteria.RuntimeConfig(refresh=refresh, staleness=staleness if refresh == "async" else None, fold_statistics=fold)
+    rt = asteria.RuntimeConfig(refresh=refresh, staleness=staleness if refresh == "async" else None, fold_statistics=fold,
+                               worker_cpus=[max(os.sched_getaffinity(0))])  # (so an install helper exists)
     opt = cls(model.parameters(), lr=1e-2, precondition_frequency=3, runtime=rt)
     gen = torch.Generator().manual_seed(1)
     try:
@@ -36,12 +39,15 @@ def _train(cls, fold: str, *, steps: int = 10, refresh: str = "async", staleness
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("refresh", ["sync", "async"])
 def test_backward_fold_is_bit_identical_to_step_fold(cls, refresh):
-    folded = []
-    ref = _train(cls, "step", refresh=refresh)
-    got = _train(cls, "backward", refresh=refresh, probe=lambda opt: folded.append(len(opt._folded)))
+    folded, overlapped = [], []
+    ref = _train(cls, "step", refresh=refresh, probe=lambda opt: overlapped.append(opt.runtime.counters()["overlapped_installs"]))
+    got = _train(cls, "backward", refresh=refresh, probe=lambda opt: folded.append(
+        (len(opt._folded), opt.runtime.counters()["overlapped_installs"])))
     assert all(torch.equal(a, b) for a, b in zip(ref, got))
     # the first step folds in step() (it creates the state); every later step folded every block in the hooks
-    assert folded[0] == 0 and min(folded[1:]) > 0
+    assert folded[0][0] == 0 and min(n for n, _ in folded[1:]) > 0
+    # hooks that read the state: no install may run on the helper thread during backward
+    assert folded[-1][1] == 0 and (overlapped[-1] > 0) == (cls is not asteria.Shampoo)
 
 
 def test_gradient_changed_after_backward_is_refused():

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -27,6 +28,7 @@ from asteria import _core
 from asteria.optim import KLSOAP, SOAP, KLShampoo, Shampoo
 from asteria.optim.shampoo import is_refresh_step
 from asteria.runtime import RefreshFailureWarning, RefreshPipeline, Runtime, RuntimeConfig, accepted_refresh_step
+from asteria.runtime.tiers import StepFailedError
 from helpers import assert_same_bits, stop
 from oracles import KLOracle, ShampooOracle, SOAPOracle, gradient_sequence
 
@@ -549,25 +551,112 @@ def test_cancelled_jobs_leave_nothing_behind():
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
 def test_parallel_installs_change_nothing(name):
-    """Several batches due at one step are split between the training thread and the helper: the parameters, the
-    install schedule and every state tensor are the same bits as with every install on the training thread.
-    KL-Shampoo's installs (copies only) stay on the training thread, so its run is the one-thread run."""
+    """With the helper thread, the parameters, the install schedule and every state tensor are the same bits as
+    with every install on the training thread. SOAP, KL-Shampoo and KL-SOAP install at the end of a step for the
+    next one: those installs run on the helper while the next gradients are computed (``overlapped_installs``).
+    Shampoo's are used in the step that installs them: a round of several batches is split between the two
+    threads (``parallel_installs``)."""
     cpu = max(os.sched_getaffinity(0))
 
     def train(parallel):
         cfg = RuntimeConfig(staleness=2, worker_cpus=[cpu], parallel_install=parallel)
         opt, params, versions = run(name, cfg, steps=14)
         state = opt.state_dict()["state"]
-        helped = opt.runtime.stats()["parallel_installs"]
+        stats = opt.runtime.stats()
         opt.close()
-        return params, versions, state, helped
+        return params, versions, state, (stats["parallel_installs"], stats["overlapped_installs"])
 
     a, va, sa, helped = train(True)
     b, vb, sb, none = train(False)
-    assert (helped > 0 if name != "KLShampoo" else helped == 0) and none == 0
+    assert helped == ((helped[0], 0) if name == "Shampoo" else (0, helped[1])) and max(helped) > 0
+    assert none == (0, 0)
     assert va == vb
     assert_same(a, b)
     assert_same_bits(sa, sb)
+
+
+def _slowed(opt, seconds, fail=False):
+    """Makes every install of ``opt`` take ``seconds`` longer (and raise when ``fail``); returns the log of the
+    threads that ran them."""
+    original, ran = opt._install_batch, []
+
+    def install(tag, results):
+        time.sleep(seconds)
+        ran.append(threading.current_thread().name)
+        if fail:
+            raise RuntimeError("install broke")
+        original(tag, results)
+
+    opt._install_batch = install
+    return ran
+
+
+def _soap_run(parallel, steps=9, seconds=0.0):
+    """SOAP (o = 1) with S = 1 on the fixed gradients of `run`, installs slowed by ``seconds``; per step: how long
+    step() took, whether installs were still running when it returned, and the basis version read afterwards."""
+    cfg = RuntimeConfig(staleness=1, worker_cpus=[max(os.sched_getaffinity(0))], parallel_install=parallel)
+    shapes = shapes_for("SOAP")
+    rng = np.random.default_rng(0)
+    params = [torch.nn.Parameter(torch.tensor(rng.standard_normal(s), dtype=F64)) for s in shapes]
+    grads = [gradient_sequence(s, steps, seed=10 + i) for i, s in enumerate(shapes)]
+    opt = build("SOAP", params, cfg, state_dtype=F64)
+    ran = _slowed(opt, seconds)
+    log = []
+    for t in range(steps):
+        for p, g in zip(params, grads):
+            p.grad = torch.tensor(g[t], dtype=F64)
+        start = time.perf_counter()
+        opt.step()
+        took, running = time.perf_counter() - start, opt.runtime.installs_running
+        log.append((took, running, int(opt.state[params[0]]["blocks"][0]["basis_version"])))  # waits
+        assert not opt.runtime.installs_running
+    return opt, params, log, ran
+
+
+def test_installs_for_the_next_step_overlap_the_next_gradients_and_reads_wait_for_them():
+    """SOAP's installs at the end of a step run on the helper thread: step() returns before they finish, and
+    reading ``opt.state`` (or ``state_dict()``) waits for them, so what it shows and what training computes are
+    the same bits as with every install on the training thread."""
+    opt, params, log, ran = _soap_run(True, seconds=0.25)
+    ref, ref_params, ref_log, ref_ran = _soap_run(False)
+    installing = [t for t, (_, running, _) in enumerate(log) if running]
+    assert installing == [t for t, (_, _, v) in enumerate(ref_log) if t == 0 or v != ref_log[t - 1][2]]
+    assert len(installing) >= 3 and all(log[t][0] < 0.25 for t in installing)  # returned before the install ended
+    assert set(ran) == {n for n in ran if n.startswith("asteria-install")} and ran
+    assert all(n == "MainThread" for n in ref_ran)
+    assert [v for _, _, v in log] == [v for _, _, v in ref_log]
+    assert_same(params, ref_params)
+    state = opt.state_dict()
+    assert_same_bits(ref.state_dict()["state"], state["state"])
+    assert opt.runtime.stats()["overlapped_installs"] > 0 and ref.runtime.stats()["overlapped_installs"] == 0
+    opt.close()
+    ref.close()
+
+
+def test_a_failed_overlapped_install_fails_the_optimizer_until_a_checkpoint_is_loaded():
+    """An installer that raises on the helper thread is raised by the next call that waits for it (here
+    ``step()``); the optimizer then refuses to step or save, like after any step interrupted half-way, and
+    loading a checkpoint makes it usable again."""
+    opt, params, _, _ = _soap_run(True, steps=2)
+    saved = opt.state_dict()
+    _slowed(opt, 0.0, fail=True)
+    grads = [torch.ones_like(p) for p in params]
+    with pytest.raises(RuntimeError, match="install broke"):
+        for _ in range(12):  # the next install point (o + S = 2 steps after a refresh step) raises one step later
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    assert opt.runtime.stats()["overlapped_installs"] >= 1
+    with pytest.raises(StepFailedError, match="installing refresh results failed"):
+        opt.step()
+    with pytest.raises(StepFailedError):
+        opt.state_dict()
+    opt.load_state_dict(saved)
+    del opt._install_batch  # the optimizer's own installer again
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+    opt.close()
 
 
 def _pending(seq, blocks, install=None, safe=True):

@@ -25,7 +25,7 @@ import torch
 from asteria.optim import state_dict as _sd
 from asteria.optim import tensor_ops as ops
 from asteria.optim.blocking import BlockSpec, ParamLayout, can_view
-from asteria.optim.results import to_device
+from asteria.optim.results import outputs_checked, to_device
 from asteria.runtime import distributed as _dist
 from asteria.runtime.config import RuntimeConfig
 from asteria.runtime import tiers as _tiers
@@ -256,6 +256,12 @@ class _WeakInstaller:
         opt = self._ref()
         return opt is not None and opt._installs_thread_safe()
 
+    def overlap_safe(self, results: Sequence[Any]) -> bool:
+        """Whether this batch may be installed on the helper thread while training computes the next step
+        (`RefreshPipeline.install_due` with ``overlap``): `parallel_safe`, and every job succeeded with outputs
+        checked where they were computed, so the install cannot warn, count a failure or raise one."""
+        return self.parallel_safe and all(r is not None and r.ok and outputs_checked(r) for r in results)
+
     @property
     def parallel_pays(self) -> bool:
         """Whether this batch's install gains from a second thread (see `BlockOptimizer._parallel_install_pays`)."""
@@ -377,6 +383,23 @@ class BlockOptimizer(torch.optim.Optimizer):
                     self._hook_handles.append(p.register_post_accumulate_grad_hook(hook))
 
     # -- torch.optim plumbing -----------------------------------------------------------------------
+    @property  # type: ignore[override]
+    def state(self) -> defaultdict[Any, dict[str, Any]]:
+        """Per-parameter state, torch.optim's layout (views of the bucket storage; see the module docstring).
+
+        Reading it waits for the previous step's installs if they still run on the helper thread
+        (``RuntimeConfig.parallel_install``), so it always shows the state ``step()`` left.
+        """
+        pipeline = self.__dict__.get("runtime")
+        # (not inside step(): its last part only touches the per-parameter counters, which installs never write)
+        if pipeline is not None and pipeline.installs_running and not self.__dict__.get("_stepping", False):
+            self._finish_installs()
+        return self.__dict__["state"]
+
+    @state.setter
+    def state(self, value: defaultdict[Any, dict[str, Any]]) -> None:
+        self.__dict__["state"] = value
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a param group (torch.optim semantics), refusing a tensor passed twice.
 
@@ -385,6 +408,8 @@ class BlockOptimizer(torch.optim.Optimizer):
             TypeError: If a parameter is not a floating-point local tensor (`check_param`).
         """
         self._check_unique_params(param_group)
+        if getattr(self, "_buckets", None) is not None:  # installs on the helper thread locate blocks in the buckets
+            self._finish_installs()
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         gi = len(self.param_groups) - 1
@@ -466,6 +491,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_refresh_failure_total", 0)
         self.__dict__.setdefault("_failed_step", None)
         self.__dict__.setdefault("_state_touched", False)
+        self.__dict__.setdefault("_stepping", False)
 
     @staticmethod
     def _param_name(group: dict[str, Any], gi: int, pi: int) -> str:
@@ -568,7 +594,9 @@ class BlockOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self.runtime.begin_step()
         self._state_touched = False
+        self._stepping = True
         try:
+            self._finish_installs()  # the previous step's, if they still run on the helper thread
             buckets = self._ensure_buckets()
             if self._dist is not None:
                 self._dist.before_step(self)
@@ -588,9 +616,27 @@ class BlockOptimizer(torch.optim.Optimizer):
                 )
             raise
         finally:
+            self._stepping = False
             self._folded.clear()
             self.runtime.end_step()
         return loss
+
+    def _finish_installs(self) -> None:
+        """Waits for the installs of the previous step still running on the helper thread (`RefreshPipeline.install_due`
+        with ``overlap``). An install that raised there fails the optimizer like an error inside a step: its state
+        no longer matches the install schedule (see `step`)."""
+        if not self.runtime.installs_running:
+            return
+        try:
+            self.runtime.finish_installs()
+        except BaseException as exc:
+            if not self.runtime.installs_running:  # the install failed (not the wait, e.g. a KeyboardInterrupt)
+                self._failed_step = (
+                    f"{type(self).__name__}: installing refresh results failed ({type(exc).__name__}: {exc}); the "
+                    "optimizer state no longer matches the install schedule, so step() and state_dict() refuse to "
+                    "continue. Reload the last checkpoint: model.load_state_dict(...) and optimizer.load_state_dict(...)"
+                )
+            raise
 
     # -- fold_statistics="backward" ----------------------------------------------------------------------------
     def _fold_in_backward(self, param: torch.Tensor) -> None:
@@ -915,6 +961,7 @@ class BlockOptimizer(torch.optim.Optimizer):
 
         Per parameter: the scalar state (``step``, ...) and ``"blocks"``, one dict of tensors per block.
         """
+        self._finish_installs()
         if self._failed_step is not None:
             raise StepFailedError(self._failed_step)
         self._ensure_buckets()
@@ -938,6 +985,11 @@ class BlockOptimizer(torch.optim.Optimizer):
             ValueError: If the checkpoint does not match this optimizer (type, groups, shapes, keys).
         """
         _dist.check_loadable(self, state_dict)
+        if self.runtime.installs_running:  # finished (not cancelled) before the state is replaced; a failure is
+            try:  # superseded by the load
+                self.runtime.finish_installs()
+            except Exception:  # noqa: BLE001 - the state it left is being replaced
+                pass
         new_state = _sd.convert_for_load(self, state_dict)
         if self._tiers is not None:  # the current state out of the tiers, so a failed load can roll back to it
             self._detach_tiers()

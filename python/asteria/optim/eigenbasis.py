@@ -181,7 +181,9 @@ class EigenbasisOptimizer(BlockOptimizer):
             t = step + 1
             boundary = max(boundary, t + 1)
             self._update_rows(bucket, rows, t, group)
-        self.runtime.install_due(boundary)
+        # the results are used from the next step on: their installs may overlap the next forward and backward,
+        # unless backward reads the state (statistics folded in hooks)
+        self.runtime.install_due(boundary, overlap=not self._fold_backward)
 
     def _submit_initial_bases(self, bucket: Bucket, rows: _Rows, group: dict[str, Any]) -> None:
         jobs = []

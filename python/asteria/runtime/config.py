@@ -53,15 +53,17 @@ class RuntimeConfig:
             the two never share or trade cores. None (the default): the workers inherit the affinity of
             the thread that starts them and the operating system places them. A CPU this process may not
             use is refused when the workers start.
-        parallel_install: When several refresh batches are due at the same step (a refresh round installs
-            one batch per bucket), run them on two threads: the training thread and one helper on the
-            workers' CPUs (``worker_cpus``, else a CPU training leaves free), which are idle at that point.
-            Used only in single-process runs, for optimizer state in CPU memory without budgets, only
-            when such a CPU exists, and only for optimizers whose installs gain from it (SOAP, KL-SOAP and
-            Shampoo; KL-Shampoo's installs only copy bases, which is faster on one thread);
-            batches sharing a block stay on one thread, in order. Each batch computes exactly what it would
-            on the training thread, so the numbers are the same bits. Default True; False installs every
-            batch on the training thread.
+        parallel_install: Run installs on a helper thread on the workers' CPUs (``worker_cpus``, else a CPU
+            training leaves free), which are idle at that point. SOAP, KL-Shampoo and KL-SOAP install at the end
+            of a step for the next one: those installs run on the helper while the training loop computes the
+            next forward and backward passes, and the next ``step()`` (or reading ``optimizer.state``,
+            ``state_dict()``, ...) waits for them; not with ``fold_statistics="backward"``, whose hooks read the
+            state. Shampoo uses its new roots in the step that installs them: when several of its batches are due
+            at one step, they are split between the training thread and the helper (batches sharing a block stay
+            on one thread, in order). Used only in single-process runs, for optimizer state in CPU memory without
+            budgets, and only when such a CPU exists. Each batch computes exactly what it would on the training
+            thread, so the numbers are the same bits. Default True; False installs every batch on the training
+            thread inside ``step()``.
         hooks: Register a ``post_accumulate_grad`` hook per parameter; the first of each backward collects
             finished refresh jobs, and with memory tiers the hooks start reading the first NVMe-tier buckets
             of the coming step while backward still runs (work that cannot change the numbers). Default True.

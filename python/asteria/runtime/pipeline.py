@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -48,7 +49,7 @@ from asteria.runtime.config import DEFAULT_RUNTIME_CONFIG, RuntimeConfig
 from asteria.runtime.gpu import route_for
 from asteria.runtime.shadow import Snapshot, snapshot_on_device, snapshot_to_host
 from asteria.runtime.telemetry import StepTimeline
-from asteria.runtime.workers import Runtime
+from asteria.runtime.workers import INSTALL_THREAD_NAME, Runtime
 
 __all__ = [
     "JOB_KINDS",
@@ -170,6 +171,12 @@ def _run_installs(work: Sequence[tuple[_Pending, list[Any]]], started: set[int])
         pending.install(results)
 
 
+def _overlap_safe(pending: _Pending, results: Sequence[Any]) -> bool:
+    """Whether a due batch may be installed on the helper thread while training goes on (`install_due`)."""
+    check = getattr(pending.install, "overlap_safe", None)
+    return bool(check is not None and check(results))
+
+
 def _install_cost(results: Sequence[Any]) -> int:
     """A batch's install work: n³ summed over its results (n: the size of each result's matrix), at least 1."""
     total = 0
@@ -259,6 +266,9 @@ class RefreshPipeline:
         self._closed = False
         self._stats_sources: dict[str, Callable[[], Any]] = {}
         self._unsettled: list[Snapshot] = []  # deferred snapshot copies not known to be made (see `settle`)
+        # installs running on the helper thread while the training loop computes the next step (`install_due`
+        # with ``overlap``): (future, the batches in order, the ids of those started)
+        self._overlap: tuple[Any, list[tuple[_Pending, list[Any]]], set[int]] | None = None
         self.timeline = StepTimeline()
         self._failures: list[str] = []
         self._counters = {
@@ -267,6 +277,7 @@ class RefreshPipeline:
             "jobs_failed": 0,
             "batches_installed": 0,
             "parallel_installs": 0,
+            "overlapped_installs": 0,
             "snapshot_copies_deferred": 0,
             "snapshot_copies_inline": 0,
             "stalls": 0,
@@ -387,6 +398,7 @@ class RefreshPipeline:
         stream for CUDA tensors). Device route: a device clone. The returned `Snapshot` has, per tensor, the
         per-matrix views to put in `RefreshJob.a`/``q``, and the copy's event for `RefreshJob.ready`.
         """
+        self.finish_installs()  # the tensors may be the ones an install is writing
         start = time.perf_counter()
         try:
             return self._snapshot(tensors, route)
@@ -425,7 +437,7 @@ class RefreshPipeline:
     def _ready(self, p: _Pending) -> bool:
         return p.results is not None or all(j is None or self._runtime.is_done(j) for j in p.job_ids)
 
-    def install_due(self, step: int) -> int:
+    def install_due(self, step: int, *, overlap: bool = False) -> int:
         """Installs the batches the install rule says are due at the step boundary ``step``.
 
         Deterministic: every batch whose deadline is ``<= step`` (waiting for late ones: a stall). Eager:
@@ -433,10 +445,18 @@ class RefreshPipeline:
 
         Args:
             step: The step about to use the results.
+            overlap: The caller reads nothing the installs write until its next step (SOAP, KL-Shampoo and KL-SOAP
+                install at the end of a step for the next one). The installs may then run on the helper thread
+                (``RuntimeConfig.parallel_install``) while the training loop computes the next forward and backward
+                passes; `finish_installs` waits for them, and everything here that reads or replaces the state
+                calls it first. Only for batches whose installers are ``overlap_safe``: thread-safe, with every
+                job successful and checked where it ran, so installing them cannot warn or raise a refresh
+                failure.
 
         Returns:
-            The number of batches installed.
+            The number of batches installed (or being installed on the helper thread).
         """
+        self.finish_installs()
         if not self._pending:
             return 0
         eager = self.config.install == "eager" and not self.distributed
@@ -447,18 +467,25 @@ class RefreshPipeline:
             return 0
         start, waited = time.perf_counter(), self._counters["wait_s"]
         try:
-            return self._install(due, step)
+            return self._install(due, step, overlap)
         finally:  # the training thread's install time, without the wait for late results (the stalls)
             self.timeline.add_install_time(time.perf_counter() - start - (self._counters["wait_s"] - waited))
 
-    def _install(self, due: list[_Pending], step: int) -> int:
+    def _install(self, due: list[_Pending], step: int, overlap: bool = False) -> int:
         self.settle()  # installs write the state that deferred snapshots may still read
         due.sort(key=lambda p: (p.deadline, p.seq))
         gathered = self._gather_round(due, step)
         work = list(zip(due, gathered))
         # not in distributed runs: the other ranks on this machine may be using the CPUs a helper would take
-        helper = self._runtime.install_helper() if len(work) > 1 and not self.distributed else None
-        groups = _split_installs(work) if helper is not None else None
+        helper = self._runtime.install_helper() if (overlap or len(work) > 1) and not self.distributed else None
+        if overlap and helper is not None and all(_overlap_safe(p, results) for p, results in work):
+            for pending, results in work:  # accounted now: they are this step's installs
+                self._account(pending, results, step)
+            started: set[int] = set()
+            self._overlap = (helper.submit(_run_installs, work, started), work, started)
+            self._counters["overlapped_installs"] += len(work)
+            return len(due)
+        groups = _split_installs(work) if helper is not None and len(work) > 1 else None
         if groups is None:
             for pending, results in work:  # one by one: an installer that raises leaves the later ones pending
                 self._account(pending, results, step)
@@ -466,6 +493,31 @@ class RefreshPipeline:
             return len(due)
         self._install_parallel(helper, work, *groups, step=step)
         return len(due)
+
+    @property
+    def installs_running(self) -> bool:
+        """Whether installs started by `install_due` with ``overlap`` may still be running on the helper thread."""
+        return self._overlap is not None
+
+    def finish_installs(self) -> None:
+        """Waits for the installs running on the helper thread (see `install_due`); no-op when there are none.
+
+        The wait counts as install time of the current step. An installer that raised is raised here; the batches
+        it did not start are pending again (they are due: the next install point installs them).
+        """
+        if self._overlap is None or threading.current_thread().name.startswith(INSTALL_THREAD_NAME):
+            return  # (an installer never waits for itself)
+        future, work, started = self._overlap
+        start = time.perf_counter()
+        error = future.exception()  # interrupted (KeyboardInterrupt): still running, waited for by the next call
+        self._overlap = None
+        self.timeline.add_install_time(time.perf_counter() - start)
+        if error is not None:
+            unstarted = [p for p, _ in work if id(p) not in started]
+            self._pending = sorted(self._pending + unstarted, key=lambda p: p.seq)
+            self._counters["batches_installed"] -= len(unstarted)
+            self._counters["overlapped_installs"] -= len(unstarted)
+            raise error
 
     def _account(self, pending: _Pending, results: list[Any], step: int) -> None:
         """Removes a due batch from the pending ones and records its results (counters, timeline, failures)."""
@@ -555,6 +607,7 @@ class RefreshPipeline:
         The batches stay pending: they are still installed at their deadlines. Result arrays become CPU
         tensors so the list can go through ``torch.save``.
         """
+        self.finish_installs()
         self.settle()
         out = []
         for p in self._pending:
@@ -621,6 +674,7 @@ class RefreshPipeline:
 
     def discard_pending(self) -> None:
         """Cancels and forgets every pending batch (their results are never installed)."""
+        self.finish_installs()  # (installs running on the helper thread are finished, not cancelled)
         self.settle()  # no worker may read the sources once the snapshots are dropped
         for p in self._pending:
             if p.results is None and not self._runtime.closed:
@@ -667,7 +721,9 @@ class RefreshPipeline:
         """Returns counters, the per-step timeline with summaries, staleness and the scheduler's stats.
 
         Top level: ``jobs_submitted``, ``jobs_ok``, ``jobs_failed``, ``batches_installed``, ``parallel_installs``
-        (batches installed by the helper thread, see ``RuntimeConfig.parallel_install``), ``stalls`` (installs
+        (batches installed by the helper thread next to the training thread's, see
+        ``RuntimeConfig.parallel_install``), ``overlapped_installs`` (batches installed by the helper thread while
+        training computed the next step), ``stalls`` (installs
         that had to wait), ``wait_s`` (total time the training thread waited for refresh results),
         ``job_latency_s``, ``failures`` (last messages), ``refresh``/``staleness``/``install``/``offset``,
         ``pending_batches``. ``timeline`` has one entry per step (``step_s``, ``stall_s``, ``submit_s``: time

@@ -26,6 +26,9 @@ from typing import Any
 
 from asteria.runtime.config import DEFAULT_RUNTIME_CONFIG, RuntimeConfig, free_cores
 
+INSTALL_THREAD_NAME = "asteria-install"
+"""Name prefix of the install helper thread (`Runtime.install_helper`)."""
+
 __all__ = ["Runtime"]
 
 _LIVE: weakref.WeakSet[Runtime] = weakref.WeakSet()
@@ -120,7 +123,7 @@ class Runtime:
             from concurrent.futures import ThreadPoolExecutor
 
             self._install_helper = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="asteria-install", initializer=_init_install_thread, initargs=(cpus,)
+                max_workers=1, thread_name_prefix=INSTALL_THREAD_NAME, initializer=_init_install_thread, initargs=(cpus,)
             )
         return self._install_helper
 
@@ -315,7 +318,7 @@ class Runtime:
         self._done.clear()
         try:
             if helper is not None:
-                helper.shutdown(wait=True)  # idle between steps: joins at once
+                helper.shutdown(wait=True)  # finishes the installs it runs (pipelines wait for them anyway)
             if sched is not None:
                 sched.close()  # joins the workers: no job waits on an event after this
         finally:
