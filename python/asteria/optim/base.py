@@ -584,7 +584,9 @@ class BlockOptimizer(torch.optim.Optimizer):
                 had updated some parameters or optimizer state but not all: parameters and state no longer match. ``state_dict()``
                 raises too, so no inconsistent checkpoint is written; ``load_state_dict`` of the last checkpoint
                 (with the model's) makes the optimizer usable again. An exception before any parameter was
-                updated leaves everything as it was, and the step may be repeated.
+                updated leaves everything as it was, and the step may be repeated. The same holds after installs
+                left running on the helper thread (``RuntimeConfig.parallel_install``) failed: their error is
+                raised by the call that waits for them, and StepFailedError afterwards.
         """
         if self._failed_step is not None:  # checked before the closure: a refused step runs no forward/backward
             raise StepFailedError(self._failed_step)
