@@ -667,6 +667,29 @@ def _pending(seq, blocks, install=None, safe=True):
     return _Pending(seq=seq, job_ids=[], install=fn, version=0, deadline=0, tag={"blocks": blocks})
 
 
+def test_a_failed_overlapped_round_leaves_the_batches_it_did_not_start_pending():
+    """As on one thread: the error is raised by the wait, the batches after the failed one are pending again (in
+    submission order) and only the started ones count as installed."""
+    pipe = RefreshPipeline(RuntimeConfig(worker_cpus=[max(os.sched_getaffinity(0))]), offset=1)
+    ran = []
+
+    def bad(results):
+        raise RuntimeError("install failed")
+
+    batches = [_pending(0, [(0, 0, 0)], lambda r: ran.append(0)), _pending(1, [(0, 1, 0)], bad),
+               _pending(2, [(0, 2, 0)], lambda r: ran.append(2))]
+    for p in batches:
+        p.install.overlap_safe = lambda results: True
+    pipe._pending.extend(batches)
+    assert pipe.install_due(0, overlap=True) == 3 and pipe.installs_running and pipe.pending() == 0
+    with pytest.raises(RuntimeError, match="install failed"):
+        pipe.finish_installs()
+    stats = pipe.stats()
+    assert ran == [0] and [p.seq for p in pipe._pending] == [2] and not pipe.installs_running
+    assert stats["batches_installed"] == 2 and stats["overlapped_installs"] == 2
+    pipe.close()
+
+
 def test_copy_only_installs_are_not_split():
     """A round whose installs only copy results (no installer says `parallel_pays`) stays on one thread."""
     from asteria.runtime.pipeline import _split_installs
