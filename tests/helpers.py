@@ -1,12 +1,15 @@
-"""Small pieces the test modules share: a probe for unnamed temporary files, stopping a subprocess without leaving
-it behind, and bit-exact comparison of nested state."""
+"""Small pieces the test modules share: a probe for unnamed temporary files, the signal dispositions of child
+processes, stopping a subprocess without leaving it behind, and bit-exact comparison of nested state."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import signal
 import subprocess
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -42,6 +45,28 @@ def has_o_tmpfile(directory: str | os.PathLike) -> bool:
     finally:
         os.close(dir_fd)
     return True
+
+
+@contextlib.contextmanager
+def default_signal_dispositions() -> Iterator[None]:
+    """SIGINT and SIGTERM at their default dispositions while the block runs, for this process and its children.
+
+    A test run started in the background by a non-interactive shell, under ``nohup`` or by some CI runners
+    inherits SIGINT ignored, and so does every child it starts: Python then installs no ``KeyboardInterrupt``
+    handler and a Ctrl-C test's signal does nothing. Inside this block SIGINT raises ``KeyboardInterrupt`` here,
+    SIGTERM ends the process, and children started here begin with both at their defaults (a caught signal is
+    reset to its default action by ``exec``; an ignored one would stay ignored). The previous dispositions are
+    restored on exit. Main thread only, as for `signal.signal`.
+    """
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if previous[signal.SIGTERM] == signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def stop(proc: subprocess.Popen, sig: int, timeout: float = 30.0) -> tuple[object, object, float]:

@@ -36,7 +36,7 @@ import pytest
 import torch
 
 import asteria
-from helpers import has_o_tmpfile
+from helpers import default_signal_dispositions, has_o_tmpfile
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "kill_worker.py"
@@ -53,8 +53,9 @@ class _Server:
     def __init__(self, log: Path) -> None:
         self.log = log
         self._err = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, str(WORKER), "--serve"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self._err, text=True)
+        with default_signal_dispositions():  # the server's children are aimed SIGINT and SIGTERM at
+            self.proc = subprocess.Popen([sys.executable, str(WORKER), "--serve"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=self._err, text=True)
         self.lines: queue.Queue[tuple[str, list[int]] | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -250,6 +251,7 @@ def _one_cycle(child: _Child, rng: random.Random, family: str, sig: int) -> tupl
                 deadline = time.monotonic() + rng.uniform(0.0, 0.25)  # inside the (slowed) write
 
 
+@pytest.mark.signals
 @pytest.mark.parametrize("sig,cycles", [(signal.SIGKILL, KILLS), (signal.SIGTERM, 4), (signal.SIGINT, 4)],
                          ids=["SIGKILL", "SIGTERM", "SIGINT"])
 def test_killed_at_random_points_never_loses_or_corrupts_state(tmp_path, server, references, sig, cycles):

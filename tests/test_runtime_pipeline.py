@@ -29,7 +29,7 @@ from asteria.optim import KLSOAP, SOAP, KLShampoo, Shampoo
 from asteria.optim.shampoo import is_refresh_step
 from asteria.runtime import RefreshFailureWarning, RefreshPipeline, Runtime, RuntimeConfig, accepted_refresh_step
 from asteria.runtime.tiers import StepFailedError
-from helpers import assert_same_bits, stop
+from helpers import assert_same_bits, default_signal_dispositions, stop
 from oracles import KLOracle, ShampooOracle, SOAPOracle, gradient_sequence
 
 F64 = torch.float64
@@ -487,6 +487,7 @@ def test_close_del_or_exception_mid_refresh_leave_no_thread_and_do_not_hang(how)
     assert _threads() <= base
 
 
+@pytest.mark.signals
 def test_sigint_mid_refresh_exits_promptly(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent("""
@@ -506,8 +507,9 @@ def test_sigint_mid_refresh_exits_promptly(tmp_path):
                 print("ready", flush=True)
             time.sleep(0.005)
     """))
-    with subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True) as proc:
+    with default_signal_dispositions():  # a Ctrl-C must raise KeyboardInterrupt in the child
+        proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with proc:
         try:
             assert proc.stdout.readline().strip() == "ready"
             time.sleep(0.2)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from asteria.train.cli import build_parser, main, plan_runs
-from helpers import stop
+from helpers import default_signal_dispositions, stop
 
 FAST = ["--steps", "6", "--batch-size", "2", "--context", "32", "--eval-every", "3",
         "--eval-batches", "1", "--corpus-bytes", "200000", "--warmup", "2", "--threads", "1",
@@ -165,7 +165,8 @@ def _start(tmp_path, *extra):
     report = tmp_path / "report"
     cmd = [sys.executable, "-m", "asteria.train", "--optimizer", "adamw", "--report", str(report),
            "--no-plots", *FAST, "--steps", "5000", "--eval-every", "0", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with default_signal_dispositions():  # the run must take the signals the tests send, however pytest was started
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc, report / "metrics.jsonl"
 
 
@@ -187,6 +188,7 @@ def _wait_for_steps(proc, metrics, n, timeout=60.0):
         raise
 
 
+@pytest.mark.signals
 def test_sigterm_stops_the_run_and_writes_the_checkpoint(tmp_path):
     """SIGTERM (a job scheduler's stop) is a first Ctrl-C: the run ends at the next step boundary,
     the --save checkpoint holds exactly the steps that ran, and the process exits 143 promptly."""
@@ -207,6 +209,31 @@ def test_sigterm_stops_the_run_and_writes_the_checkpoint(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
+@pytest.mark.signals
+def test_a_run_started_with_sigint_ignored_keeps_ignoring_it_and_stops_on_sigterm(tmp_path):
+    """A background job of a non-interactive shell (or ``nohup``) starts with SIGINT ignored: asteria-train leaves it
+    ignored, as Python does, and SIGTERM still stops the run at a step boundary."""
+    report = tmp_path / "report"
+    metrics = report / "metrics.jsonl"
+    cmd = [sys.executable, "-c", "import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+           "import os; os.execv(sys.executable, [sys.executable, '-m', 'asteria.train', *sys.argv[1:]])",
+           "--optimizer", "adamw", "--report", str(report), "--no-plots", *FAST, "--steps", "5000", "--eval-every", "0"]
+    with default_signal_dispositions():
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_steps(proc, metrics, 3)
+    try:
+        proc.send_signal(signal.SIGINT)
+        before = len(metrics.read_text().splitlines())
+        _wait_for_steps(proc, metrics, before + 3)  # still training
+    except BaseException:
+        stop(proc, signal.SIGKILL)
+        raise
+    _, err, took = stop(proc, signal.SIGTERM)
+    assert proc.returncode == 143, err
+    assert "Ctrl-C" not in err and "SIGTERM: stopping after this step" in err
+
+
+@pytest.mark.signals
 def test_a_second_sigterm_aborts_at_once_and_keeps_the_last_checkpoint(tmp_path):
     """The second SIGTERM is sent as soon as the first is acknowledged. Wherever it lands (the rest of
     the step, the final checkpoint write, the report), the process ends at once and the checkpoint on

@@ -13,7 +13,7 @@ from asteria.train.loop import (
     resolve_device,
     train,
 )
-from helpers import assert_same_bits
+from helpers import assert_same_bits, default_signal_dispositions
 
 SMALL = 200_000
 
@@ -240,6 +240,7 @@ def test_resume_is_bit_identical_async(corpus, tmp_path, micro):
                     precondition_frequency=2, model="micro")
 
 
+@pytest.mark.signals
 def test_ctrl_c_stops_at_a_step_boundary_and_resumes(corpus, tmp_path):
     import os
     import signal
@@ -250,10 +251,11 @@ def test_ctrl_c_stops_at_a_step_boundary_and_resumes(corpus, tmp_path):
 
     full = train(_cfg(), corpus, progress=False)
     path = tmp_path / "ckpt.pt"
-    first = train(_cfg(), corpus, progress=False, save=path, on_record=interrupt_at_step_3)
+    with default_signal_dispositions():  # as in an interactive shell, whatever disposition pytest inherited
+        first = train(_cfg(), corpus, progress=False, save=path, on_record=interrupt_at_step_3)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     assert first.status == "interrupted" and "after step 3" in first.message
     assert len(first.records) == 3 and first.checkpoint_path == str(path)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     ckpt = load_checkpoint(path)
     rest = train(config_for_resume(ckpt, {}), corpus, progress=False, checkpoint=ckpt)
     assert [r["loss"] for r in rest.records] == [r["loss"] for r in full.records]

@@ -321,7 +321,9 @@ class _GracefulStop:
     written by ``--save`` can be resumed. A second signal of either kind raises
     ``KeyboardInterrupt`` at once (``aborted`` is then true and no further checkpoint is
     written; one being written is abandoned and the previous file stays). Only active in
-    the main thread.
+    the main thread. A SIGINT the process was started with ignored (a background job of a
+    non-interactive shell, ``nohup``) stays ignored, as Python itself leaves it; SIGTERM still
+    stops the run.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -335,7 +337,10 @@ class _GracefulStop:
     def __enter__(self) -> "_GracefulStop":
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
-                self._previous[sig] = signal.getsignal(sig)
+                previous = signal.getsignal(sig)
+                if sig == signal.SIGINT and previous == signal.SIG_IGN:
+                    continue
+                self._previous[sig] = previous
                 signal.signal(sig, self._handle)
         return self
 
