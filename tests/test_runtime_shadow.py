@@ -162,39 +162,76 @@ def test_deferred_copy_needs_a_lease_destination():
         _core.DeferredCopy([(np.zeros((4, 4), np.float32), 0, 64)])
 
 
-def _train(opt, model, steps, seed=0, pause=0.0):
+def _train(opt, model, steps, seed=0):
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         opt.zero_grad()
         model(torch.randn(8, 32, generator=gen)).square().mean().backward()
         opt.step()
-        time.sleep(pause)
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.05])
-def test_async_refreshes_copy_their_snapshots_off_the_training_thread(delay):
-    """CPU statistics are snapshotted by deferred copies; a late worker leaves the copy to the next step, and the
-    numbers equal the synchronous algorithm's either way (staleness 0: bit-identical)."""
+def _klsoap_run(cfg, scheduler=None, *, between_steps=None, steps=9):
+    """KLSOAP on a small MLP; ``between_steps(opt)`` runs after every step. Returns (parameters, stats)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 24), torch.nn.Tanh(), torch.nn.Linear(24, 8))
+    rt = asteria.Runtime(cfg, scheduler=scheduler)
+    opt = asteria.KLSOAP(model.parameters(), lr=1e-2, precondition_frequency=3, runtime=rt)
+    gen = torch.Generator().manual_seed(0)
+    try:
+        for _ in range(steps):
+            opt.zero_grad()
+            model(torch.randn(8, 32, generator=gen)).square().mean().backward()
+            opt.step()
+            if between_steps is not None:
+                between_steps(opt)
+        stats = opt.runtime.stats()
+    finally:
+        opt.close()
+        rt.close()
+    return [p.detach().clone() for p in model.parameters()], stats
+
+
+def _wait_until_the_workers_are_idle(opt, timeout=60.0):
+    """Returns once every job submitted so far has completed (a job's snapshot copy is made before it starts)."""
+    sched = opt.runtime.scheduler
+    deadline = time.monotonic() + timeout
+    while (s := sched.stats())["completed"] < s["submitted"]:
+        assert time.monotonic() < deadline, f"the refresh workers did not finish in {timeout} s: {s}"
+        time.sleep(0.002)
+
+
+# KLSOAP in 9 calls with f = 3 (steps t = 1..8 after the first call): the first call snapshots each factor of the two
+# weights (4 snapshots, one job each: every bucket holds one block); the refreshes of t = 3 and t = 6 snapshot each
+# factor with its basis (8 snapshots, one job each). Biases use the AdamW fallback.
+FIRST_BASES, REFRESHES = 4, 8
+
+
+def test_batches_the_step_waits_for_are_copied_at_once_and_equal_the_synchronous_algorithm():
+    """Staleness 0 (sync, and async with S = 0): the step installs what it snapshotted, so nothing is left to the
+    worker (deferral would only make the training thread wait for the worker's copy), and the bits are the same."""
     results = {}
     for mode in ("sync", "async"):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(32, 24), torch.nn.Tanh(), torch.nn.Linear(24, 8))
-        cfg = asteria.RuntimeConfig(refresh=mode, staleness=0)
-        sched = _core.RefreshScheduler(workers=1, test_delay_s=delay) if mode == "async" else None
-        rt = asteria.Runtime(cfg, scheduler=sched)
-        opt = asteria.KLSOAP(model.parameters(), lr=1e-2, precondition_frequency=2, runtime=rt)
-        try:
-            _train(opt, model, 9, pause=0.0 if delay else 0.05)  # a prompt worker has time to copy between steps
-            stats = opt.runtime.stats()
-        finally:
-            opt.close()
-            rt.close()
-        results[mode] = [p.detach().clone() for p in model.parameters()]
-        if delay and mode == "async":
-            assert stats["snapshot_copies_inline"] > 0  # the slow worker had not started: the step copied
-        else:
-            assert stats["snapshot_copies_deferred"] > 0  # the worker copied, off the training thread
+        params, stats = _klsoap_run(asteria.RuntimeConfig(refresh=mode, staleness=0))
+        assert stats["jobs_submitted"] == FIRST_BASES + REFRESHES
+        assert stats["snapshot_copies_deferred"] == 0
+        assert stats["snapshot_copies_inline"] == FIRST_BASES + REFRESHES
+        results[mode] = params
     for a, b in zip(results["sync"], results["async"]):
+        assert torch.equal(a, b)
+
+
+def test_async_refreshes_copy_their_snapshots_off_the_training_thread():
+    """S > 0: a worker that is free makes the copy of each refresh snapshot before its job (the test waits for the
+    workers between steps, so they are); the training thread copies only the first bases, which the first step waits
+    for. Whoever copies, the numbers are the same: the run matches one whose every copy is made by the training thread
+    (memory tiers turn deferral off)."""
+    params, stats = _klsoap_run(asteria.RuntimeConfig(staleness=2), between_steps=_wait_until_the_workers_are_idle)
+    assert stats["jobs_submitted"] == FIRST_BASES + REFRESHES
+    assert stats["snapshot_copies_inline"] == FIRST_BASES
+    assert stats["snapshot_copies_deferred"] == REFRESHES
+    ref, ref_stats = _klsoap_run(asteria.RuntimeConfig(staleness=2, host_budget="64MiB"))
+    assert ref_stats["snapshot_copies_deferred"] == 0 and ref_stats["snapshot_copies_inline"] == FIRST_BASES + REFRESHES
+    for a, b in zip(ref, params):
         assert torch.equal(a, b)
 
 
@@ -208,4 +245,4 @@ def test_tiered_state_is_snapshotted_at_once(tmp_path):
     finally:
         opt.close()
     assert stats["jobs_submitted"] > 0
-    assert stats["snapshot_copies_deferred"] == stats["snapshot_copies_inline"] == 0
+    assert stats["snapshot_copies_deferred"] == 0 and stats["snapshot_copies_inline"] > 0  # copied at once

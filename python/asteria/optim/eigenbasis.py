@@ -189,7 +189,7 @@ class EigenbasisOptimizer(BlockOptimizer):
         jobs = []
         for i, d in enumerate(bucket.shape):
             x = rows.state[f"factor_{i}"]
-            snap = self.runtime.snapshot(x, route=self.runtime.route(d, x.device))
+            snap = self.runtime.snapshot(x, route=self.runtime.route(d, x.device), later=False)
             # the first basis is computed synchronously anyway: reading the traces here costs no overlap
             traces = torch.diagonal(x, dim1=-2, dim2=-1).sum(-1, dtype=torch.float64).tolist()
             for k, m in enumerate(rows.members):

@@ -391,32 +391,42 @@ class RefreshPipeline:
         function of the configuration, the device and n; see `asteria.runtime.gpu.route_for`)."""
         return route_for(self.config.refresh_device, self.config.gpu_refresh_min_dim, n, device, method)
 
-    def snapshot(self, *tensors: torch.Tensor, route: str = "host") -> Snapshot:
+    def snapshot(self, *tensors: torch.Tensor, route: str = "host", later: bool = True) -> Snapshot:
         """Freezes stacked ``(B, n, n)`` statistics (and bases) for refresh jobs.
 
         Host route: pinned leases of the runtime's shadow pool (a non-blocking device-to-host copy on a side
         stream for CUDA tensors). Device route: a device clone. The returned `Snapshot` has, per tensor, the
         per-matrix views to put in `RefreshJob.a`/``q``, and the copy's event for `RefreshJob.ready`.
+
+        Args:
+            tensors: The stacked statistics (and bases) to freeze.
+            route: ``"host"`` or ``"device"`` (`route`).
+            later: Whether the batch is installed at a later step than the one taking the snapshot (a refresh with
+                staleness S > 0), so that the training thread goes on meanwhile. Only then is the copy of CPU
+                statistics left to the refresh worker (a deferred copy); a batch the same step waits for (the
+                first bases, S = 0) is copied at once: the training thread would only wait for the worker's copy.
         """
         self.finish_installs()  # the tensors may be the ones an install is writing
         start = time.perf_counter()
         try:
-            return self._snapshot(tensors, route)
+            return self._snapshot(tensors, route, later and self.staleness > 0)
         finally:
             self.timeline.add_submit_time(time.perf_counter() - start)
 
-    def _snapshot(self, tensors: Sequence[torch.Tensor], route: str) -> Snapshot:
+    def _snapshot(self, tensors: Sequence[torch.Tensor], route: str, later: bool) -> Snapshot:
         if route == "device":
             return snapshot_on_device(tensors)
         on_cuda = bool(tensors) and tensors[0].is_cuda
         stream = self._runtime.copy_stream(tensors[0].device) if on_cuda else None
         # CPU statistics: the copy is made by the refresh worker (or by `settle`); not with memory tiers, which
         # may move a bucket's storage between steps
-        defer = not on_cuda and not self._runtime.tiers_active and not self._closed
+        defer = later and not on_cuda and not self._runtime.tiers_active and not self._closed
         snap = snapshot_to_host(tensors, self._runtime.shadow_pool, stream, defer=defer)
         if snap.copy is not None:
             self._runtime.copy_queue.push(snap.copy)
             self._unsettled.append(snap)
+        elif not on_cuda:
+            self._counters["snapshot_copies_inline"] += 1  # copied here, on the training thread
         return snap
 
     def settle(self) -> None:
