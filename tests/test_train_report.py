@@ -97,13 +97,46 @@ def test_metrics_writer_round_trip(tmp_path):
         {"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "val_loss": 1.7}]
 
 
-def test_plots_exist_and_are_pngs(tmp_path):
-    runs = _runs()
+SIZES = {"loss_vs_step.png": (605, 990), "loss_vs_wallclock.png": (605, 990), "step_time.png": None,
+         "memory.png": (495, 880)}
+
+
+ALPHAS = {"step_time.png": 0.85}  # its lines are drawn with this opacity over white
+
+
+def _pixels_of(image, hex_color, alpha=1.0, tol=0.06):
+    """Mask of the pixels of ``image`` (H, W, 3+ floats in [0, 1]) within ``tol`` per channel of ``hex_color`` drawn
+    with opacity ``alpha`` over white."""
+    rgb = np.array([int(hex_color[i:i + 2], 16) / 255 for i in (1, 3, 5)]) * alpha + (1.0 - alpha)
+    return (np.abs(image[..., :3] - rgb) <= tol).all(axis=-1)
+
+
+@pytest.mark.parametrize("count", [4, 2])
+def test_plots_show_one_series_per_run(tmp_path, count):
+    """Each PNG opens, has the figure's size, is not blank, and shows the runs drawn, each in its own colour, and
+    no others: a line across the plot per run, a bar per run in the memory plot."""
+    from matplotlib.image import imread
+
+    from asteria.train.report import COLORS
+
+    runs = _runs()[:3] + [_fake_run("kl-soap", "kl-soap", 0.01, 0.2)]  # step times apart, so no line hides another
+    runs = runs[:count]
     paths = write_plots(tmp_path, runs, summarize(runs))
     assert sorted(p.name for p in paths) == sorted(PNGS)
     for name in PNGS:
-        data = (tmp_path / name).read_bytes()
-        assert data.startswith(b"\x89PNG") and len(data) > 10_000
+        image = imread(tmp_path / name)
+        if SIZES[name] is not None:
+            assert image.shape[:2] == SIZES[name], name
+        assert (image[..., :3] < 0.9).any(axis=-1).mean() > 0.02, f"{name} is (almost) blank"
+        for i, color in enumerate(COLORS[:4]):
+            mask = _pixels_of(image, color, ALPHAS.get(name, 1.0))
+            if i >= count:
+                assert mask.sum() < 20, f"{name}: colour of run {i} drawn, but only {count} runs were given"
+                continue
+            assert mask.sum() > 200, f"{name}: no series in the colour of run {i} ({runs[i].config.name})"
+            cols = np.flatnonzero(mask.any(axis=0))
+            if name.startswith("loss_vs_step"):  # every run has 40 steps: its line spans most of the axes
+                assert cols.max() - cols.min() > 0.5 * image.shape[1], f"{name}: run {i} does not span the steps"
 
 
 def test_smooth_has_no_lag():
