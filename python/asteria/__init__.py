@@ -13,7 +13,9 @@ runs, ``gather_state_dict()`` (one full checkpoint from every rank's state) and 
 ``StepFailedError`` (a step was interrupted midway, e.g. by an I/O error of the NVMe tier: reload the last
 checkpoint);
 crash-safe checkpoints: ``save_checkpoint()``, ``load_checkpoint()``, ``checkpoint_info()`` and
-``CheckpointError`` (a torn, corrupted or foreign checkpoint file; a ``ValueError``).
+``CheckpointError`` (a torn, corrupted or foreign checkpoint file; a ``ValueError``); the warnings
+``RefreshFailureWarning`` (a refresh failed; the previous preconditioner is kept) and ``PinnedMemoryWarning``
+(pinned host memory could not be page-locked).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ __version__ = _core.__version__
 select_provider(None)
 
 from .optim import KLSOAP, SOAP, KLShampoo, RefreshFailureError, Shampoo  # noqa: E402
-from .runtime import Runtime, RuntimeConfig  # noqa: E402
+from .runtime import PinnedMemoryWarning, RefreshFailureWarning, Runtime, RuntimeConfig  # noqa: E402
 from .runtime.tiers import BudgetError, StepFailedError  # noqa: E402
 from .runtime.distributed import DistributedError, gather_state_dict  # noqa: E402
 from .checkpoint import CheckpointError, checkpoint_info, load_checkpoint, save_checkpoint  # noqa: E402
@@ -56,7 +58,9 @@ __all__ = [
     "DistributedError",
     "KLSOAP",
     "KLShampoo",
+    "PinnedMemoryWarning",
     "RefreshFailureError",
+    "RefreshFailureWarning",
     "Runtime",
     "RuntimeConfig",
     "SOAP",

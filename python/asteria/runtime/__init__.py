@@ -2,6 +2,7 @@
 memory tiers of the optimizer state."""
 
 from asteria.runtime.config import DEFAULT_STALENESS, RuntimeConfig
+from asteria.runtime.pinned import PinnedMemoryWarning
 from asteria.runtime.pipeline import RefreshFailureWarning, RefreshJob, RefreshPipeline, accepted_refresh_step
 from asteria.runtime.platform import Platform
 from asteria.runtime.telemetry import StepTimeline
@@ -11,6 +12,7 @@ from asteria.runtime.workers import Runtime
 __all__ = [
     "BudgetError",
     "DEFAULT_STALENESS",
+    "PinnedMemoryWarning",
     "Platform",
     "RefreshFailureWarning",
     "RefreshJob",

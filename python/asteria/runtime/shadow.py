@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from asteria.runtime.pinned import acquire as acquire_pinned
+
 __all__ = ["ALIGN_BYTES", "Snapshot", "matrix_stride", "snapshot_to_host", "snapshot_on_device"]
 
 ALIGN_BYTES = 64
@@ -108,7 +110,7 @@ def snapshot_to_host(tensors: Sequence[torch.Tensor], pool: Any, copy_stream: An
     for src in sources:
         B, n = int(src.shape[0]), int(src.shape[1])
         nbytes = B * matrix_stride(n, src.element_size())
-        lease = pool.acquire(nbytes)
+        lease = acquire_pinned(pool, nbytes, "shadow snapshots")
         total += nbytes
         itemsize = src.element_size()
         raw, views = _host_views(lease, B, n, src.dtype, itemsize)

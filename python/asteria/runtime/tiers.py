@@ -82,6 +82,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from asteria.runtime import platform as _platform
+from asteria.runtime.pinned import acquire as acquire_pinned, pool_report
 
 if TYPE_CHECKING:  # pragma: no cover
     from asteria.runtime.config import RuntimeConfig
@@ -1104,7 +1105,11 @@ class TierManager:
             if self._cuda_register:  # copies to and from the GPU are DMA; unified memory reads it in place
                 kwargs["cuda_register"] = True
             self._pool = self._core.PinnedPool(**kwargs)
-        return self._pool.acquire(nbytes)
+        return acquire_pinned(self._pool, nbytes, "the host tier and the NVMe staging buffers")
+
+    def pinned_report(self) -> dict[str, Any]:
+        """`asteria.runtime.pinned.pool_report` of the host tier's pool (zeros before it exists)."""
+        return pool_report(self._pool)
 
     def _host_tensor(self, lease: Any, rec: _Record) -> torch.Tensor:
         buf = torch.frombuffer(lease, dtype=torch.uint8)
@@ -1480,7 +1485,10 @@ def memory_report(opt: Any) -> dict[str, Any]:
         (what ``state_dict()`` holds per block); ``total_bytes`` adds the refresh buffers. With budgets it
         also has ``budgets`` (limits, use and peaks), ``buffers`` (staging and work buffers), ``movement``
         (copies, reads, prefetch hits) and ``pager`` (bytes read/written and GB/s, ``file_bytes`` used by the
-        extents, ``reserved_bytes`` of disk space the swap file holds).
+        extents, ``reserved_bytes`` of disk space the swap file holds). ``pinned`` has, for the pool of shadow
+        snapshots and for the host tier's pool (``"shadow"``, ``"state"``), the bytes mapped, page-locked and not
+        (``unlocked_bytes``: memory meant to be pinned that is pageable, see `PinnedMemoryWarning`) and the pool's
+        warning.
     """
     tiers = getattr(opt, "_tiers", None)
     if tiers is not None:
@@ -1501,5 +1509,10 @@ def memory_report(opt: Any) -> dict[str, Any]:
     out["classes"] = {c: sum(table[t][c] for t in TIERS) for c in CLASSES}
     out["state_bytes"] = out["classes"]["step"] + out["classes"]["cold"]
     out["total_bytes"] = sum(out["tiers"].values())
+    runtime = getattr(opt.runtime, "runtime", None)
+    out["pinned"] = {
+        "shadow": runtime.pinned_report() if hasattr(runtime, "pinned_report") else pool_report(None),
+        "state": tiers.pinned_report() if tiers is not None else pool_report(None),
+    }
     return out
 

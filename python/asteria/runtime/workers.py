@@ -142,6 +142,12 @@ class Runtime:
             self._pool = _core.PinnedPool(budget_bytes=_shadow_budget(), cuda_register=cuda_backend_available())
         return self._pool
 
+    def pinned_report(self) -> dict[str, Any]:
+        """`asteria.runtime.pinned.pool_report` of the shadow pool (zeros before it exists; does not create it)."""
+        from asteria.runtime.pinned import pool_report
+
+        return pool_report(self._pool)
+
     @property
     def copy_queue(self) -> Any:
         """The ``_core.CopyQueue`` of deferred snapshot copies (`asteria.runtime.shadow`): a worker makes all of them
