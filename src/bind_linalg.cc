@@ -34,6 +34,11 @@ void init_linalg(py::module_& m) {
         "Switch to the LAPACK provider 'openblas' (linked) or 'mkl' (path of libmkl_rt).");
   l.def("set_num_threads", &asteria::linalg::set_num_threads, py::arg("threads"),
         "Threads each BLAS/LAPACK call may use (1..256).");
+  l.def("set_test_fp32_eigh_failures", &asteria::linalg::set_test_fp32_eigh_failures, py::arg("count"),
+        "TEST HOOK: the next `count` fp32 symmetric eigendecompositions report a failed syevd, so the fp64 retry "
+        "runs (fp64 ones never fail); 0 disarms it.");
+  l.def("test_fp32_eigh_failures_injected", &asteria::linalg::test_fp32_eigh_failures_injected,
+        "How many fp32 eigendecompositions the test hook has failed since the process started.");
 
   l.def(
       "eigh",

@@ -192,3 +192,25 @@ def test_eigenbasis_refresh_on_rank_deficient_statistic():
     qn, perm = _core.linalg.eigenbasis_refresh(l, q0, sort=True)
     np.testing.assert_allclose(qn.T @ qn, np.eye(24), atol=1e-12)
     assert sorted(perm.tolist()) == list(range(24))
+
+
+@pytest.fixture
+def fp32_failures():
+    """Arms the fp32-eigh failure test hook for one test (disarmed afterwards, whatever happens)."""
+    yield _core.linalg.set_test_fp32_eigh_failures
+    _core.linalg.set_test_fp32_eigh_failures(0)
+
+
+def test_a_failed_fp32_eigh_is_retried_in_fp64(fp32_failures):
+    """A fp32 decomposition that LAPACK reports as failed is redone in fp64 (the hook fails fp32 only)."""
+    a = spd(12, shift=0.5).astype(np.float32)
+    before = _core.linalg.test_fp32_eigh_failures_injected()
+    fp32_failures(1)
+    w, v = _core.linalg.eigh(a)
+    assert _core.linalg.test_fp32_eigh_failures_injected() == before + 1
+    w64, v64 = _core.linalg.eigh(a.astype(np.float64))  # the retry's result, rounded to fp32
+    np.testing.assert_array_equal(w, w64.astype(np.float32))
+    np.testing.assert_array_equal(v, v64.astype(np.float32))
+    fp32_failures(1)
+    with pytest.raises(asteria.AsteriaError, match="syevd info=13"):
+        _core.linalg.eigh(a, fp64_retry=False)

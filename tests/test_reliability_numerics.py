@@ -449,6 +449,44 @@ def test_uninstallable_refresh_result_keeps_previous_preconditioner(name, kind, 
         runtime.close()
 
 
+@pytest.mark.parametrize("refresh", REFRESH)
+@pytest.mark.parametrize("name", ["Shampoo", "SOAP"])
+def test_a_failed_fp32_decomposition_is_retried_in_fp64_and_installed(name, refresh):
+    """Every fp32 eigendecomposition fails (the linalg test hook; fp64 never does): the workers redo each one in
+    fp64, so no refresh fails, every root/basis is installed on schedule, and training goes as in the fp32 run.
+
+    Shampoo's inverse roots are unique, so its parameters agree with the fp32 run's to round-off. SOAP's first
+    basis is an eigenbasis of a rank-deficient statistic (a 6x5 gradient's 6x6 Gram matrix), whose null-space
+    basis is arbitrary and differs between fp32 and fp64: its parameters take another path, so its loss is
+    compared instead."""
+    def run(failures):
+        prob = Problem()
+        before = _core.linalg.test_fp32_eigh_failures_injected()
+        _core.linalg.set_test_fp32_eigh_failures(failures)
+        try:
+            with make(name, [prob.W, prob.T], refresh) as opt:
+                for _ in range(8):
+                    prob.backward()
+                    opt.step()
+                stats = opt.runtime.stats()
+                key = "root_version" if name == "Shampoo" else "basis_version"
+                version = int(opt.state[prob.W]["blocks"][0][key])
+        finally:
+            _core.linalg.set_test_fp32_eigh_failures(0)
+        injected = _core.linalg.test_fp32_eigh_failures_injected() - before
+        return [p.detach().clone() for p in (prob.W, prob.T)], float(prob.loss().detach()), stats, version, injected
+
+    retried, loss, stats, version, injected = run(10**6)
+    plain, plain_loss, plain_stats, plain_version, none = run(0)
+    assert none == 0 and injected > 0  # (Shampoo: every inverse root; SOAP: the first bases, its refreshes use QR)
+    assert stats["refresh_failures"] == stats["jobs_failed"] == 0
+    assert version == plain_version > 0 and stats["batches_installed"] == plain_stats["batches_installed"]
+    assert loss == pytest.approx(plain_loss, rel=0.05) and loss < 0.9 * float(Problem().loss().detach())
+    if name == "Shampoo":
+        for a, b in zip(retried, plain):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_fourth_uninstallable_result_in_a_row_raises(name):
     sched = CorruptingScheduler(set(range(2, 100)), "result")  # every refresh after the first basis

@@ -3,6 +3,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <mutex>
 #include <new>
@@ -188,6 +189,19 @@ int syevd_inplace(int n, T* z, T* w) {
   return info;
 }
 
+// The fp32 failure test hook (set_test_fp32_eigh_failures): failures still to inject, and injected.
+std::atomic<int> g_fp32_eigh_faults{0};
+std::atomic<long long> g_fp32_eigh_faults_injected{0};
+
+bool take_fp32_eigh_fault() noexcept {
+  int left = g_fp32_eigh_faults.load(std::memory_order_relaxed);
+  while (left > 0 && !g_fp32_eigh_faults.compare_exchange_weak(left, left - 1, std::memory_order_relaxed)) {
+  }
+  if (left <= 0) return false;
+  g_fp32_eigh_faults_injected.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
 // Eigendecomposition into column-major eigenvectors `z` (n×n) and ascending eigenvalues `w`,
 // from a row-major symmetric `a` plus ridge·I; fp32 retries in fp64 on failure.
 template <typename T>
@@ -199,6 +213,9 @@ void eigh_colmajor(int n, const T* a, double ridge, T* w, T* z, bool fp64_retry,
   if (ridge != 0.0)
     for (int i = 0; i < n; ++i) z[static_cast<std::size_t>(i) * n + i] += static_cast<T>(ridge);
   int info = syevd_inplace<T>(n, z, w);
+  if constexpr (std::is_same_v<T, float>) {
+    if (info == 0 && take_fp32_eigh_fault()) info = n + 1;  // test hook: as LAPACK reports a failed syevd
+  }
   bool ok = info == 0 && all_finite(nn, z) && all_finite(static_cast<std::size_t>(n), w);
   if (!ok && std::is_same_v<T, float> && fp64_retry) {
     std::vector<double> zd(a, a + nn), wd(static_cast<std::size_t>(n));
@@ -233,6 +250,13 @@ void qr_q_inplace(int n, T* m, const char* where) {
 }
 
 }  // namespace
+
+void set_test_fp32_eigh_failures(int count) {
+  ASTERIA_CHECK(count >= 0, kInvalidArgument, "[linalg::set_test_fp32_eigh_failures] count must be >= 0, got " << count);
+  g_fp32_eigh_faults.store(count);
+}
+
+long long test_fp32_eigh_failures_injected() noexcept { return g_fp32_eigh_faults_injected.load(); }
 
 // ----- provider ------------------------------------------------------------------------------
 ProviderInfo provider() {

@@ -200,3 +200,67 @@ TEST(Linalg, MissingMklIsUnavailableAndKeepsOpenBlas) {
 }
 
 }  // namespace
+
+// ----- the fp64 retry of a failed fp32 eigendecomposition (test hook: fp32 fails, fp64 does not) -------------
+namespace {
+std::vector<float> to_float(const Mat& a) { return std::vector<float>(a.begin(), a.end()); }
+
+// Disarms the hook whatever the test does.
+struct Fp32Failures {
+  explicit Fp32Failures(int count) { asteria::linalg::set_test_fp32_eigh_failures(count); }
+  ~Fp32Failures() { asteria::linalg::set_test_fp32_eigh_failures(0); }
+};
+}  // namespace
+
+TEST(Linalg, FailedFp32EighIsRetriedInFp64) {
+  const int n = 16;
+  const auto af = to_float(random_spd(n, n, 0.5, 7));
+  const Mat a(af.begin(), af.end());  // the fp32 matrix, exactly, in fp64
+  Mat w64(n), v64(a.size());
+  asteria::linalg::eigh<double>(n, a.data(), w64.data(), v64.data());
+  std::vector<float> w(n), v(af.size());
+  const long long before = asteria::linalg::test_fp32_eigh_failures_injected();
+  {
+    Fp32Failures armed(1);
+    asteria::linalg::eigh<float>(n, af.data(), w.data(), v.data());  // fp32 fails, the fp64 retry succeeds
+  }
+  EXPECT_EQ(asteria::linalg::test_fp32_eigh_failures_injected(), before + 1);
+  // The retry is the fp64 decomposition rounded to fp32: its eigenvalues, not fp32-accurate ones.
+  for (int i = 0; i < n; ++i) EXPECT_EQ(w[i], static_cast<float>(w64[i])) << i;
+  for (std::size_t i = 0; i < v.size(); ++i) EXPECT_EQ(v[i], static_cast<float>(v64[i])) << i;
+}
+
+TEST(Linalg, FailedFp32EighWithoutTheRetryIsANumericalError) {
+  const int n = 8;
+  const auto af = to_float(random_spd(n, n, 0.5, 8));
+  std::vector<float> w(n), v(af.size());
+  Fp32Failures armed(1);
+  asteria::linalg::EighOptions opts;
+  opts.fp64_retry = false;
+  try {
+    asteria::linalg::eigh<float>(n, af.data(), w.data(), v.data(), opts);
+    FAIL() << "expected a numerical error";
+  } catch (const asteria::Error& e) {
+    EXPECT_EQ(e.category(), asteria::ErrorCategory::kNumerical);
+    EXPECT_NE(std::string(e.what()).find("syevd info=" + std::to_string(n + 1)), std::string::npos) << e.what();
+  }
+}
+
+TEST(Linalg, FailedFp32InverseRootIsRetriedInFp64AndFp64IsNeverFailed) {
+  const int n = 12;
+  const Mat a = random_spd(n, n, 0.5, 9);
+  Mat x64(a.size());
+  const long long before = asteria::linalg::test_fp32_eigh_failures_injected();
+  Fp32Failures armed(1);
+  asteria::linalg::inverse_root<double>(n, a.data(), x64.data(), 2.0, 1e-6);  // fp64: the hook is not consumed
+  EXPECT_EQ(asteria::linalg::test_fp32_eigh_failures_injected(), before);
+  const auto af = to_float(a);
+  std::vector<float> x(af.size());
+  asteria::linalg::inverse_root<float>(n, af.data(), x.data(), 2.0, 1e-6);
+  EXPECT_EQ(asteria::linalg::test_fp32_eigh_failures_injected(), before + 1);
+  for (std::size_t i = 0; i < x.size(); ++i) EXPECT_NEAR(x[i], x64[i], 1e-4 * max_abs(x64)) << i;
+}
+
+TEST(Linalg, Fp32FailureHookRefusesANegativeCount) {
+  EXPECT_THROW(asteria::linalg::set_test_fp32_eigh_failures(-1), asteria::Error);
+}

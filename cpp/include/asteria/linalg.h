@@ -37,6 +37,14 @@ void load_provider(const std::string& name, const std::string& library = "");
 // cores). Range 1..256.
 void set_num_threads(int threads);
 
+// TEST HOOK, off by default (0): the next `count` fp32 symmetric eigendecompositions (eigh,
+// inverse_root, from any thread) report a failed LAPACK syevd (info = n + 1) after running, so the
+// fp64 retry can be tested without an input that breaks fp32 syevd. fp64 decompositions, the retry
+// included, are never affected. count >= 0; 0 disarms it. Never set it in production code.
+void set_test_fp32_eigh_failures(int count);
+// fp32 decompositions the hook above has failed since the process started.
+long long test_fp32_eigh_failures_injected() noexcept;
+
 // ----- matrix functions ----------------------------------------------------------------------
 struct EighOptions {
   // Added to the diagonal before the decomposition (it shifts eigenvalues, never eigenvectors).
