@@ -69,6 +69,8 @@ void close_pager(PyPager& p) {
 }  // namespace
 
 void init_pager(py::module_& m) {
+  m.def("pager_built_with_io_uring", &asteria::pager_built_with_io_uring,
+        "Whether this build has the pager's io_uring backend (liburing linked).");
   m.def("crc32c", [](py::buffer b) {
     py::buffer_info info = b.request();
     return asteria::crc32c(info.ptr, static_cast<std::size_t>(info.size * info.itemsize));

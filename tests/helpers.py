@@ -69,6 +69,24 @@ def default_signal_dispositions() -> Iterator[None]:
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
+def io_uring_expected() -> tuple[bool, str]:
+    """Whether this platform must run the pager's io_uring backend, and if not, why.
+
+    Always, unless the build has no io_uring (configured with ``ASTERIA_WITH_LIBURING=OFF``) or the environment
+    variable ``ASTERIA_NO_IO_URING`` (non-empty, not ``0``) says the platform lacks it (an old kernel, a seccomp
+    profile that blocks io_uring). Elsewhere a pager that cannot set io_uring up fails the tests instead of
+    skipping them.
+    """
+    from asteria import _core
+
+    if not _core.pager_built_with_io_uring():
+        return False, "asteria was built without liburing (ASTERIA_WITH_LIBURING=OFF)"
+    off = os.environ.get("ASTERIA_NO_IO_URING", "")
+    if off not in ("", "0"):
+        return False, f"ASTERIA_NO_IO_URING={off} says this platform has no io_uring"
+    return True, ""
+
+
 def stop(proc: subprocess.Popen, sig: int, timeout: float = 30.0) -> tuple[object, object, float]:
     """Sends ``sig`` to ``proc`` and waits for it to exit, collecting the rest of its output.
 

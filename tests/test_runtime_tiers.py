@@ -23,6 +23,7 @@ import asteria
 from asteria.runtime import RuntimeConfig
 from asteria.runtime.config import parse_bytes
 from asteria.runtime.tiers import CLASSES, TIERS, BudgetError
+from helpers import io_uring_expected
 
 DIMS = [32, 40, 24, 36, 28, 44, 20, 30, 16, 38, 26, 42, 22, 34, 18, 46, 27, 33, 21, 39, 10]
 STEPS = 6
@@ -167,6 +168,22 @@ def test_refresh_buffers_are_reported_in_async_mode(tmp_path):
     _train(opt, model, 3, each=lambda s: seen.append(opt.runtime.memory_report()["tiers"]["refresh"]))
     assert max(seen) > 0  # snapshots / results of the pending refresh
     opt.close()
+
+
+def test_the_nvme_tier_runs_on_io_uring_where_the_platform_has_it(tmp_path):
+    """The NVMe tier's pager picks io_uring (O_DIRECT, registered staging buffers and fixed reads/writes); only a
+    platform declared to lack io_uring (ASTERIA_NO_IO_URING, or a build without liburing) may use the threads."""
+    expected, why = io_uring_expected()
+    model = _model()
+    opt = _make("soap", model, RuntimeConfig(refresh="sync", **_budgets("soap", "sync"), nvme_path=tmp_path))
+    _train(opt, model, 3)
+    pager = opt.runtime.memory_report()["pager"]
+    opt.close()
+    assert pager["bytes_written"] > 0 and pager["bytes_read"] > 0
+    if not expected:
+        pytest.skip(why)
+    assert pager["backend"] == "io_uring"
+    assert pager["registered_buffers"] > 0 and pager["fixed_ops"] > 0
 
 
 # ------------------------------------------------------------------------------------------------ prefetch in backward

@@ -746,4 +746,12 @@ bool Pager::register_buffers(const std::vector<std::pair<void*, std::size_t>>& b
   return ok;
 }
 
+bool pager_built_with_io_uring() noexcept {
+#ifdef ASTERIA_WITH_LIBURING
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace asteria

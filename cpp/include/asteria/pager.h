@@ -106,6 +106,10 @@ using TicketId = std::uint64_t;
 // Bytes an I/O buffer for `bytes` bytes must provide: rounded up to 4096.
 inline std::size_t pager_io_size(std::size_t bytes) noexcept { return (bytes + 4095) / 4096 * 4096; }
 
+// Whether this build has the io_uring backend (liburing was linked: CMake ASTERIA_WITH_LIBURING=ON,
+// the default, which fails the configuration when liburing is missing).
+bool pager_built_with_io_uring() noexcept;
+
 class Pager {
  public:
   explicit Pager(const PagerOptions& opts = {});
