@@ -109,8 +109,9 @@ class RuntimeConfig:
             the GPU. An int >= 1; default 2048.
         fold_statistics: ``"step"`` (the default) folds each gradient into the statistics inside
             ``step()``, after the user's all-reduce, clipping, un-scaling or accumulation. ``"backward"``
-            folds it in the parameter's post-accumulate-grad hook while backward still runs (overlapping
-            that work with the rest of backward); it is for plain single-process loops that call
+            folds it in the parameter's post-accumulate-grad hook while backward still runs (on the training
+            thread, between backward's kernels: the work leaves ``step()`` but is not done in parallel with
+            backward); it is for plain single-process loops that call
             ``step()`` after every ``backward()`` and do not modify gradients in between. It is refused
             when the model is wrapped in DistributedDataParallel, when a gradient scaler is in use or in a
             distributed run (detected at the first step), where the gradients the hook sees are not the
