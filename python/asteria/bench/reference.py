@@ -159,6 +159,7 @@ def compare(
     rtol: float,
     atol: float,
     seed: int = 0,
+    grad_scale: float = 1.0,
 ) -> Result:
     """Steps asteria (once per runtime of `RUNTIMES`) and the reference in lockstep on the same gradients.
 
@@ -171,6 +172,7 @@ def compare(
         rtol: Relative tolerance.
         atol: Absolute tolerance.
         seed: Seed of the initial parameters (``100 + seed``) and of the gradients (``seed + i`` for parameter i).
+        grad_scale: Factor of the standard normal gradients.
 
     Returns:
         The `Result` (never raises on a mismatch: ``failure`` names the first one).
@@ -190,7 +192,7 @@ def compare(
             r = ref(p_ref)
         for t in range(1, steps + 1):
             for i, s in enumerate(shapes):
-                grad = torch.randn(s, generator=gens[i], dtype=dtype)
+                grad = torch.randn(s, generator=gens[i], dtype=dtype) * grad_scale
                 p_ref[i].grad = grad.clone()
                 for ps in p_ours.values():
                     ps[i].grad = grad.clone()
@@ -297,10 +299,10 @@ def describe_source(source: str) -> str:
 _PO_SHAPES = [(8, 8), (6, 6), (3, 4, 5), (5,)]
 
 
-def _pytorch_optimizer_soap(correct_bias: bool, weight_decay: float, shampoo_beta: float | None):
+def _pytorch_optimizer_soap(correct_bias: bool, weight_decay: float, shampoo_beta: float | None, eps: float):
     def body(c: Comparison) -> Result:
         po = import_reference(c.source)
-        kw = dict(lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay, precondition_frequency=3,
+        kw = dict(lr=0.01, betas=(0.9, 0.95), eps=eps, weight_decay=weight_decay, precondition_frequency=3,
                   shampoo_beta=shampoo_beta, correct_bias=correct_bias)
         return compare(
             lambda ps, rt: SOAP(ps, eigh_ridge=1e-30, runtime=rt, **kw),
@@ -361,10 +363,10 @@ def _distributed_shampoo(max_dim: int, shapes: list[tuple[int, ...]], grafting: 
     return body
 
 
-def _vyas_soap(weight_decay: float):
+def _vyas_soap(weight_decay: float, eps: float):
     def body(c: Comparison) -> Result:
         vyas = import_reference(c.source)
-        kw = dict(lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay, precondition_frequency=2)
+        kw = dict(lr=0.01, betas=(0.9, 0.95), eps=eps, weight_decay=weight_decay, precondition_frequency=2)
         return compare(
             lambda ps, rt: SOAP(ps, eigh_ridge=1e-30, runtime=rt, **kw),
             lambda ps: vyas.SOAP(ps, merge_dims=False, normalize_grads=False, **kw),
@@ -374,18 +376,19 @@ def _vyas_soap(weight_decay: float):
     return body
 
 
-def _kl_methods(klsoap: bool, clamping: bool):
+def _kl_methods(klsoap: bool, clamping: bool, eps: float, shampoo_beta: float | None, grad_scale: float):
     def body(c: Comparison) -> Result:
         klm = import_reference(c.source)
-        kw = dict(lr=0.01, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01, precondition_frequency=3,
+        kw = dict(lr=0.01, betas=(0.9, 0.98), eps=eps, weight_decay=0.01, precondition_frequency=3,
                   init_factor=0.1, using_clamping=clamping)
         cls = KLSOAP if klsoap else KLShampoo
-        # the reference wraps helpers in torch.compile: run them eagerly
+        # the reference spells "shampoo_beta = β2" as -1; the reference wraps helpers in torch.compile: run them eagerly
         with _dynamo_disabled():
             return compare(
-                lambda ps, rt: cls(ps, eigh_ridge=1e-30, runtime=rt, **kw),
-                lambda ps: klm.KLOpt(ps, using_klsoap=klsoap, cast_dtype=torch.float32, using_damping=False, **kw),
-                [(6, 6), (3, 4, 5)], 15, torch.float32, c.rtol, c.atol,
+                lambda ps, rt: cls(ps, eigh_ridge=1e-30, shampoo_beta=shampoo_beta, runtime=rt, **kw),
+                lambda ps: klm.KLOpt(ps, using_klsoap=klsoap, cast_dtype=torch.float32, using_damping=False,
+                                     shampoo_beta=-1 if shampoo_beta is None else shampoo_beta, **kw),
+                [(6, 6), (3, 4, 5)], 15, torch.float32, c.rtol, c.atol, grad_scale=grad_scale,
             )
 
     return body
@@ -396,13 +399,13 @@ def _kl_methods(klsoap: bool, clamping: bool):
 # ------------------------------------------------------------------------------------------------------------
 def _build() -> list[Comparison]:
     out: list[Comparison] = []
-    po_settings = ("SOAP, fp32, 12 steps, 8×8, 6×6, 3×4×5 and 5, f=3; correct_bias on/off, "
-                   "weight_decay 0/0.125, shampoo_beta None/0.9")
+    po_settings = ("SOAP, fp32, 12 steps, 8×8, 6×6, 3×4×5 and 5, f=3; correct_bias on/off × "
+                   "(weight_decay 0, shampoo_beta None, eps 1e-8 / weight_decay 0.125, shampoo_beta 0.9, eps 1e-3)")
     for cb in (True, False):
-        for wd, sb in ((0.0, None), (0.125, 0.9)):
+        for wd, sb, eps in ((0.0, None, 1e-8), (0.125, 0.9, 1e-3)):
             out.append(Comparison(
-                f"pytorch-optimizer-soap-bias{int(cb)}-wd{wd}-sb{sb}", "pytorch-optimizer SOAP", "pypi:pytorch-optimizer",
-                po_settings, 1e-5, 1e-5, _pytorch_optimizer_soap(cb, wd, sb)))
+                f"pytorch-optimizer-soap-bias{int(cb)}-wd{wd}-sb{sb}-eps{eps:g}", "pytorch-optimizer SOAP",
+                "pypi:pytorch-optimizer", po_settings, 1e-5, 1e-5, _pytorch_optimizer_soap(cb, wd, sb, eps)))
     hb_settings = ("SOAP, fp64, 12 steps, 8×8, 6×6, 3×4×5 and 5, f=1, eps=1e-20, weight_decay 0; "
                    "betas (0.9, 0.95)/(0.95, 0.99), shampoo_beta 0.95/0.9")
     for betas, sb in (((0.9, 0.95), 0.95), ((0.95, 0.99), 0.9)):
@@ -415,16 +418,22 @@ def _build() -> list[Comparison]:
             out.append(Comparison(
                 f"distributed-shampoo-dim{max_dim}-{grafting}", "Distributed Shampoo", "env:ASTERIA_REF_DS", ds_settings,
                 1e-9, 1e-11, _distributed_shampoo(max_dim, shapes, grafting)))
-    for wd in (0.0, 0.125):
+    for wd, eps in ((0.0, 1e-8), (0.125, 1e-3)):
         out.append(Comparison(
-            f"vyas-soap-wd{wd}", "SOAP reference", "env:ASTERIA_REF_VYAS",
-            "SOAP, fp32, 8 steps, weight_decay 0/0.125", 1e-5, 1e-5, _vyas_soap(wd)))
+            f"vyas-soap-wd{wd}-eps{eps:g}", "SOAP reference", "env:ASTERIA_REF_VYAS",
+            "SOAP, fp32, 8 steps, (weight_decay 0, eps 1e-8) and (0.125, 1e-3)", 1e-5, 1e-5, _vyas_soap(wd, eps)))
+    # clamping bounds D^(-1/2) by 10 here: it acts only once D < 0.01, i.e. with small gradients and a short
+    # eigenvalue EMA (gradients 0.01·N(0, 1), shampoo_beta 0.5), where clamping on and off differ by
+    # hundreds of tolerances; with N(0, 1) gradients it never acts
+    kl_settings = ("KL-Shampoo and KL-SOAP, fp32, 15 steps, 6×6 and 3×4×5: defaults (eps 1e-8 and 1e-3); "
+                   "gradients ×0.01 with shampoo_beta 0.5, clamping on (active) and off")
     for klsoap in (False, True):
-        for clamping in (True, False):
+        name = "klsoap" if klsoap else "klshampoo"
+        for variant, clamping, eps, sb, scale in (("default", True, 1e-8, None, 1.0), ("eps1e-3", True, 1e-3, None, 1.0),
+                                                 ("clamped", True, 1e-8, 0.5, 1e-2), ("unclamped", False, 1e-8, 0.5, 1e-2)):
             out.append(Comparison(
-                f"kl-methods-{'klsoap' if klsoap else 'klshampoo'}-clamp{int(clamping)}", "KL-Shampoo / KL-SOAP (KL-Methods)",
-                "env:ASTERIA_REF_KLM", "fp32, 15 steps, 2-D and 3-D, clamping on and off", 1e-4, 1e-6,
-                _kl_methods(klsoap, clamping)))
+                f"kl-methods-{name}-{variant}", "KL-Shampoo / KL-SOAP (KL-Methods)", "env:ASTERIA_REF_KLM", kl_settings,
+                1e-4, 1e-6, _kl_methods(klsoap, clamping, eps, sb, scale)))
     return out
 
 
