@@ -81,15 +81,28 @@ import torch
 from asteria.optim import KLSOAP, SOAP, KLShampoo, Shampoo
 from asteria.runtime.config import RuntimeConfig
 
-__all__ = ["Comparison", "Result", "COMPARISONS", "PYPI_REFERENCES", "LOCAL_REFERENCES", "compare", "run"]
+__all__ = [
+    "COMPARISONS",
+    "LOCAL_REFERENCES",
+    "PYPI_REFERENCES",
+    "RUNTIMES",
+    "Comparison",
+    "Result",
+    "Unavailable",
+    "compare",
+    "import_reference",
+    "run",
+    "table",
+]
 
-#: PyPI references: distribution name -> (module, pinned version). The pins live in scripts/make-venv.
+#: PyPI references: distribution name -> (module, pinned version). The same pins are in scripts/make-venv (which
+#: installs them) and in pyproject.toml's ``test`` extra; tests/test_optim_reference.py checks that they agree.
 PYPI_REFERENCES = {"pytorch-optimizer": ("pytorch_optimizer", "4.1.0"), "heavyball": ("heavyball", "3.2.1")}
-#: Local references: environment variable -> (module, what the directory must contain).
+#: Local references: environment variable -> (module, repository, what the directory must contain).
 LOCAL_REFERENCES = {
-    "ASTERIA_REF_DS": ("distributed_shampoo", "the distributed_shampoo package (facebookresearch/optimizers)"),
-    "ASTERIA_REF_VYAS": ("soap", "soap.py (nikhilvyas/SOAP)"),
-    "ASTERIA_REF_KLM": ("kl_opt", "kl_opt.py (yorkerlin/KL-Methods optim/kl_opt.py)"),
+    "ASTERIA_REF_DS": ("distributed_shampoo", "facebookresearch/optimizers", "the distributed_shampoo package"),
+    "ASTERIA_REF_VYAS": ("soap", "nikhilvyas/SOAP", "soap.py"),
+    "ASTERIA_REF_KLM": ("kl_opt", "yorkerlin/KL-Methods", "kl_opt.py (optim/kl_opt.py)"),
 }
 #: The two runtimes asteria is compared with; staleness 0 is specified to be bit-identical to sync.
 RUNTIMES = {
@@ -270,10 +283,10 @@ def import_reference(source: str) -> Any:
             return importlib.import_module(module)
         except ImportError as e:
             raise ImportError(f"{name} is not installed: scripts/make-venv installs it (pinned, --no-deps)") from e
-    module, what = LOCAL_REFERENCES[name]
+    module, repo, what = LOCAL_REFERENCES[name]
     path = os.environ.get(name)
     if not path:
-        raise Unavailable(f"{name} is not set (a directory containing {what})")
+        raise Unavailable(f"{name} is not set (a directory containing {what} of {repo})")
     if path not in sys.path:
         sys.path.insert(0, path)
     with _quiet():
@@ -281,7 +294,7 @@ def import_reference(source: str) -> Any:
 
 
 def describe_source(source: str) -> str:
-    """The reference's version (PyPI) or directory (local), for the table."""
+    """The reference's version (PyPI) or repository and variable (local), for the table."""
     kind, name = source.split(":", 1)
     if kind == "pypi":
         from importlib import metadata
@@ -290,7 +303,7 @@ def describe_source(source: str) -> str:
             return f"{name} {metadata.version(name)}"
         except metadata.PackageNotFoundError:
             return f"{name} (not installed)"
-    return f"${name} = {os.environ.get(name) or '(unset)'}"
+    return f"{LOCAL_REFERENCES[name][1]} (`${name}`)"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -473,6 +486,10 @@ def run(args: Any) -> None:
     """``asteria-bench reference``: runs every comparison and prints each result and the README table."""
     results: dict[str, Result | str] = {}
     failed = 0
+    for dist, (_, pinned) in PYPI_REFERENCES.items():
+        print(f"{describe_source('pypi:' + dist)} (pinned {pinned})")
+    for var in LOCAL_REFERENCES:
+        print(f"{var} = {os.environ.get(var) or '(unset: skipped)'}")
     for c in COMPARISONS:
         try:
             res = c.run()
@@ -486,7 +503,8 @@ def run(args: Any) -> None:
         failed += bool(res.failure)
         print(f"{c.key:48} worst error / tolerance {per}  {status}", flush=True)
     print()
-    print("Worst error as a fraction of the tolerance (sync and async S=0 runs, which were bit-identical):")
+    print("Worst error as a fraction of the tolerance, over the sync and the async S=0 runs"
+          + (" (bit-identical to each other at every step):" if not failed else ":"))
     print()
     for line in table(results):
         print(line)
