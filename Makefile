@@ -36,7 +36,7 @@ help:
 deps:
 	@$(STAGE) deps -- scripts/install-deps $(APT_PACKAGES)
 
-$(VENV)/.ready: pyproject.toml
+$(VENV)/.ready: pyproject.toml scripts/make-venv
 	@$(STAGE) venv -- scripts/make-venv $(PYTHON) $(VENV) $(TORCH_VERSION)
 	@touch $@
 

@@ -8,8 +8,9 @@ Subcommands:
     distributed  DDP on several processes: AdamW vs SOAP sync/async/sharded (step time, bytes, memory)
     transfer   host<->device bandwidth of the runtime's pinned copies vs torch's (CUDA)
     pager      swap-file bandwidth of the pager (io_uring, threads) against fio, 1-16 MiB extents, QD 1/8/32
+    reference  step-by-step agreement with third-party implementations (the README's cross-check table)
 
-Each prints ratios against its baseline; absolute times drift on shared machines, ratios hold.
+Each speed measurement prints ratios against its baseline; absolute times drift on shared machines, ratios hold.
 """
 
 from __future__ import annotations
@@ -95,8 +96,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="write over blocks written before (the NVMe tier's steady state) or into a new file each run "
                         "(default: %(default)s)")
     p.add_argument("--no-fio", action="store_true", help="skip the fio comparison")
+    sub.add_parser("reference", help="agreement with pytorch-optimizer, heavyball and the ASTERIA_REF_* references")
     args = parser.parse_args(argv)
-    if args.command == "pager":
+    if args.command == "reference":
+        from .reference import run
+    elif args.command == "pager":
         from .pager import run
     elif args.command == "linalg":
         from .linalg import run
