@@ -1,6 +1,7 @@
 """Tests of the asteria-train command line (asteria.train.cli)."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -93,9 +94,15 @@ def test_argparse_rejects(args, capsys):
 def test_default_is_the_demo_comparison():
     args = build_parser().parse_args([])
     runs = plan_runs(args, "cpu")
-    assert [r.name for r in runs] == ["adamw", "soap:sync", "soap:async", "kl-soap", "shampoo"]
-    assert [r.refresh for r in runs] == ["sync", "sync", "async", "sync", "sync"]
-    assert len({(r.seed, r.steps, r.batch_size, r.model) for r in runs}) == 1
+    assert [r.name for r in runs] == ["adamw", "muon", "soap:sync", "soap:async", "kl-soap", "shampoo"]
+    assert [r.refresh for r in runs] == ["sync", "sync", "sync", "async", "sync", "sync"]
+    assert len({(r.seed, r.steps, r.batch_size, r.model, r.threads) for r in runs}) == 1
+    assert runs[0].threads == max(1, len(os.sched_getaffinity(0)) - 1)  # the refresh runtime keeps a core
+
+
+def test_threads_are_the_same_for_every_configuration_and_can_be_set():
+    runs = plan_runs(build_parser().parse_args(["--compare", "adamw,muon,soap", "--threads", "3"]), "cpu")
+    assert [r.threads for r in runs] == [3, 3, 3]
 
 
 def test_refresh_default_applies_to_unsuffixed_entries():

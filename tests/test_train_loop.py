@@ -85,6 +85,10 @@ def test_resume_is_bit_identical_second_order(corpus, tmp_path, name, micro):
     _resume_matches(corpus, tmp_path, optimizer=name, precondition_frequency=2, model="micro")
 
 
+def test_resume_is_bit_identical_muon(corpus, tmp_path, micro):
+    _resume_matches(corpus, tmp_path, optimizer="muon", model="micro")
+
+
 def test_resume_rejects_conflicting_settings(corpus, tmp_path):
     path = tmp_path / "ckpt.pt"
     train(_cfg(steps=2), corpus, progress=False, save=path)

@@ -100,7 +100,7 @@ def test_flatten_stats():
     assert flat == {"a": 1.0, "b.c": 2.5, "b.e": 1.0}
 
 
-@pytest.mark.parametrize("name", [n for n in OPTIMIZER_NAMES if n != "adamw"])
+@pytest.mark.parametrize("name", [n for n in OPTIMIZER_NAMES if n not in ("adamw", "muon")])
 def test_second_order_optimizers_build_and_step(name):
     model = _model()
     opt = build_optimizer(name, param_groups(model, 0.01), lr=1e-3, weight_decay=0.01,
@@ -130,3 +130,57 @@ def test_async_refresh_is_built():
     opt.runtime.close()
     assert first_basis > 0 and stats["jobs_submitted"] > first_basis  # a refresh after the first basis
     assert stats["pending_batches"] > 0  # still in flight: installed S steps later
+
+
+def test_muon_optimizes_the_hidden_matrices_and_adamw_the_rest():
+    """The usual split: torch.optim.Muon owns the block matrices, AdamW the embeddings, norms and biases; one
+    schedule drives both through param_groups; state_dict round-trips."""
+    from asteria.train.optimizers import MuonWithAdamW
+
+    model = _model()
+    opt = build_optimizer("muon", param_groups(model, 0.1), lr=1e-3, weight_decay=0.1, hidden=model.hidden_matrices())
+    assert isinstance(opt, MuonWithAdamW) and isinstance(opt.muon, torch.optim.Muon)
+    muon_ids = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+    adamw_ids = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
+    assert muon_ids == {id(p) for p in model.hidden_matrices()} and not muon_ids & adamw_ids
+    assert muon_ids | adamw_ids == {id(p) for p in model.parameters()}
+    assert id(model.tok_emb.weight) in adamw_ids and id(model.pos_emb.weight) in adamw_ids
+    assert all(g["adjust_lr_fn"] == "match_rms_adamw" for g in opt.muon.param_groups)
+    for g in opt.param_groups:
+        g["lr"] = 5e-4
+    assert {g["lr"] for g in opt.muon.param_groups + opt.adamw.param_groups} == {5e-4}
+    before = [p.detach().clone() for p in model.parameters()]
+    _one_step(model, opt)
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()) if p.ndim == 2)
+    assert all("momentum_buffer" in opt.state[p] for p in model.hidden_matrices())
+    state = opt.state_dict()
+    other = build_optimizer("muon", param_groups(model, 0.1), lr=1e-3, weight_decay=0.1, hidden=model.hidden_matrices())
+    other.load_state_dict(state)
+    p = model.hidden_matrices()[0]
+    assert torch.equal(other.state[p]["momentum_buffer"], opt.state[p]["momentum_buffer"])
+    with pytest.raises(ValueError, match="hidden="):
+        build_optimizer("muon", param_groups(model, 0.1), lr=1e-3, weight_decay=0.1)
+
+
+def test_muon_newton_schulz_in_fp32_is_torchs_iteration():
+    """newton_schulz_fp32 runs torch.optim.Muon's iteration: on inputs exactly representable in bf16 with a bf16
+    result it agrees with torch's bf16 iteration to bf16 precision, and the "fp32" Muon step equals the "bf16"
+    one up to that precision; a 2-D gradient comes out (nearly) orthogonalised."""
+    from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _zeropower_via_newtonschulz
+
+    from asteria.train.optimizers import newton_schulz_fp32
+
+    g = torch.randn(24, 12).bfloat16().float()
+    coeffs = (DEFAULT_A, DEFAULT_B, DEFAULT_C)
+    ours = newton_schulz_fp32(g, coeffs, 5, EPS)
+    torchs = _zeropower_via_newtonschulz(g, coeffs, 5, EPS).float()
+    assert ours.dtype == torch.float32 and ours.shape == g.shape
+    torch.testing.assert_close(ours, torchs, rtol=0.05, atol=0.03)
+    s = torch.linalg.svdvals(ours)
+    assert 0.5 < float(s.min()) and float(s.max()) < 1.5  # US'Vᵀ with S' near 1, as torch's
+
+
+def test_fast_bf16_matmul_follows_the_hardware():
+    from asteria.train.optimizers import fast_bf16_matmul
+
+    assert fast_bf16_matmul("cpu") == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

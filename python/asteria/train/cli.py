@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 #: The comparison run when no ``--optimizer`` or ``--compare`` is given (``make demo``).
-DEMO_COMPARE = "adamw,soap:sync,soap:async,kl-soap,shampoo"
+DEMO_COMPARE = "adamw,muon,soap:sync,soap:async,kl-soap,shampoo"
 
 DESCRIPTION = """\
 Train a small GPT-style language model on the source code of the Python standard
@@ -28,6 +28,13 @@ step-time spikes of the preconditioner refreshes.
 """ % DEMO_COMPARE
 
 EPILOG = """\
+optimizers: adamw is torch.optim.AdamW; muon is torch.optim.Muon on the hidden 2-D weights
+(attention and MLP projections) and AdamW on the embeddings (tied to the output), LayerNorms
+and biases, the usual split, one learning rate for both (Muon's update matched to AdamW's RMS);
+its Newton-Schulz iterations run in bf16 as torch ships them where bf16 matrix products are
+fast (GPUs with bf16 tensor cores, CPUs with AVX-512/AMX) and in float32 elsewhere (an AVX2 CPU,
+where torch's bf16 matmul is a scalar loop); shampoo, soap, kl-shampoo and kl-soap are asteria's.
+
 model presets (byte vocabulary of 256, tied input/output embedding, context 128):
 %s
 
@@ -110,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--model", choices=list(PRESETS), help="model preset (default: tiny)")
     what.add_argument("--lr", type=_positive_float,
                       help="peak learning rate (default: per optimizer, tuned for the "
-                           "demo: adamw 3e-3, the second-order optimizers 1.2e-2)")
+                           "demo: adamw 3e-3, muon 6e-3, the second-order optimizers 1.2e-2)")
     what.add_argument("--weight-decay", type=float, help="decoupled weight decay of matrices "
                       "(default: 0.1)")
     what.add_argument("--refresh", choices=["sync", "async"],
@@ -158,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     machine.add_argument("--device", choices=["auto", "cpu", "cuda"],
                          help="where to train (default: auto = cuda if available)")
     machine.add_argument("--threads", type=_int_at_least(1),
-                         help="torch.set_num_threads for training (default: PyTorch's choice)")
+                         help="torch.set_num_threads for training, the same for every configuration "
+                              "(default: the CPUs this process may use minus one, at least 1: the refresh "
+                              "runtime of the second-order optimizers gets the rest)")
     machine.add_argument("--device-budget", metavar="BYTES",
                          help="memory tiers of the second-order optimizers' state: bytes kept where "
                               "the optimizer computes, e.g. 64MiB (default: no limit)")
@@ -214,6 +223,7 @@ def plan_runs(args: argparse.Namespace, device: str):
 
     base = _overrides(args)
     base.pop("optimizer", None)
+    base.setdefault("threads", default_training_threads())
     if args.steps is None and args.time_budget is not None:
         base["steps"] = None
     base["device"] = device
@@ -230,6 +240,19 @@ def plan_runs(args: argparse.Namespace, device: str):
         runs.append(RunConfig(name=label, optimizer=name, refresh=mode,
                               staleness=staleness if mode == "async" else None, **base))
     return runs
+
+
+def default_training_threads() -> int:
+    """Training threads when ``--threads`` is not given: one less than the CPUs this process may use (at least
+    one), the same for every configuration, so that the refresh runtime of the second-order optimizers has a
+    core of its own and the comparison with AdamW and Muon is made on equal terms."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def _report_dir(args: argparse.Namespace, runs) -> Path:
@@ -278,8 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not ctx.is_main:
         args.quiet = True
         say = lambda *a: None  # noqa: E731
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(runs[0].threads or torch.get_num_threads())
     report_dir = _report_dir(args, runs)
     corpus = load_corpus(max_bytes=runs[0].corpus_bytes)
     first = runs[0]

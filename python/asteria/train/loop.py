@@ -299,6 +299,7 @@ def train(
             precondition_frequency=cfg.precondition_frequency,
             memory={"device_budget": cfg.device_budget, "host_budget": cfg.host_budget,
                     "nvme_path": cfg.nvme_path},
+            hidden=model.hidden_matrices(),
         )
     except OptimizerUnavailable as exc:
         result.status, result.message = "unavailable", str(exc)

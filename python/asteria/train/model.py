@@ -151,6 +151,13 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        """The 2-D weights inside the transformer blocks (attention and MLP projections): what Muon is meant for.
+
+        The embeddings (token, tied to the output projection, and position) and every 1-D parameter are not.
+        """
+        return [p for p in self.blocks.parameters() if p.ndim == 2]
+
     def num_parameters(self) -> int:
         """Number of distinct parameters (the tied embedding counted once)."""
         return sum(p.numel() for p in self.parameters())

@@ -24,8 +24,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-#: Optimizer names accepted by ``--optimizer`` and ``--compare``, in display order.
-OPTIMIZER_NAMES = ("adamw", "shampoo", "soap", "kl-shampoo", "kl-soap")
+#: Optimizer names accepted by ``--optimizer`` and ``--compare``, in display order. ``muon`` is
+#: ``torch.optim.Muon`` on the hidden 2-D weights and ``torch.optim.AdamW`` on the rest (`MuonWithAdamW`).
+OPTIMIZER_NAMES = ("adamw", "muon", "shampoo", "soap", "kl-shampoo", "kl-soap")
+
+#: The first-order baselines (no preconditioner refresh), which come from torch.
+TORCH_OPTIMIZERS = ("adamw", "muon")
 
 #: The asteria class behind each second-order name.
 ASTERIA_CLASSES = {
@@ -37,6 +41,10 @@ ASTERIA_CLASSES = {
 
 #: Refresh modes (``--refresh`` and the ``:sync``/``:async`` suffix of ``--compare``).
 REFRESH_MODES = ("sync", "async")
+
+
+#: Muon's learning rate for the demo setting; the sweep behind it is in BENCHMARKS.md ("asteria-train").
+MUON_LR = 6e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +67,11 @@ class OptimizerDefaults:
 #: shampoo 6e-3: 1.94, **1.2e-2: 1.85**, 2.4e-2: 2.35;
 #: kl-soap 6e-3: 1.80, **1.2e-2: 1.68**, 2.4e-2: 1.82;
 #: kl-shampoo 6e-3: 2.20, **1.2e-2: 2.17**.
+#: muon (one lr for Muon and its AdamW part: Muon's update is scaled to AdamW's RMS): the sweep is in
+#: BENCHMARKS.md, "asteria-train".
 DEFAULTS: dict[str, OptimizerDefaults] = {
     "adamw": OptimizerDefaults(lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95)),
+    "muon": OptimizerDefaults(lr=MUON_LR, weight_decay=0.1, betas=(0.9, 0.95)),
     "shampoo": OptimizerDefaults(lr=1.2e-2, weight_decay=0.1, betas=(0.9, 0.95)),
     "soap": OptimizerDefaults(lr=1.2e-2, weight_decay=0.1, betas=(0.95, 0.95)),
     "kl-shampoo": OptimizerDefaults(lr=1.2e-2, weight_decay=0.1, betas=(0.9, 0.95)),
@@ -71,6 +82,129 @@ DEFAULTS: dict[str, OptimizerDefaults] = {
 def is_second_order(name: str) -> bool:
     """True for the asteria optimizers (those with a preconditioner refresh)."""
     return name in ASTERIA_CLASSES
+
+
+def fast_bf16_matmul(device: torch.device | str = "cpu") -> bool:
+    """Whether bf16 matrix products are fast on ``device``: a CUDA device with bf16 tensor cores (compute
+    capability 8.0 or newer), or a CPU where oneDNN has a bf16 path (AVX-512 or AMX). Elsewhere (an AVX2 CPU)
+    torch's bf16 matmul is a scalar loop, about a hundred times slower than fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without oneDNN
+        return False
+
+
+def newton_schulz_fp32(grad: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
+                       eps: float) -> torch.Tensor:
+    """Muon's quintic Newton–Schulz orthogonalisation of a 2-D ``grad``, in float32.
+
+    The same iteration as ``torch.optim.Muon`` (normalise by the Frobenius norm, then ``ns_steps`` times
+    ``X ← a·X + (b·A + c·A²)·X`` with ``A = X·Xᵀ``, on the wide orientation), in float32 instead of bf16.
+    """
+    a, b, c = ns_coefficients
+    x = grad.float()
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if tall else x).to(grad.dtype)
+
+
+class MuonWithAdamW:
+    """``torch.optim.Muon`` on the hidden 2-D weights, ``torch.optim.AdamW`` on every other parameter.
+
+    The usual split: Muon orthogonalises the updates of the matrices inside the transformer blocks; the
+    embeddings (and the tied output projection), LayerNorms and biases use AdamW. Muon runs with
+    ``adjust_lr_fn="match_rms_adamw"`` (its update scaled to AdamW's RMS), so one learning rate serves
+    both and the training loop's schedule drives them alike through `param_groups`.
+
+    On a device without fast bf16 matrix products (`fast_bf16_matmul`: an AVX2 CPU) torch's Muon, which
+    runs its Newton–Schulz iterations in bf16, would spend seconds per matrix in torch's scalar bf16
+    fallback; there the iterations run in float32 instead (`newton_schulz_fp32`; ``newton_schulz`` says
+    which), the fair baseline on such a machine.
+
+    Args:
+        groups: Param groups (``params`` and ``weight_decay`` as from `asteria.train.model.param_groups`).
+        hidden: The parameters Muon optimizes (``GPT.hidden_matrices()``).
+        lr: Learning rate of both.
+        weight_decay: Decoupled weight decay of the decayed groups.
+        betas: AdamW's betas.
+        momentum: Muon's momentum (torch's default 0.95, Nesterov).
+        newton_schulz: ``"bf16"`` (torch as shipped), ``"fp32"``, or ``"auto"`` (bf16 where it is fast).
+    """
+
+    def __init__(self, groups: list[dict], hidden: list[torch.Tensor], *, lr: float, weight_decay: float,
+                 betas: tuple[float, float], momentum: float = 0.95, newton_schulz: str = "auto") -> None:
+        if newton_schulz not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"newton_schulz must be 'auto', 'bf16' or 'fp32', got {newton_schulz!r}")
+        ids = {id(p) for p in hidden}
+        muon, adamw = [], []
+        for g in groups:
+            mine = [p for p in g["params"] if id(p) in ids]
+            rest = [p for p in g["params"] if id(p) not in ids]
+            if mine:
+                muon.append({**g, "params": mine})
+            if rest:
+                adamw.append({**g, "params": rest})
+        if not muon:
+            raise ValueError("MuonWithAdamW: none of the parameters is a hidden 2-D weight")
+        device = muon[0]["params"][0].device
+        if newton_schulz == "auto":
+            newton_schulz = "bf16" if fast_bf16_matmul(device) else "fp32"
+        self.newton_schulz = newton_schulz
+        self.muon = torch.optim.Muon(muon, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                     adjust_lr_fn="match_rms_adamw")
+        self.adamw = torch.optim.AdamW(adamw, lr=lr, betas=betas, weight_decay=weight_decay) if adamw else None
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.muon.param_groups + (self.adamw.param_groups if self.adamw is not None else [])
+
+    @property
+    def state(self) -> dict:
+        return {**self.muon.state, **(self.adamw.state if self.adamw is not None else {})}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.newton_schulz == "fp32":
+            from torch.optim import _muon  # noqa: PLC0415
+
+            shipped = _muon._zeropower_via_newtonschulz
+            _muon._zeropower_via_newtonschulz = newton_schulz_fp32  # this step only: torch's Muon, NS in fp32
+            try:
+                self.muon.step()
+            finally:
+                _muon._zeropower_via_newtonschulz = shipped
+        else:
+            self.muon.step()
+        if self.adamw is not None:
+            self.adamw.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        if self.adamw is not None:
+            self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict() if self.adamw is not None else None,
+                "newton_schulz": self.newton_schulz}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.muon.load_state_dict(state["muon"])
+        if self.adamw is not None:
+            self.adamw.load_state_dict(state["adamw"])
+        self.newton_schulz = state.get("newton_schulz", self.newton_schulz)
 
 
 class OptimizerUnavailable(RuntimeError):
@@ -97,6 +231,7 @@ def build_optimizer(
     staleness: int | None = None,
     precondition_frequency: int | None = None,
     memory: dict[str, Any] | None = None,
+    hidden: list[torch.Tensor] | None = None,
 ) -> torch.optim.Optimizer:
     """Create the optimizer for a training run.
 
@@ -111,7 +246,9 @@ def build_optimizer(
         precondition_frequency: steps between preconditioner refreshes; None keeps the
             library default.
         memory: ``device_budget``, ``host_budget`` and ``nvme_path`` for the runtime (None values
-            are left out); ignored by AdamW.
+            are left out); ignored by AdamW and Muon.
+        hidden: for ``muon``, the hidden 2-D weights Muon optimizes (``GPT.hidden_matrices()``; the
+            others get AdamW). Required for ``muon``, ignored otherwise.
 
     Returns:
         The optimizer.
@@ -132,6 +269,10 @@ def build_optimizer(
     betas = DEFAULTS[name].betas
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+    if name == "muon":
+        if hidden is None:
+            raise ValueError("build_optimizer('muon') needs hidden=, the weights Muon optimizes")
+        return MuonWithAdamW(groups, hidden, lr=lr, weight_decay=weight_decay, betas=betas)
 
     asteria = _import_asteria()
     cls_name = ASTERIA_CLASSES[name]

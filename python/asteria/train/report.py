@@ -100,8 +100,13 @@ def summarize_run(result: RunResult) -> dict[str, Any]:
     refresh_times = [r["step_time"] for r in recs if r.get("refresh")]
     other_times = [r["step_time"] for r in recs if not r.get("refresh")]
     vals = [v for v in result.val_history if v["step"] > 0]
+    rs = result.runtime_stats or {}
+    workers = (rs.get("scheduler") or {}).get("worker_busy_s") or []
     return {
         "name": cfg.name,
+        "training_threads": cfg.threads,
+        "runtime_workers": len(workers) if rs else None,
+        "staleness": rs.get("staleness") if rs and cfg.refresh == "async" else None,
         "optimizer": cfg.optimizer,
         "refresh": cfg.refresh,
         "status": result.status,
@@ -296,8 +301,26 @@ def format_table(summary: dict[str, Any]) -> str:
         "step med/p99/max: step time; wall: training time (evaluation excluded);",
         "to target: step / training time of the first evaluation at or below the target.",
     ]
+    notes += _setup_lines(summary)
     notes += _tier_lines(summary)
     return "\n".join(lines + notes + [""] + summary["verdict"])
+
+
+def _setup_lines(summary: dict[str, Any]) -> list[str]:
+    """How many threads trained, how many served the refresh runtime, and the staleness of async runs."""
+    runs = [s for s in summary["runs"] if s["status"] != "unavailable"]
+    threads = sorted({s.get("training_threads") for s in runs if s.get("training_threads")})
+    workers = sorted({s["runtime_workers"] for s in runs if s.get("runtime_workers")})
+    out = []
+    if threads:
+        line = f"threads: {'/'.join(map(str, threads))} training thread(s) in every configuration"
+        if workers:
+            line += f"; the refresh runtime of the second-order ones ran {'/'.join(map(str, workers))} worker(s)"
+        out.append(line + ".")
+    stale = [f"{s['name']} S={s['staleness']}" for s in runs if s.get("staleness") is not None]
+    if stale:
+        out.append("staleness of the asynchronous runs: " + ", ".join(stale) + ".")
+    return out
 
 
 def _tier_lines(summary: dict[str, Any]) -> list[str]:
