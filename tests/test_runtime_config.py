@@ -12,7 +12,7 @@ from asteria.runtime import RefreshJob, RefreshPipeline, RuntimeConfig
 
 def test_defaults():
     cfg = RuntimeConfig()
-    assert (cfg.refresh, cfg.staleness, cfg.install, cfg.workers, cfg.hooks) == ("async", 5, "deterministic", None, True)
+    assert (cfg.refresh, cfg.staleness, cfg.install, cfg.workers, cfg.hooks) == ("async", "auto", "deterministic", None, True)
     assert cfg.device_budget is None and cfg.host_budget is None and cfg.nvme_path is None
     assert cfg.process_group == "auto"
     assert 1 <= cfg.resolved_workers() <= 8

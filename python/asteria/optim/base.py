@@ -974,6 +974,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         # In-flight refreshes: waited for and stored with their results, so a resumed run installs the same
         # results at the same steps (bit-identical in deterministic mode).
         out["asteria"]["pending"] = self.runtime.export_pending()
+        out["asteria"]["staleness"] = self.runtime.schedule.export()  # the S of each epoch (staleness="auto")
         if self._dist is not None:  # a per-rank state: see asteria.gather_state_dict for a full one
             out["asteria"]["distributed"] = self._dist.header(out["asteria"]["pending"])
         return out
@@ -1011,6 +1012,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             if self._dist is not None:
                 pending = self._dist.restrict_pending(pending)
             self.runtime.import_pending(pending, self.installer)
+            self.runtime.schedule.load(state_dict["asteria"].get("staleness"))
             self._failed_step = None
         except Exception:
             self.state, self._buckets = old[0], old[1]

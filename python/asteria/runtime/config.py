@@ -4,7 +4,8 @@
 decides how the expensive, infrequent refresh work (eigendecompositions, inverse roots, eigenbasis
 refreshes) reaches the C++ `RefreshScheduler` and when its results are installed, and where the optimizer
 state lives (the memory budgets of `asteria.runtime.tiers`). Every value is checked here, so a
-configuration never silently means something else. The default is the asynchronous runtime with staleness 5 and deterministic installs.
+configuration never silently means something else. The default is the asynchronous runtime with deterministic installs and
+the staleness chosen from measurement (``staleness="auto"``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import dataclasses
 import os
 from typing import Any
 
-__all__ = ["RuntimeConfig", "DEFAULT_RUNTIME_CONFIG", "DEFAULT_STALENESS"]
+__all__ = ["RuntimeConfig", "DEFAULT_RUNTIME_CONFIG", "DEFAULT_STALENESS", "AUTO_STALENESS_MARGIN", "AUTO_STALENESS_ROUNDS"]
 
 _REFRESH_MODES = ("sync", "async")
 _INSTALL_MODES = ("deterministic", "eager")
@@ -22,8 +23,14 @@ _FOLD_MODES = ("step", "backward")
 
 
 DEFAULT_STALENESS = 5
-"""The default bound S of ``refresh="async"`` (the paper's default; its sweep saw the wall-clock gain
-saturate from S = 3 with final losses within 0.02 across S in {1, 2, 3, 5, 10})."""
+"""The bound S ``staleness="auto"`` starts with, while it measures the first refresh rounds (the paper's default;
+its sweep saw the wall-clock gain saturate from S = 3 with final losses within 0.02 across S in {1, 2, 3, 5, 10})."""
+
+AUTO_STALENESS_ROUNDS = 2
+"""Refresh rounds ``staleness="auto"`` measures before it chooses S."""
+
+AUTO_STALENESS_MARGIN = 1.5
+"""``staleness="auto"`` leaves the slowest measured round this factor of its latency before its deadline."""
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -36,11 +43,21 @@ class RuntimeConfig:
             installs the result at a step boundary following the staleness rule. ``"sync"`` submits the
             refresh and waits for it at once: exactly the reference algorithm.
         staleness: The bound S: a result computed from the statistics of step s is installed at step
-            ``s + o + S`` (o = 0 for Shampoo, 1 for SOAP and KL). An int >= 0, or None for the default:
-            ``DEFAULT_STALENESS`` (5) with ``refresh="async"``, 0 with ``refresh="sync"`` (where any other
-            value is refused). ``staleness=0`` with ``refresh="async"`` is bit-identical to ``"sync"``.
-            When ``o + S`` exceeds ``precondition_frequency``, a block's refresh steps that fall while its
-            previous refresh is pending are skipped (a rule of s, o, S and f only, never of timing).
+            ``s + o + S`` (o = 0 for Shampoo, 1 for SOAP and KL). An int >= 0, ``"auto"``, or None for the
+            default: ``"auto"`` with ``refresh="async"``, 0 with ``refresh="sync"`` (where any other value is
+            refused). ``staleness=0`` with ``refresh="async"`` is bit-identical to ``"sync"``. When ``o + S``
+            exceeds ``precondition_frequency``, a block's refresh steps that fall while its previous refresh is
+            pending are skipped (a rule of s, o, S and f only, never of timing). ``"auto"``: the smallest S whose
+            deadlines the measured refresh latency meets with a margin. The first ``AUTO_STALENESS_ROUNDS`` (2)
+            refresh rounds run with ``DEFAULT_STALENESS`` (5) and are timed (submission to completion of each
+            round's slowest job, against the median time between steps); at the first refresh step after
+            them with no refresh in flight, S becomes ``max(1, ceil(AUTO_STALENESS_MARGIN · latency /
+            step period))`` (margin 1.5) and stays fixed: ``opt.runtime.stats()["staleness"]`` and
+            ``["staleness_auto"]`` report it, ``state_dict()`` records it (a resumed run keeps it, and installs
+            at the same steps), and ``opt.runtime.recalibrate_staleness()`` measures again. The choice
+            depends on the machine's speed, so two fresh runs may differ in S; pass an int for runs that must
+            be reproducible across machines. In distributed runs every rank takes the largest S any rank
+            chose.
         install: ``"deterministic"`` installs exactly at ``s + o + S`` (waiting for a late result, which
             is counted as a stall), so a run is reproducible whatever the thread timing; ``"eager"``
             installs a result at the first step boundary after it is ready, and never later than
@@ -119,7 +136,7 @@ class RuntimeConfig:
     """
 
     refresh: str = "async"
-    staleness: int | None = None
+    staleness: int | str | None = None
     install: str = "deterministic"
     workers: int | None = None
     worker_cpus: tuple[int, ...] | None = None
@@ -149,10 +166,10 @@ class RuntimeConfig:
             )
         if self.refresh not in _REFRESH_MODES:
             raise ValueError(f"RuntimeConfig.refresh must be one of {_REFRESH_MODES}, got {self.refresh!r}")
-        if self.staleness is not None and (
+        if self.staleness is not None and self.staleness != "auto" and (
             isinstance(self.staleness, bool) or not isinstance(self.staleness, int) or self.staleness < 0
         ):
-            raise ValueError(f"RuntimeConfig.staleness must be None or an int >= 0, got {self.staleness!r}")
+            raise ValueError(f"RuntimeConfig.staleness must be None, 'auto' or an int >= 0, got {self.staleness!r}")
         if self.install not in _INSTALL_MODES:
             raise ValueError(f"RuntimeConfig.install must be one of {_INSTALL_MODES}, got {self.install!r}")
         if self.workers is not None and (
@@ -194,7 +211,7 @@ class RuntimeConfig:
                 )
             object.__setattr__(self, "staleness", 0)
         elif self.staleness is None:
-            object.__setattr__(self, "staleness", DEFAULT_STALENESS)
+            object.__setattr__(self, "staleness", "auto")
 
         if not (self.process_group is None or self.process_group == "auto" or _is_process_group(self.process_group)):
             raise ValueError(
@@ -213,6 +230,11 @@ class RuntimeConfig:
             isinstance(self.local_world_size, bool) or not isinstance(self.local_world_size, int) or self.local_world_size < 1
         ):
             raise ValueError(f"RuntimeConfig.local_world_size must be None or an int >= 1, got {self.local_world_size!r}")
+
+    @property
+    def auto_staleness(self) -> bool:
+        """Whether S is chosen from measurement (``staleness="auto"``)."""
+        return self.staleness == "auto"
 
     @property
     def tiered(self) -> bool:

@@ -769,6 +769,7 @@ class DistributedCoordinator:
         coord = cls(opt, group)
         opt.runtime.distributed = True
         opt.runtime.exchange = coord.exchange
+        opt.runtime.agree_max = lambda value: max(coord.comm().all_gather_object(int(value), "choosing the staleness"))
         opt.runtime.add_stats_source("distributed", coord.stats)
         return coord
 

@@ -48,6 +48,7 @@ import torch
 from asteria.runtime.config import DEFAULT_RUNTIME_CONFIG, RuntimeConfig
 from asteria.runtime.gpu import route_for
 from asteria.runtime.shadow import Snapshot, snapshot_on_device, snapshot_to_host
+from asteria.runtime.staleness import StalenessSchedule
 from asteria.runtime.telemetry import StepTimeline
 from asteria.runtime.workers import INSTALL_THREAD_NAME, Runtime
 
@@ -263,6 +264,10 @@ class RefreshPipeline:
         # exchange each job is submitted by its owner only and the results are exchanged at the install step.
         self.distributed = False
         self.exchange: Any = None
+        # Makes the ranks agree on an S chosen from measurement (the largest); set by asteria.runtime.distributed.
+        self.agree_max: Callable[[int], int] = lambda value: value
+        self.schedule = StalenessSchedule(self.config.staleness, offset)
+        self._last_begin: float | None = None
         self._closed = False
         self._stats_sources: dict[str, Callable[[], Any]] = {}
         self._unsettled: list[Snapshot] = []  # deferred snapshot copies not known to be made (see `settle`)
@@ -288,7 +293,8 @@ class RefreshPipeline:
     # -- scheduling rule -------------------------------------------------------------------------
     @property
     def staleness(self) -> int:
-        return int(self.config.staleness)
+        """The bound S new snapshots get (with ``staleness="auto"``: the one chosen so far, see `schedule`)."""
+        return self.schedule.current
 
     @property
     def is_async(self) -> bool:
@@ -296,11 +302,17 @@ class RefreshPipeline:
 
     def deadline(self, version: int) -> int:
         """Returns the step boundary at which a snapshot of step ``version`` is installed."""
-        return version + self.offset + self.staleness
+        return version + self.offset + self.schedule.staleness_at(version)
 
     def accepts(self, t: int, is_refresh: Callable[[int], bool], first: int | float, frequency: int) -> bool:
-        """Whether refresh step ``t`` is taken (`accepted_refresh_step` with ``gap = o + S``)."""
-        return accepted_refresh_step(t, is_refresh, first, frequency, self.offset + self.staleness)
+        """Whether refresh step ``t`` is taken (`accepted_refresh_step` with ``gap = o + S``; with
+        ``staleness="auto"``, the first refresh step with nothing in flight after the measured rounds chooses S)."""
+        return self.schedule.accepts(t, is_refresh, first, frequency, lambda: not self._pending, self.agree_max)
+
+    def recalibrate_staleness(self) -> None:
+        """With ``RuntimeConfig(staleness="auto")``: times the next refresh rounds and chooses S again from them (the
+        current S applies until then). Raises RuntimeError for a fixed S."""
+        self.schedule.recalibrate()
 
     # -- scheduler handle ------------------------------------------------------------------------
     @property
@@ -320,6 +332,10 @@ class RefreshPipeline:
         """Marks the start of an optimizer step (telemetry; the memory tiers note it for their failure policy) and
         makes the deferred snapshot copies not made yet (`settle`): the step is about to write the statistics."""
         self.settle()
+        now = time.perf_counter()
+        if self._last_begin is not None:
+            self.schedule.on_period(now - self._last_begin)
+        self._last_begin = now
         self.timeline.begin_step()
         if self._runtime.tiers_active:
             self._runtime.tiers.begin_step()
@@ -381,6 +397,7 @@ class RefreshPipeline:
         self.timeline.add_submitted(submitted)
         self._seq += 1
         self._pending.append(_Pending(self._seq, ids, install, int(jobs[0].version), deadlines.pop(), tag, plan=plan))
+        self.schedule.on_submitted(int(jobs[0].version))
 
     def _submit_one(self, sched: Any, job: RefreshJob) -> Any:  # noqa: ARG002 - the runtime routes the job
         return self._runtime.submit_job(job)
@@ -540,6 +557,7 @@ class RefreshPipeline:
                 failed.append(res.message)
         self._counters["batches_installed"] += 1
         self.timeline.add_installed(len(results), step - pending.version - self.offset)
+        self.schedule.on_installed(pending.version, [float(r.latency_s) for r in results if r is not None])
         if failed:
             self._failures.extend(failed)
             del self._failures[:-50]
@@ -745,6 +763,7 @@ class RefreshPipeline:
         out: dict[str, Any] = self.counters()
         out["refresh"] = self.config.refresh
         out["staleness"] = self.staleness
+        out["staleness_auto"] = self.schedule.report()
         out["install"] = self.config.install
         out["offset"] = self.offset
         out["failures"] = list(self._failures)
