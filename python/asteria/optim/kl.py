@@ -365,7 +365,7 @@ _KL_DOC = r"""
         num_tolerated_failures: Consecutive failed refreshes tolerated per block (default: 3).
         state_dtype: dtype of all state (default: torch.float32; the reference defaults to bf16).
         runtime: An `asteria.RuntimeConfig` or a shared `asteria.Runtime` (default: None, i.e. ``RuntimeConfig()``:
-            asynchronous refresh with staleness 5; ``RuntimeConfig(refresh="sync")`` is the reference algorithm).
+            asynchronous refresh with the staleness chosen from measurement, ``staleness="auto"``; ``RuntimeConfig(refresh="sync")`` is the reference algorithm).
 
     Deviations from the reference, on purpose: fp32 state by default; blocking of large dims; size-1 dims
     are kept (the reference squeezes them); 1-D parameters get AdamW (the reference fails); non-finite

@@ -160,7 +160,7 @@ class Shampoo(BlockOptimizer):
         state_dtype: dtype of factors, roots and moments: torch.float32 or torch.float64
             (default: torch.float32).
         runtime: An `asteria.RuntimeConfig` or a shared `asteria.Runtime` (default: None, i.e. ``RuntimeConfig()``:
-            asynchronous refresh with staleness 5; ``RuntimeConfig(refresh="sync")`` is the reference algorithm).
+            asynchronous refresh with the staleness chosen from measurement, ``staleness="auto"``; ``RuntimeConfig(refresh="sync")`` is the reference algorithm).
 
     Non-finite gradients and overflow: when a block's gradient contains NaN/Inf, or when its new factors,
     grafting accumulator or first moment would not be finite (a finite but huge gradient such as 1e30, whose

@@ -160,7 +160,7 @@ class SOAP(EigenbasisOptimizer):
         num_tolerated_failures: Consecutive failed refreshes tolerated per block (default: 3).
         state_dtype: dtype of factors, bases and moments (default: torch.float32).
         runtime: An `asteria.RuntimeConfig` or a shared `asteria.Runtime` (default: None, i.e. ``RuntimeConfig()``:
-            asynchronous refresh with staleness 5; ``RuntimeConfig(refresh="sync")`` is the reference algorithm).
+            asynchronous refresh with the staleness chosen from measurement, ``staleness="auto"``; ``RuntimeConfig(refresh="sync")`` is the reference algorithm).
 
     Deviations from the reference, on purpose: dims above ``max_preconditioner_dim`` are blocked instead of
     left unrotated; state is fp32 by default; the first moment is rotated only when the basis changes

@@ -56,7 +56,7 @@ class Runtime:
         rt.close()
 
     Args:
-        config: The runtime configuration (default: `RuntimeConfig()`, async with staleness 5).
+        config: The runtime configuration (default: `RuntimeConfig()`, async with staleness "auto").
         scheduler: An existing ``asteria._core.RefreshScheduler`` (or an object with its interface) to use
             instead of starting one; it is closed by `close` as well.
 
