@@ -200,6 +200,18 @@ class RatioReporter : public benchmark::ConsoleReporter {
   }
 
   void Summarize() const {
+    bool intake = false;
+    for (const auto& [name, v] : values_) intake = intake || name.rfind("intake/", 0) == 0;
+    if (intake) intake_table();
+    const double one = median("inverse_root_batch/workers:1", "seconds_per_iteration");
+    const double two = median("inverse_root_batch/workers:2", "seconds_per_iteration");
+    if (one > 0 && two > 0)
+      std::printf("\nscheduler_bench: 32 inverse roots n=%d fp32: 1 worker %.3f s, 2 workers %.3f s, speed-up %.2fx\n",
+                  g_quick ? 128 : 512, one, two, one / two);
+  }
+
+ private:
+  void intake_table() const {
     std::printf("\nscheduler_bench intake: new = lock-free RefreshScheduler, old = mutex + std::priority_queue "
                 "(LockedScheduler); medians over the repetitions\n");
     std::printf("%-9s %-7s | %-30s | %-30s | %-30s | %-30s | %-30s\n", "producers", "workers",
@@ -215,20 +227,14 @@ class RatioReporter : public benchmark::ConsoleReporter {
         const double l99_old = median(find(false, p, w, 1), "p99_us"), l99_new = median(find(true, p, w, 1), "p99_us");
         const double u99_old = median(find(false, p, w, 256), "p99_us"), u99_new = median(find(true, p, w, 256), "p99_us");
         const double s_old = median(find(false, p, w, 256), "submit_ns"), s_new = median(find(true, p, w, 256), "submit_ns");
+        if (t_old == 0 && t_new == 0 && l50_old == 0 && l50_new == 0) continue;  // not run (--benchmark_filter)
         std::printf("%-9d %-7d | %9.0f %9.0f %10.2f | %9.1f %9.1f %10.2f | %9.1f %9.1f %10.2f | %9.0f %9.0f %10.2f | "
                     "%9.0f %9.0f %10.2f\n",
                     p, w, t_old, t_new, ratio(t_new, t_old), l50_old, l50_new, ratio(l50_new, l50_old), l99_old,
                     l99_new, ratio(l99_new, l99_old), u99_old, u99_new, ratio(u99_new, u99_old), s_old, s_new,
                     ratio(s_new, s_old));
       }
-    const double one = median("inverse_root_batch/workers:1", "seconds_per_iteration");
-    const double two = median("inverse_root_batch/workers:2", "seconds_per_iteration");
-    if (one > 0 && two > 0)
-      std::printf("\nscheduler_bench: 32 inverse roots n=%d fp32: 1 worker %.3f s, 2 workers %.3f s, speed-up %.2fx\n",
-                  g_quick ? 128 : 512, one, two, one / two);
   }
-
- private:
   static std::string find(bool lock_free, int p, int w, int window) {
     for (const auto& [name, c] : g_configs)
       if (c.lock_free == lock_free && c.producers == p && c.workers == w && c.window == window) return name;
