@@ -133,6 +133,9 @@ void init_scheduler(py::module_& m) {
            py::arg("flush_denormals") = true, py::arg("test_delay_s") = 0.0, py::arg("test_jitter_s") = 0.0,
            py::arg("test_seed") = 0, py::arg("test_fault") = "none", py::arg("test_fault_job") = "any",
            py::arg("test_fault_skip") = 0, py::arg("test_fault_count") = 1, py::arg("cpus") = std::vector<int>{},
+           "queue_capacity: jobs submitted and not yet collected by poll()/wait() (the job table, rounded up to a "
+           "power of two); job n takes the slot of job n - queue_capacity, so submitting raises MemoryError while "
+           "that job is uncollected.\n"
            "cpus: CPU numbers the workers are pinned to (empty: inherit the caller's affinity).\n"
            "test_delay_s / test_jitter_s / test_seed: TEST HOOK (SchedulerOptions::test_delay_seconds): each job "
            "first waits test_delay_s plus a uniform random extra in [0, test_jitter_s]; shutdown interrupts it.\n"

@@ -8,6 +8,8 @@
 #include <chrono>
 #include <cmath>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <random>
 #include <set>
 #include <stdexcept>
@@ -169,12 +171,15 @@ TEST(Scheduler, CancelQueuedJob) {
   }));
   auto victim = s.submit(task_job(1, [&] { ran = true; }));
   EXPECT_TRUE(s.cancel(victim));
+  while (s.stats().running == 0) std::this_thread::sleep_for(1ms);
+  EXPECT_FALSE(s.cancel(gate));  // running
   release = true;
   auto r = s.wait(victim);
   EXPECT_EQ(r.status, asteria::JobStatus::kCancelled);
   EXPECT_FALSE(ran.load());
-  EXPECT_FALSE(s.cancel(gate) && false);
-  s.wait(gate);
+  // The only worker ran the gate (the earlier deadline) before it reported the victim: finished, not collected.
+  EXPECT_FALSE(s.cancel(gate));
+  EXPECT_EQ(s.wait(gate).status, asteria::JobStatus::kOk);
   EXPECT_FALSE(s.cancel(gate));  // finished and collected
 }
 
@@ -290,6 +295,221 @@ TEST(Scheduler, StressConservesCompletedJobs) {
     if (i % 10 != 0) expected += i;
   EXPECT_EQ(payload.load(), expected * kProducers);
   EXPECT_EQ(s.stats().completed, static_cast<std::size_t>(kProducers * kPer));
+}
+
+// Several producers submit while a collector polls. The job table (queue_capacity 64) is reused many
+// times over and fills up: submit() then throws kBudgetExhausted and the producer retries. Every job runs
+// exactly once (the payloads it adds sum to the payloads submitted, and it ran as many times as there are
+// jobs), and every result is collected exactly once, for the id submit() returned, with that job's block.
+TEST(Scheduler, StressEveryJobRunsOnceAndIsCollectedOnce) {
+  for (int nworkers : {1, 2}) {
+    SCOPED_TRACE("workers=" + std::to_string(nworkers));
+    asteria::SchedulerOptions o = workers(nworkers);
+    o.queue_capacity = 64;
+    asteria::RefreshScheduler s(o);
+    constexpr int kProducers = 4, kPer = 1500;
+    std::atomic<std::uint64_t> ran_sum{0}, ran_count{0};
+    std::atomic<int> producing{kProducers};
+    std::atomic<bool> go{false};
+    std::vector<std::vector<std::pair<asteria::JobId, std::uint64_t>>> submitted(kProducers);
+    std::vector<std::thread> producers;
+    for (int p = 0; p < kProducers; ++p)
+      producers.emplace_back([&, p] {
+        while (!go.load()) std::this_thread::yield();
+        for (int i = 0; i < kPer; ++i) {
+          const std::uint64_t token = static_cast<std::uint64_t>(p) * kPer + i + 1;
+          for (;;) {
+            auto spec = task_job(i % 7, [&ran_sum, &ran_count, token] {
+              ran_sum.fetch_add(token);
+              ran_count.fetch_add(1);
+            });
+            spec.block_id = token;
+            try {
+              submitted[p].emplace_back(s.submit(std::move(spec)), token);
+              break;
+            } catch (const asteria::Error& e) {
+              if (e.category() == asteria::ErrorCategory::kCancelled) return;  // shut down by the timeout below
+              ASSERT_EQ(e.category(), asteria::ErrorCategory::kBudgetExhausted) << e.what();
+              std::this_thread::yield();
+            }
+          }
+        }
+        producing.fetch_sub(1);
+      });
+    std::map<asteria::JobId, std::uint64_t> collected;  // id -> block
+    go = true;
+    const auto until = std::chrono::steady_clock::now() + 20s;
+    for (;;) {
+      const bool last = producing.load() == 0;
+      for (auto& r : s.poll()) {
+        EXPECT_EQ(r.status, asteria::JobStatus::kOk) << r.message;
+        EXPECT_TRUE(collected.emplace(r.id, r.block_id).second) << "job " << r.id << " collected twice";
+      }
+      if (last && collected.size() >= static_cast<std::size_t>(kProducers) * kPer) break;
+      if (std::chrono::steady_clock::now() > until) {
+        ADD_FAILURE() << "only " << collected.size() << " results after 20 s";
+        s.shutdown();  // the producers' retries end: submit throws kCancelled
+        break;
+      }
+      std::this_thread::yield();
+    }
+    for (auto& t : producers) t.join();
+    std::uint64_t expected_sum = 0;
+    std::map<asteria::JobId, std::uint64_t> expected;
+    for (const auto& list : submitted)
+      for (const auto& [id, token] : list) {
+        EXPECT_TRUE(expected.emplace(id, token).second) << "id " << id << " returned twice";
+        expected_sum += token;
+      }
+    EXPECT_EQ(expected.size(), static_cast<std::size_t>(kProducers) * kPer);
+    EXPECT_EQ(collected, expected);
+    EXPECT_EQ(ran_count.load(), static_cast<std::uint64_t>(kProducers) * kPer);
+    EXPECT_EQ(ran_sum.load(), expected_sum);
+    EXPECT_EQ(expected.rbegin()->first, static_cast<asteria::JobId>(kProducers) * kPer);  // no id skipped
+    const auto st = s.stats();
+    EXPECT_EQ(st.submitted, static_cast<std::size_t>(kProducers) * kPer);
+    EXPECT_EQ(st.completed, static_cast<std::size_t>(kProducers) * kPer);
+    EXPECT_EQ(st.uncollected, 0u);
+    EXPECT_TRUE(s.poll().empty());
+  }
+}
+
+// The job table bounds the jobs submitted and not yet collected: with queue_capacity 4, the fifth would
+// take the slot of the first, which is still running; collecting it makes room, and no id was used up.
+TEST(Scheduler, FullJobTableRefusesSubmitUntilAResultIsCollected) {
+  asteria::SchedulerOptions o = workers(1);
+  o.queue_capacity = 3;  // rounded up to 4
+  asteria::RefreshScheduler s(o);
+  std::atomic<bool> release{false};
+  std::vector<asteria::JobId> ids;
+  ids.push_back(s.submit(task_job(0, [&] {
+    while (!release.load()) std::this_thread::sleep_for(1ms);
+  })));
+  for (int i = 1; i < 4; ++i) ids.push_back(s.submit(task_job(i, [] {})));
+  EXPECT_EQ(ids, (std::vector<asteria::JobId>{1, 2, 3, 4}));
+  try {
+    s.submit(task_job(9, [] {}));
+    FAIL() << "a fifth uncollected job was accepted by a table of 4";
+  } catch (const asteria::Error& e) {
+    EXPECT_EQ(e.category(), asteria::ErrorCategory::kBudgetExhausted);
+    EXPECT_NE(std::string(e.what()).find("queue_capacity = 4"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("poll()/wait()"), std::string::npos) << e.what();
+  }
+  release = true;
+  // Jobs 2..4 are done too once the first is; collecting them alone frees nothing for id 5.
+  for (int i = 1; i < 4; ++i) EXPECT_EQ(s.wait(ids[i]).status, asteria::JobStatus::kOk);
+  EXPECT_THROW(s.submit(task_job(9, [] {})), asteria::Error);
+  EXPECT_EQ(s.wait(ids[0]).status, asteria::JobStatus::kOk);
+  const auto next = s.submit(task_job(9, [] {}));
+  EXPECT_EQ(next, 5u);
+  EXPECT_EQ(s.wait(next).status, asteria::JobStatus::kOk);
+  EXPECT_THROW(s.wait(ids[0]), asteria::Error);  // collected; its slot now belongs to job 5, also collected
+  EXPECT_FALSE(s.cancel(ids[0]));
+}
+
+// All jobs are queued before the only worker starts them (it is held by a first task): they start in
+// (deadline, id) order, over several sorting chunks and run levels, with many equal deadlines.
+TEST(Scheduler, EarliestDeadlineFirstWithTiesOverManyQueuedJobs) {
+  asteria::RefreshScheduler s(workers(1));
+  std::atomic<bool> release{false};
+  auto gate = s.submit(task_job(std::numeric_limits<std::int64_t>::min(), [&] {
+    while (!release.load()) std::this_thread::sleep_for(1ms);
+  }));
+  while (s.stats().running == 0) std::this_thread::sleep_for(1ms);
+  constexpr int kJobs = 700;
+  std::mt19937 rng(11);
+  std::vector<std::int64_t> deadlines(kJobs);
+  for (auto& d : deadlines) d = static_cast<std::int64_t>(rng() % 90) - 30;  // many ties, negative ones too
+  std::vector<int> order;  // submission index of each job, in start order (one worker: no lock needed)
+  order.reserve(kJobs);
+  std::vector<asteria::JobId> ids(kJobs);
+  for (int i = 0; i < kJobs; ++i) ids[i] = s.submit(task_job(deadlines[i], [&order, i] { order.push_back(i); }));
+  release = true;
+  EXPECT_EQ(s.wait(gate).status, asteria::JobStatus::kOk);
+  const auto until = std::chrono::steady_clock::now() + 20s;
+  while (s.stats().completed < kJobs + 1 && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(1ms);
+  for (auto& r : s.poll()) EXPECT_EQ(r.status, asteria::JobStatus::kOk) << r.message;
+  ASSERT_EQ(order.size(), static_cast<std::size_t>(kJobs));
+  std::vector<int> expected(kJobs);
+  for (int i = 0; i < kJobs; ++i) expected[i] = i;
+  std::stable_sort(expected.begin(), expected.end(), [&](int a, int b) { return deadlines[a] < deadlines[b]; });
+  EXPECT_EQ(order, expected);  // ties: the smaller id (the earlier submit) first
+}
+
+// Cancellations race with the workers taking the same jobs: each job ends exactly one way. cancel() returns
+// true exactly for the jobs whose result is kCancelled, and those never ran; the others ran once.
+TEST(Scheduler, CancellationsRacingWithWorkers) {
+  for (int nworkers : {1, 2}) {
+    SCOPED_TRACE("workers=" + std::to_string(nworkers));
+    asteria::RefreshScheduler s(workers(nworkers));
+    constexpr int kProducers = 2, kPer = 1500;
+    std::vector<std::atomic<int>> runs(kProducers * kPer);
+    std::mutex mu;
+    std::vector<asteria::JobId> fresh;  // submitted, not yet looked at by the canceller
+    std::map<asteria::JobId, int> token_of;
+    std::atomic<int> producing{kProducers};
+    std::vector<std::thread> producers;
+    for (int p = 0; p < kProducers; ++p)
+      producers.emplace_back([&, p] {
+        for (int i = 0; i < kPer; ++i) {
+          const int token = p * kPer + i;
+          const auto id = s.submit(task_job(i, [&runs, token] { runs[token].fetch_add(1); }));
+          std::lock_guard<std::mutex> g(mu);
+          fresh.push_back(id);
+          token_of.emplace(id, token);
+        }
+        producing.fetch_sub(1);
+      });
+    std::set<asteria::JobId> cancelled_ok;
+    std::thread canceller([&] {
+      std::vector<asteria::JobId> batch;
+      unsigned n = 0;
+      for (;;) {
+        const bool last = producing.load() == 0;
+        {
+          std::lock_guard<std::mutex> g(mu);
+          batch.swap(fresh);
+        }
+        for (auto id : batch)
+          if (n++ % 3 != 2 && s.cancel(id)) cancelled_ok.insert(id);  // two in three; the rest run
+        batch.clear();
+        if (last) break;
+        std::this_thread::yield();
+      }
+    });
+    for (auto& t : producers) t.join();
+    canceller.join();
+    std::size_t cancelled = 0, ok = 0;
+    std::set<asteria::JobId> seen;
+    const auto until = std::chrono::steady_clock::now() + 20s;
+    while (seen.size() < token_of.size()) {
+      if (std::chrono::steady_clock::now() > until) {
+        ADD_FAILURE() << "only " << seen.size() << " of " << token_of.size() << " results after 20 s";
+        break;
+      }
+      for (auto& r : s.poll()) {
+        EXPECT_TRUE(seen.insert(r.id).second);
+        const int token = token_of.at(r.id);
+        if (r.status == asteria::JobStatus::kCancelled) {
+          ++cancelled;
+          EXPECT_EQ(cancelled_ok.count(r.id), 1u) << "job " << r.id << " cancelled, but cancel() said no";
+          EXPECT_EQ(runs[token].load(), 0) << "cancelled job " << r.id << " ran";
+        } else {
+          ASSERT_EQ(r.status, asteria::JobStatus::kOk) << r.message;
+          ++ok;
+          EXPECT_EQ(cancelled_ok.count(r.id), 0u) << "job " << r.id << " ran, but cancel() said it was cancelled";
+          EXPECT_EQ(runs[token].load(), 1) << "job " << r.id;
+        }
+      }
+      std::this_thread::yield();
+    }
+    EXPECT_EQ(cancelled + ok, static_cast<std::size_t>(kProducers) * kPer);
+    EXPECT_EQ(cancelled, cancelled_ok.size());
+    const auto st = s.stats();
+    EXPECT_EQ(st.cancelled, cancelled);
+    EXPECT_EQ(st.completed, st.submitted);
+    EXPECT_GT(ok, 0u);
+  }
 }
 
 // The test hook (SchedulerOptions::test_delay_seconds / test_jitter_seconds) slows every job by at

@@ -151,7 +151,10 @@ class RefreshScheduler:
         self, *, workers: int = 1, queue_capacity: int = 4096, blas_threads: int = 1, flush_denormals: bool = True,
         test_delay_s: float = 0.0, test_jitter_s: float = 0.0, test_seed: int = 0, test_fault: str = "none",
         test_fault_job: str = "any", test_fault_skip: int = 0, test_fault_count: int = 1, cpus: list[int] = ...,
-    ) -> None: ...
+    ) -> None:
+        """queue_capacity bounds the jobs submitted and not yet collected by poll()/wait() (rounded up to a power
+        of two): job n takes the slot of job n - queue_capacity, and submitting raises MemoryError while that
+        job is uncollected."""
     def set_test_fault(self, kind: str, *, job: str = "any", skip: int = 0, count: int = 1) -> None:
         """TEST HOOK: 'solver', 'exception', 'bad_alloc', 'nonfinite' or 'none' for the next matching jobs."""
     def submit_eigh(

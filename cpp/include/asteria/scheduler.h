@@ -2,9 +2,26 @@
 // asteria::RefreshScheduler — runs preconditioner refresh jobs (eigendecomposition, inverse
 // roots, eigenbasis refresh) on N worker threads, earliest deadline first.
 //
-// Thread safety: every method may be called from any thread. submit() copies nothing but the
-// job description (inputs are owned by the job), pushes it on a lock-free MPMC ring and wakes a
-// worker; it never waits for a worker. poll() never blocks; wait() blocks until the job is done.
+// Thread safety: every method may be called from any thread.
+// Lock-free (atomic operations only, no mutex): the job intake, from submit() to a worker starting the
+// job, and cancel(). submit() copies nothing but the job description (inputs are owned by the job),
+// claims the job's slot in a fixed table (slot = id mod queue_capacity) with a compare-and-swap, pushes
+// the slot on a lock-free MPMC ring and posts a semaphore (an atomic counter; a futex wakes a worker
+// only when one sleeps). A worker moves what the ring holds into sorted runs, which every worker pops
+// by compare-and-swap, and starts the job at the head with the earliest deadline (ties: the smaller
+// id). cancel() is one compare-and-swap on the job's slot. submit() never waits for a worker to pick or
+// finish a job; like the ring's own push it can spin only while a worker is inside its pop of the very
+// ring slot the push needs (a few instructions).
+// Order: a worker starts the earliest of the jobs it can see, those in the runs and those it has just
+// moved there from the ring. With one worker that is every job submitted before it picks (but for the
+// jobs pushed behind a submit() still inside its push: the ring is FIFO); with several, the jobs another
+// worker is moving from the ring into the runs at that moment (a bounded sort and merge) are seen once
+// it has published them.
+// Locks: a job's completion takes a mutex (its result enters the table of uncollected results), as
+// do poll(), wait() (which sleeps on a condition variable), stats() (to count uncollected results),
+// shutdown() (joining the workers) and the test hooks when they are set (test_delay_seconds and
+// test_jitter_seconds, an armed test_fault), once per job.
+// poll() never blocks; wait() blocks until the job is done.
 // A job that fails (non-finite input, solver failure, a result holding NaN or Inf, any exception,
 // std::bad_alloc included) completes with status kFailed and a message naming the job, its block and
 // its version; it never takes the process down, and the worker goes on with the next job. Worker threads run with
@@ -20,7 +37,6 @@
 #include <memory>
 #include <mutex>
 #include <optional>
-#include <queue>
 #include <semaphore>
 #include <string>
 #include <thread>
@@ -118,7 +134,9 @@ struct SchedulerFault {
 struct SchedulerOptions {
   // Worker threads (1..256). One refresh runs per worker at a time.
   int workers = 1;
-  // Jobs that may wait in the ingress ring at once (rounded up to a power of two, 1..2^20).
+  // Jobs submitted and not yet collected by poll()/wait() (rounded up to a power of two, 1..2^20): the
+  // size of the job table and of the ingress ring. Job id n takes table slot n mod queue_capacity, so
+  // submit() throws kBudgetExhausted while job n - queue_capacity is still uncollected.
   std::size_t queue_capacity = 4096;
   // BLAS/LAPACK threads per call (1..256); keep 1 so workers do not oversubscribe cores.
   int blas_threads = 1;
@@ -160,7 +178,7 @@ class RefreshScheduler {
   RefreshScheduler& operator=(const RefreshScheduler&) = delete;
 
   // Validates the spec (throws kInvalidArgument on a malformed one) and queues it.
-  // Throws kBudgetExhausted when the ring is full, kCancelled after shutdown().
+  // Throws kBudgetExhausted when the job table is full (see queue_capacity), kCancelled after shutdown().
   JobId submit(JobSpec spec);
   // Completed jobs not yet collected, in id order; each result is returned exactly once.
   std::vector<JobResult> poll();
@@ -178,32 +196,41 @@ class RefreshScheduler {
   void set_test_fault(const SchedulerFault& fault);
 
  private:
-  struct Job;
+  struct Job;     // a submitted spec and its submit time (scheduler.cc)
+  struct Slot;    // one entry of the job table: the job's state, EDF key and run link (scheduler.cc)
+  struct RunKey;  // (deadline, id) of a queued job and its slot
+  static constexpr int kRunLevels = 12;  // sorted runs, merged as the digits of a binary counter
+
   void worker_main(int index);
-  std::shared_ptr<Job> next_job();
-  void finish(const std::shared_ptr<Job>& job, JobResult&& r);
+  void intake(std::vector<RunKey>& chunk);  // moves what the ring holds into the runs
+  std::int64_t pop_earliest();             // takes the head with the earliest key; its slot, or -1 when none
+  void publish(std::uint32_t chain);        // enters a sorted chain in the runs (merging with full levels)
+  std::uint32_t merge(std::uint32_t a, std::uint32_t b);
+  RunKey key_of(std::uint32_t slot) const;
+  bool issued(JobId id) const;  // id was issued and is not yet collected
+  void finish(Slot& slot, JobId id, JobResult&& r);
   SchedulerFaultKind take_fault(const JobSpec& spec);  // the test hook's decision for a job starting now
 
   SchedulerOptions opts_;
-  MpmcQueue<std::shared_ptr<Job>> ingress_;
-  std::counting_semaphore<> work_available_{0};
+  std::size_t capacity_;  // job table slots = ring slots (a power of two)
+  std::unique_ptr<Slot[]> slots_;
+  MpmcQueue<std::uint32_t> ingress_;  // slots of submitted jobs, submit -> workers
+  std::counting_semaphore<> work_available_{0};  // one permit per submitted job not yet taken by a worker
+  // Heads of the sorted runs: (modification tag << 21) | (slot + 1); 0 in the low bits: empty.
+  alignas(kCacheLine) std::atomic<std::uint64_t> runs_[kRunLevels] = {};
+  alignas(kCacheLine) std::atomic<JobId> next_id_{1};
+  // Bit 0: shutdown has begun (no submit starts); above it, submits past that check, counted in twos.
+  alignas(kCacheLine) std::atomic<std::uint64_t> gate_{0};
 
-  std::mutex ready_mu_;  // guards ready_ (workers only)
-  struct Later {
-    bool operator()(const std::shared_ptr<Job>& a, const std::shared_ptr<Job>& b) const;
-  };
-  std::priority_queue<std::shared_ptr<Job>, std::vector<std::shared_ptr<Job>>, Later> ready_;
-
-  mutable std::mutex mu_;  // guards jobs_, done_
+  mutable std::mutex mu_;  // guards done_; taken by completion and collection only
   std::condition_variable done_cv_;
-  std::map<JobId, std::shared_ptr<Job>> jobs_;  // issued, not yet collected
-  std::map<JobId, JobResult> done_;
+  std::map<JobId, JobResult> done_;  // completed, not yet collected
 
-  std::atomic<JobId> next_id_{1};
-  std::atomic<bool> stopping_{false};
+  std::atomic<bool> stopping_{false};  // set by shutdown() once no submit is in flight
   std::mutex stop_mu_;  // with stop_cv_: wakes workers sleeping in the test delay at shutdown
   std::condition_variable stop_cv_;
   std::mutex fault_mu_;  // guards fault_, fault_seen_
+  std::atomic<bool> fault_armed_{false};  // fault_.kind != kNone: only then does a starting job take fault_mu_
   SchedulerFault fault_;
   std::uint64_t fault_seen_ = 0;  // matching jobs started since the hook was armed
   std::atomic<std::size_t> faults_injected_{0};
