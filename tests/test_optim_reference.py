@@ -1,4 +1,4 @@
-"""Tier-2 cross-checks against the real reference implementations (ALGORITHMS.md §6.1-6.3).
+"""Tier-2 cross-checks against the real reference implementations (docs/algorithms.md §7.3).
 
 The references are never part of this repository. Point the environment variables at exported copies:
 
@@ -67,7 +67,7 @@ def _compare(ours, ref, shapes, steps, dtype, rtol, atol, seed=0):
 def test_shampoo_matches_distributed_shampoo(max_dim, shapes, grafting):
     ds = _import_from("ASTERIA_REF_DS", "distributed_shampoo")
     # DS keeps lr in an fp32 tensor: use an lr exact in fp32. epsilon 1e-3 keeps the round-off of the
-    # rank-deficient early factors from being amplified by eps^(-1/p) (ALGORITHMS.md §6.3).
+    # rank-deficient early factors from being amplified by eps^(-1/p) (docs/algorithms.md §7.3).
     kw = dict(lr=2**-7, betas=(0.9, 0.999), epsilon=1e-3, weight_decay=0.01, precondition_frequency=2,
               start_preconditioning_step=2, max_preconditioner_dim=max_dim)
     graft = ds.AdamPreconditionerConfig(beta2=0.999, epsilon=1e-8) if grafting == "adam" else None
