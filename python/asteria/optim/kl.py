@@ -364,7 +364,8 @@ _KL_DOC = r"""
             (default: None).
         num_tolerated_failures: Consecutive failed refreshes tolerated per block (default: 3).
         state_dtype: dtype of all state (default: torch.float32; the reference defaults to bf16).
-        runtime: An `asteria.RuntimeConfig` (default: None, the synchronous runtime).
+        runtime: An `asteria.RuntimeConfig` or a shared `asteria.Runtime` (default: None, i.e. ``RuntimeConfig()``:
+            asynchronous, staleness 5, deterministic installs).
 
     Deviations from the reference, on purpose: fp32 state by default; blocking of large dims; size-1 dims
     are kept (the reference squeezes them); 1-D parameters get AdamW (the reference fails); non-finite

@@ -159,7 +159,8 @@ class Shampoo(BlockOptimizer):
             (default: 3).
         state_dtype: dtype of factors, roots and moments: torch.float32 or torch.float64
             (default: torch.float32).
-        runtime: An `asteria.RuntimeConfig` (default: None, the synchronous runtime).
+        runtime: An `asteria.RuntimeConfig` or a shared `asteria.Runtime` (default: None, i.e. ``RuntimeConfig()``:
+            asynchronous, staleness 5, deterministic installs).
 
     Non-finite gradients and overflow: when a block's gradient contains NaN/Inf, or when its new factors,
     grafting accumulator or first moment would not be finite (a finite but huge gradient such as 1e30, whose

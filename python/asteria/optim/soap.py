@@ -159,7 +159,8 @@ class SOAP(EigenbasisOptimizer):
             reproduces the reference exactly (default: None).
         num_tolerated_failures: Consecutive failed refreshes tolerated per block (default: 3).
         state_dtype: dtype of factors, bases and moments (default: torch.float32).
-        runtime: An `asteria.RuntimeConfig` (default: None, the synchronous runtime).
+        runtime: An `asteria.RuntimeConfig` or a shared `asteria.Runtime` (default: None, i.e. ``RuntimeConfig()``:
+            asynchronous, staleness 5, deterministic installs).
 
     Deviations from the reference, on purpose: dims above ``max_preconditioner_dim`` are blocked instead of
     left unrotated; state is fp32 by default; the first moment is rotated only when the basis changes
