@@ -1,12 +1,12 @@
-"""Float64 oracle implementations of asteria's optimizers, written from ALGORITHMS.md (not from the library).
+"""Float64 oracle implementations of asteria's optimizers, written from docs/algorithms.md (not from the library).
 
 Each oracle updates ONE block (a numpy float64 array) with plain, unbatched numpy: Gram matrices with
 ``np.tensordot``, projections by contracting dim 0 and moving the new axis to the back (the reference
-convention of ALGORITHMS.md §1), ``np.linalg.eigh`` / ``np.linalg.qr`` for the refresh math. Tests
+convention of docs/algorithms.md §1.2), ``np.linalg.eigh`` / ``np.linalg.qr`` for the refresh math. Tests
 compare the library's trajectories against these step by step.
 
 ``staleness`` (S, default 0) makes an oracle install the refresh computed from the statistics of step s at
-step ``s + o + S`` (o = 0 Shampoo, 1 SOAP/KL; ALGORITHMS.md "Staleness and install rule"): the result is
+step ``s + o + S`` (o = 0 Shampoo, 1 SOAP/KL; docs/algorithms.md §6.1, skip rule §6.2): the result is
 held in a pending slot, and a refresh step that falls while the slot is full is skipped. The first SOAP/KL
 basis is always installed at once.
 """
@@ -48,7 +48,7 @@ def project_back(x, Q):
 
 
 def inverse_root(A: np.ndarray, eps: float, root: float) -> np.ndarray:
-    """(A + εI)^{-1/root} with the DS perturb-before stabilisation (§2.4.1)."""
+    """(A + εI)^{-1/root} with the DS perturb-before stabilisation (docs/algorithms.md §2.4)."""
     w, Q = np.linalg.eigh(A + eps * np.eye(A.shape[0]))
     lmin = w.min()
     if lmin < eps:
@@ -62,7 +62,7 @@ def eigh_descending(A: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------
-# Shampoo (Distributed Shampoo semantics, §2.3-2.4)
+# Shampoo (Distributed Shampoo semantics, docs/algorithms.md §2.3-2.4)
 # ------------------------------------------------------------------------------------------------
 class ShampooOracle:
     def __init__(self, shape, lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12, weight_decay=0.0,
@@ -136,7 +136,7 @@ class ShampooOracle:
 
 
 # ------------------------------------------------------------------------------------------------
-# SOAP (VYAS semantics, §3.3-3.4); 1-D / unfactored: the same update without rotation
+# SOAP (reference-code semantics, docs/algorithms.md §3.3-3.4); 1-D / unfactored: the same update without rotation
 # ------------------------------------------------------------------------------------------------
 class SOAPOracle:
     def __init__(self, shape, lr=3e-3, betas=(0.95, 0.95), eps=1e-8, weight_decay=0.01,
@@ -201,7 +201,7 @@ class SOAPOracle:
 
 
 # ------------------------------------------------------------------------------------------------
-# KL-Shampoo / KL-SOAP (KLM semantics, §4.2)
+# KL-Shampoo / KL-SOAP (the authors' code semantics, docs/algorithms.md §4.2-4.4)
 # ------------------------------------------------------------------------------------------------
 def _ema_sqrt_inv(s, delta, beta, clamp):
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -1,4 +1,4 @@
-"""Distributed training (DESIGN.md invariant 8): ownership by cost, batched node-aware exchange, sharded state.
+"""Distributed training (invariant 8 of docs/design.md): ownership by cost, batched node-aware exchange, sharded state.
 
 The pure functions (topology, ownership balance, the wire format) are tested in this process. The
 multi-process tests (marked ``distributed``) start 2 or 4 ranks on CPU with gloo through `launch`, which runs

@@ -1,4 +1,4 @@
-"""Tests of asteria.KLShampoo and asteria.KLSOAP: float64 oracle (ALGORITHMS.md §4), invariances, install."""
+"""Tests of asteria.KLShampoo and asteria.KLSOAP: float64 oracle (docs/algorithms.md §4), invariances, install."""
 
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def test_install_keeps_eigenvalue_estimates_and_momentum(klsoap):
 
 
 def test_first_real_step_is_about_ten_lr_m():
-    # D starts at init_factor = 0.1, so the first KL-Shampoo update is ~ lr * m / 0.1 (ALGORITHMS.md §4.2).
+    # D starts at init_factor = 0.1, so the first KL-Shampoo update is ~ lr * m / 0.1 (docs/algorithms.md §4.2).
     p = torch.nn.Parameter(torch.zeros(3, 3, dtype=F64))
     opt = KLShampoo([p], lr=1.0, betas=(0.0, 0.98), eps=0.0, weight_decay=0.0, state_dtype=F64)
     p.grad = torch.eye(3, dtype=F64) + 0.1 * torch.ones(3, 3, dtype=F64)

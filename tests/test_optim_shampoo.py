@@ -1,4 +1,4 @@
-"""Tests of asteria.Shampoo: float64 oracle (ALGORITHMS.md §2), reductions, invariances, failure policy."""
+"""Tests of asteria.Shampoo: float64 oracle (docs/algorithms.md §2), reductions, invariances, failure policy."""
 
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def test_reduces_to_torch_optimizer_without_preconditioning(grafting, torch_cls,
 
 
 def test_one_dimensional_full_matrix_adagrad():
-    # §6.4.2: beta1 = 0, beta2 = 1, f = s = 1, no grafting, exponent 1/2.
+    # docs/algorithms.md §7.2, item 2: beta1 = 0, beta2 = 1, f = s = 1, no grafting, exponent 1/2.
     torch.manual_seed(1)
     d, eps = 5, 1e-3
     p = torch.nn.Parameter(torch.randn(d, dtype=F64))

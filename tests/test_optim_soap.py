@@ -1,4 +1,4 @@
-"""Tests of asteria.SOAP: float64 oracle (ALGORITHMS.md §3), reduction to Adam, invariances, install bookkeeping."""
+"""Tests of asteria.SOAP: float64 oracle (docs/algorithms.md §3), reduction to Adam, invariances, install bookkeeping."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of the asynchronous refresh runtime (DESIGN.md invariants 1, 2, 6, 7; ALGORITHMS.md "Decisions").
+"""Tests of the asynchronous refresh runtime (invariants 1, 2, 6, 7 of docs/design.md; docs/algorithms.md §6).
 
 Bit-identity with the synchronous runtime at S = 0, agreement with delay-S float64 oracles, the skip rule,
 real concurrency, determinism under slowed and randomly delayed workers, eager installs, failures,
@@ -118,7 +118,7 @@ def test_skip_rule_is_a_function_of_the_step_numbers(f, start, gap):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# invariant 1: S = 0 is the synchronous algorithm bit for bit; S = k equals the delay-k oracle
+# invariant 1 (docs/design.md): S = 0 is the synchronous algorithm bit for bit; S = k equals the delay-k oracle
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
 def test_staleness_zero_async_is_bit_identical_to_sync(name):
@@ -171,7 +171,7 @@ def test_deterministic_staleness_matches_the_delay_oracle(name, k):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# invariant 2: concurrency, the bound, determinism whatever the timing
+# invariant 2 (docs/design.md): concurrency, the bound, determinism whatever the timing
 # ----------------------------------------------------------------------------------------------------------
 def test_training_steps_keep_completing_while_a_slow_refresh_runs():
     sched = _core.RefreshScheduler(workers=1, test_delay_s=0.3)  # a refresh (2 factors) takes >= 0.6 s
@@ -257,7 +257,7 @@ def test_eager_installs_early_never_late_and_in_version_order(name):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# invariant 6: a failed background refresh keeps the previous preconditioner
+# invariant 6 (docs/design.md): a failed background refresh keeps the previous preconditioner
 # ----------------------------------------------------------------------------------------------------------
 class NaNOnCalls:
     """Wraps a scheduler and feeds NaN to the eigenbasis-refresh submissions numbered in ``calls``."""

@@ -1,5 +1,5 @@
 """Tiered optimizer state (asteria.runtime.tiers): bit-identical numbers, budgets, accounting, I/O, checkpoints,
-errors (DESIGN.md invariants 3-5 and 7).
+errors (invariants 3-5 and 7 of docs/design.md).
 
 The model has many layers of distinct shapes, so its state is many small buckets and budgets several times
 smaller than the state spread it over the device, host and NVMe tiers.

@@ -2,7 +2,7 @@
 // asteria::Error — the one exception type of the C++ core, with a category that the Python
 // bindings map to a built-in exception (ValueError, MemoryError, OSError) or asteria.AsteriaError.
 //
-// Two tiers (see DESIGN.md):
+// Two tiers (docs/style.md pattern 7):
 //   ASTERIA_CHECK(cond, category, msg)  caller mistakes and environment failures: throws.
 //   ASTERIA_ASSERT(cond)                broken internal invariants: reports and aborts, always on.
 // Messages are prefixed with the component and say what to do about the problem.

@@ -1,6 +1,6 @@
 """The shared base of asteria's optimizers: parameters → blocks → buckets of same-shape blocks.
 
-The base class is a coordinator (STYLE.md pattern 15): it validates parameters, turns each parameter
+The base class is a coordinator (docs/style.md pattern 15): it validates parameters, turns each parameter
 into blocks (`asteria.optim.blocking`), groups the blocks of a param group that share a shape and a
 device into *buckets* whose state is stored stacked (``(B, ...)`` tensors), and hands each bucket to the
 optimizer's pure per-step functions, so the per-step work is a handful of batched matmuls instead of a

@@ -1,6 +1,6 @@
 """Turning parameters into blocks: pure functions on shapes (no tensors are copied here).
 
-Two layouts are used (ALGORITHMS.md "Decisions" and §2.1):
+Two layouts are used (docs/algorithms.md §2.1 and §3.1):
 
 * **Shampoo** merges small dims as Distributed Shampoo does (`merge_small_dims`: squeeze size-1 dims,
   then fold dims from last to first while the product stays within ``max_preconditioner_dim``, down to
@@ -71,7 +71,7 @@ class ParamLayout:
 
 
 def merge_small_dims(shape: Sequence[int], threshold: int | float, target: int | float = 1) -> tuple[int, ...]:
-    """Merges small dims the way Distributed Shampoo does (ALGORITHMS.md §2.1).
+    """Merges small dims the way Distributed Shampoo does (docs/algorithms.md §2.1).
 
     Args:
         shape: The tensor shape.

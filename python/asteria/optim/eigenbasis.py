@@ -1,6 +1,6 @@
 """Shared coordinator of the eigenbasis optimizers (`SOAP`, `KLShampoo`, `KLSOAP`).
 
-What the three share (ALGORITHMS.md "Decisions"): the first call only initialises the statistics and the
+What the three share (docs/algorithms.md §5.1): the first call only initialises the statistics and the
 basis (a full eigh per factor, installed before the next step whatever the staleness) and updates no
 parameter; a refresh computed from the statistics of step t is first used at step t+1 (offset o = 1);
 0-D and 1-D parameters get the AdamW fallback; a failed job keeps the previous basis and is counted.
@@ -275,7 +275,7 @@ class EigenbasisOptimizer(BlockOptimizer):
         version_t = rows.state["basis_version"].clone()
         for k in range(n):  # checked before anything is written
             if ok[k]:
-                if int(version_t[k]) >= version:  # invariant 2: versions only increase per block
+                if int(version_t[k]) >= version:  # invariant 2 of docs/design.md: versions only increase per block
                     raise RuntimeError(
                         f"{type(self).__name__}: install of version {version} over version {int(version_t[k])} "
                         f"for {bucket.members[row_list[k]].label}"

@@ -1,4 +1,4 @@
-"""`asteria.KLShampoo` and `asteria.KLSOAP` with the KL-Shampoo authors' semantics (ALGORITHMS.md §4, "KLM").
+"""`asteria.KLShampoo` and `asteria.KLSOAP` with the KL-Shampoo authors' semantics (docs/algorithms.md §4).
 
 State per 2-D/3-D block: factors ``S_i``, bases ``Q_i`` and the eigenvalue estimates, stored (as the
 reference does) as ``s_i = D_i^{-1/2}`` (``eigen_sqrt_inv_i``).

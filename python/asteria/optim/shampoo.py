@@ -1,4 +1,4 @@
-"""`asteria.Shampoo`: Shampoo with Distributed Shampoo semantics (ALGORITHMS.md §2 and "Decisions")."""
+"""`asteria.Shampoo`: Shampoo with Distributed Shampoo semantics (docs/algorithms.md §2 and §5)."""
 
 from __future__ import annotations
 
@@ -400,7 +400,7 @@ class Shampoo(BlockOptimizer):
         version = bucket.state["root_version"]
         for k, r in enumerate(row_list):
             if ok[k]:
-                if int(version[r]) >= t:  # invariant 2: versions only increase per block
+                if int(version[r]) >= t:  # invariant 2 of docs/design.md: versions only increase per block
                     raise RuntimeError(
                         f"Shampoo: install of version {t} over version {int(version[r])} for {bucket.members[r].label}"
                     )

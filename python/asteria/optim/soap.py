@@ -1,4 +1,4 @@
-"""`asteria.SOAP`: SOAP with the semantics of the paper's reference code (ALGORITHMS.md §3, "VYAS")."""
+"""`asteria.SOAP`: SOAP with the semantics of the paper's reference code (docs/algorithms.md §3)."""
 
 from __future__ import annotations
 

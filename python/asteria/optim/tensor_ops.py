@@ -4,7 +4,7 @@ Every tensor here is a *stack* of same-shape blocks: a block tensor has shape ``
 a matrix acting on dim i has shape ``(B, d_i, e_i)``. Everything runs as batched matmuls on the blocks'
 device, with no host synchronisation.
 
-Conventions (ALGORITHMS.md §1): ``contract(x, M, i)`` contracts dim i of x with dim 0 of M, i.e. it
+Conventions (docs/algorithms.md §1.2): ``contract(x, M, i)`` contracts dim i of x with dim 0 of M, i.e. it
 applies ``Mᵀ`` along dim i. *project-in* applies ``Qᵀ`` along every dim (``Q_Lᵀ X Q_R`` in 2-D),
 *project-out* applies ``Q`` (``Q_L X Q_Rᵀ``), and a symmetric preconditioner ``P_i`` applied along every dim
 gives ``P_L X P_R``.

@@ -1,6 +1,6 @@
 """Runtime configuration shared by every asteria optimizer.
 
-`RuntimeConfig` is a keyword-only dataclass validated in ``__post_init__`` (STYLE.md pattern 6). It
+`RuntimeConfig` is a keyword-only dataclass validated in ``__post_init__`` (docs/style.md pattern 6). It
 decides how the expensive, infrequent refresh work (eigendecompositions, inverse roots, eigenbasis
 refreshes) reaches the C++ `RefreshScheduler` and when its results are installed, and where the optimizer
 state lives (the memory budgets of `asteria.runtime.tiers`). Every value is checked here, so a

@@ -2,7 +2,7 @@
 
 A refresh is a *batch* of jobs (one per Kronecker factor of each block of a bucket) that the optimizer
 snapshots at step ``s`` (the job ``version``) and that is installed at the step boundary ``deadline = s + o + S``
-(ALGORITHMS.md, "Staleness and install rule"). The optimizer hands the pipeline the jobs and an
+(docs/algorithms.md §6.1). The optimizer hands the pipeline the jobs and an
 *installer*: a callable taking the completed `JobResult`s in job order. The pipeline decides only **when**
 that installer runs:
 

@@ -1,7 +1,7 @@
 """Shadow snapshots: the statistics a refresh job reads, frozen at its snapshot step.
 
 A refresh runs while training keeps updating the statistics, so each job reads a private copy made at
-the snapshot step (DESIGN.md, "Asynchronous refresh"). Where that copy lives depends on where the job runs:
+the snapshot step (docs/design.md §6.2). Where that copy lives depends on where the job runs:
 
 * **host route** (LAPACK on the scheduler's worker threads): one lease of the runtime's `PinnedPool`
   per stacked ``(B, n, n)`` tensor, each matrix starting on a 64-byte boundary. The scheduler reads the

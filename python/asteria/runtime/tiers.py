@@ -35,7 +35,7 @@ committed and left before the next one).
 
 **Numbers.** Tiers change where bytes are, never the bytes: buffers are 64-byte aligned, dtypes are kept, the
 buckets and their batched composition are the same, so training with any budgets is bit-identical to training
-with everything in memory (DESIGN.md invariant 4).
+with everything in memory (invariant 4 of docs/design.md).
 
 **I/O errors.** Every failed request of the NVMe tier is retried once at once (writes go to a fresh place of
 the swap file; a retry that succeeds issues a `TierIOWarning` and is counted in ``movement["io_retries"]``). When
