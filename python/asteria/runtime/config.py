@@ -129,10 +129,10 @@ class RuntimeConfig:
             folds it in the parameter's post-accumulate-grad hook while backward still runs (on the training
             thread, between backward's kernels: the work leaves ``step()`` but is not done in parallel with
             backward); it is for plain single-process loops that call
-            ``step()`` after every ``backward()`` and do not modify gradients in between. It is refused
-            when the model is wrapped in DistributedDataParallel, when a gradient scaler is in use or in a
-            distributed run (detected at the first step), where the gradients the hook sees are not the
-            ones the step uses.
+            ``step()`` after every ``backward()`` and do not modify gradients in between. ``step()`` refuses
+            it in a multi-process run, when a gradient changed between backward and ``step()`` (its tensor or
+            version counter differs, as after clipping, GradScaler un-scaling or an all-reduce), and when
+            backward ran twice before ``step()``.
     """
 
     refresh: str = "async"

@@ -12,16 +12,21 @@ that installer runs:
 * ``install="eager"``: at the first install point after every job of the batch is done, and never later
   than the deadline.
 
-Snapshots of CPU statistics are *deferred copies* (`asteria.runtime.shadow`): the pipeline hands the worker
+Snapshots of CPU statistics taken for a batch installed at a later step (S > 0) are *deferred copies*
+(`asteria.runtime.shadow`; a batch the same step waits for is copied at once): the pipeline hands the worker
 the statistics and pinned leases to copy them into, and the worker makes the copies before it starts the jobs
 (all pending ones, through the runtime's copy queue), off the training thread. `settle` makes the ones not
 made yet on the training thread, and is called before anything writes the statistics again: at the start of
 every step, before installs, before checkpoints export or import pending batches, and at close. A snapshot
 therefore always holds the values of its step, whichever thread copied it.
 
-Installs happen only at the optimizer's install points inside ``step()`` (between the statistics of one
-step and the direction that uses them), never from another thread. At most one refresh per block is in
-flight: the optimizer skips refresh steps with `accepted_refresh_step`, a rule of s, o, S and f only.
+Installs are started only at the optimizer's install points inside ``step()`` (between the statistics of one
+step and the direction that uses them). With ``RuntimeConfig.parallel_install`` they may run on a helper thread:
+Shampoo's batches of one step are split between the training thread and the helper, and SOAP's and KL's, which
+are used from the next step, run on the helper while the next forward and backward are computed; everything
+that reads or replaces the state waits for them first (`finish_installs`). At most one refresh per block is in
+flight: the optimizer skips refresh steps with `accepted_refresh_step`, a rule of s, o, S and f only (with
+``staleness="auto"``, of the epochs of `asteria.runtime.staleness.StalenessSchedule`).
 
 In a distributed run (`asteria.runtime.distributed` sets ``distributed`` and ``exchange``) installs are
 deterministic, ``submit`` hands the scheduler only the jobs this rank owns, and at the install step one
