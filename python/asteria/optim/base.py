@@ -104,6 +104,18 @@ def check_dtype(name: str, dtype: Any) -> None:
         raise ValueError(f"Invalid {name}: {dtype!r}; allowed values are torch.float32 and torch.float64")
 
 
+COMPUTE_DTYPES = (None, torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_compute_dtype(dtype: Any) -> None:
+    """``compute_dtype``: None (the state dtype) or a floating dtype of the matrix products."""
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"Invalid compute_dtype: {dtype!r}; allowed values are None (the state dtype), torch.float32, "
+            "torch.float64, torch.bfloat16 and torch.float16"
+        )
+
+
 def check_param(p: torch.Tensor, name: str) -> None:
     """Refuses parameters asteria cannot precondition (integer, complex, DTensor, FSDP flat parameters).
 
@@ -666,7 +678,8 @@ class BlockOptimizer(torch.optim.Optimizer):
                 group = self.param_groups[bucket.group_index]
                 rows = _Rows(bucket, [row])
                 G, _ = self.stacked_grads(rows, group["state_dtype"])
-                stats = self._statistics(bucket, rows, G, group)
+                with ops.compute_dtype(group.get("compute_dtype")):
+                    stats = self._statistics(bucket, rows, G, group)
                 self._folded[(id(bucket), row)] = (bucket, param.grad, param.grad._version, stats)
 
     def _has_stepped(self, pstate: dict[str, Any]) -> bool:

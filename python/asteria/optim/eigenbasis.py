@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from asteria.optim.base import BlockOptimizer, Bucket, _Rows, check_betas, check_dtype, check_range
+from asteria.optim import tensor_ops as ops
+from asteria.optim.base import BlockOptimizer, Bucket, _Rows, check_betas, check_compute_dtype, check_dtype, check_range
 from asteria.optim.blocking import ParamLayout, soap_layout
 from asteria.optim.results import all_finite, outputs_checked, stack_results, to_device
 from asteria.runtime.pipeline import RefreshJob
@@ -107,6 +108,7 @@ class EigenbasisOptimizer(BlockOptimizer):
             check_range("eigh_ridge", group["eigh_ridge"], 0.0)
         check_range("num_tolerated_failures", group["num_tolerated_failures"], 0, integer=True)
         check_dtype("state_dtype", group["state_dtype"])
+        check_compute_dtype(group.get("compute_dtype"))
 
     # -- layout / param state ----------------------------------------------------------------------
 
@@ -171,7 +173,8 @@ class EigenbasisOptimizer(BlockOptimizer):
             if not initialized:
                 if bucket.factored:
                     G, finite = self.stacked_grads(rows, group["state_dtype"])
-                    updates = self._first_statistics(bucket, rows, G, group)
+                    with ops.compute_dtype(group.get("compute_dtype")):
+                        updates = self._first_statistics(bucket, rows, G, group)
                     ok = self.acceptance(finite, updates)  # an overflowed first statistic is rejected too
                     self.accept_rows(rows, ok, updates)
                     self.count_rejected(rows, ok)
@@ -180,7 +183,8 @@ class EigenbasisOptimizer(BlockOptimizer):
                 continue
             t = step + 1
             boundary = max(boundary, t + 1)
-            self._update_rows(bucket, rows, t, group)
+            with ops.compute_dtype(group.get("compute_dtype")):
+                self._update_rows(bucket, rows, t, group)
         # the results are used from the next step on: their installs may overlap the next forward and backward,
         # unless backward reads the state (statistics folded in hooks)
         self.runtime.install_due(boundary, overlap=not self._fold_backward)

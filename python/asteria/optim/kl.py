@@ -102,12 +102,12 @@ def kl_statistics_2d(
     """
     (Sa, Sb), (Qa, Qb), (sa, sb) = factors, bases, sqrt_inv
     m, n = G.shape[1], G.shape[2]
-    left = torch.matmul(G, Qb) * sb.unsqueeze(1)  # G Q_b diag(s_b)
-    Sa = Sa.mul(beta).add_(torch.matmul(left, left.transpose(1, 2)), alpha=(1.0 - beta) / n)
-    qa_g = torch.matmul(Qa.transpose(1, 2), G)  # Q_aᵀ G
+    left = ops.matmul(G, Qb) * sb.unsqueeze(1)  # G Q_b diag(s_b)
+    Sa = Sa.mul(beta).add_(ops.matmul(left, left.transpose(1, 2)), alpha=(1.0 - beta) / n)
+    qa_g = ops.matmul(Qa.transpose(1, 2), G)  # Q_aᵀ G
     right = qa_g * sa.unsqueeze(2)  # diag(s_a) Q_aᵀ G
-    Sb = Sb.mul(beta).add_(torch.matmul(right.transpose(1, 2), right), alpha=(1.0 - beta) / m)
-    g = torch.matmul(qa_g, Qb)
+    Sb = Sb.mul(beta).add_(ops.matmul(right.transpose(1, 2), right), alpha=(1.0 - beta) / m)
+    g = ops.matmul(qa_g, Qb)
     delta_a = (g * sb.unsqueeze(1)).square().mean(dim=2)
     delta_b = (g * sa.unsqueeze(2)).square().mean(dim=1)
     sa_new = eigenvalue_ema(sa, delta_a, beta, clamps[0])
@@ -210,6 +210,7 @@ class _KLBase(EigenbasisOptimizer):
         eigh_ridge: float | None = None,
         num_tolerated_failures: int = 3,
         state_dtype: torch.dtype = torch.float32,
+        compute_dtype: torch.dtype | None = None,
         runtime: RuntimeConfig | None = None,
     ) -> None:
         defaults = dict(
@@ -226,6 +227,7 @@ class _KLBase(EigenbasisOptimizer):
             eigh_ridge=eigh_ridge,
             num_tolerated_failures=num_tolerated_failures,
             state_dtype=state_dtype,
+            compute_dtype=compute_dtype,
         )
         self._validate_group(defaults)
         super().__init__(params, defaults, runtime)
@@ -364,6 +366,12 @@ _KL_DOC = r"""
             (default: None).
         num_tolerated_failures: Consecutive failed refreshes tolerated per block (default: 3).
         state_dtype: dtype of all state (default: torch.float32; the reference defaults to bf16).
+        compute_dtype: dtype of the per-step matrix products (projections into and out of the basis, the
+            statistics' products); the state stays in ``state_dtype`` and refreshes run in fp32 or better from
+            the snapshot. None (default): ``state_dtype``, the very same kernels as before the option existed.
+            ``torch.bfloat16`` pays only where bf16 products are fast (GPUs with bf16 tensor cores, CPUs with
+            AVX-512/AMX; on an AVX2 CPU torch's bf16 matmul is about 100x slower than fp32); see BENCHMARKS.md for
+            its measured effect on the loss.
         runtime: An `asteria.RuntimeConfig` or a shared `asteria.Runtime` (default: None, i.e. ``RuntimeConfig()``:
             asynchronous refresh with the staleness chosen from measurement, ``staleness="auto"``; ``RuntimeConfig(refresh="sync")`` is the reference algorithm).
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from asteria.optim import tensor_ops as ops
-from asteria.optim.base import BlockOptimizer, Bucket, _Rows, check_betas, check_dtype, check_range
+from asteria.optim.base import BlockOptimizer, Bucket, _Rows, check_betas, check_compute_dtype, check_dtype, check_range
 from asteria.optim.blocking import ParamLayout, shampoo_layout
 from asteria.optim.results import output_finite, stack_results, to_device
 from asteria.runtime.config import RuntimeConfig
@@ -158,6 +158,12 @@ class Shampoo(BlockOptimizer):
         num_tolerated_failures: Consecutive failed refreshes tolerated per block; one more raises
             (default: 3).
         state_dtype: dtype of factors, roots and moments: torch.float32 or torch.float64
+        compute_dtype: dtype of the per-step matrix products (projections into and out of the basis, the
+            statistics' products); the state stays in ``state_dtype`` and refreshes run in fp32 or better from
+            the snapshot. None (default): ``state_dtype``, the very same kernels as before the option existed.
+            ``torch.bfloat16`` pays only where bf16 products are fast (GPUs with bf16 tensor cores, CPUs with
+            AVX-512/AMX; on an AVX2 CPU torch's bf16 matmul is about 100x slower than fp32); see BENCHMARKS.md for
+            its measured effect on the loss.
             (default: torch.float32).
         runtime: An `asteria.RuntimeConfig` or a shared `asteria.Runtime` (default: None, i.e. ``RuntimeConfig()``:
             asynchronous refresh with the staleness chosen from measurement, ``staleness="auto"``; ``RuntimeConfig(refresh="sync")`` is the reference algorithm).
@@ -199,6 +205,7 @@ class Shampoo(BlockOptimizer):
         root_method: str = "eigh",
         num_tolerated_failures: int = 3,
         state_dtype: torch.dtype = torch.float32,
+        compute_dtype: torch.dtype | None = None,
         runtime: RuntimeConfig | None = None,
     ) -> None:
         defaults = dict(
@@ -218,6 +225,7 @@ class Shampoo(BlockOptimizer):
             root_method=root_method,
             num_tolerated_failures=num_tolerated_failures,
             state_dtype=state_dtype,
+            compute_dtype=compute_dtype,
         )
         self._validate_group(defaults)
         super().__init__(params, defaults, runtime)
@@ -257,6 +265,7 @@ class Shampoo(BlockOptimizer):
             raise ValueError(f"Invalid root_method: {group['root_method']!r}; allowed values are ('eigh', 'newton')")
         check_range("num_tolerated_failures", group["num_tolerated_failures"], 0, integer=True)
         check_dtype("state_dtype", group["state_dtype"])
+        check_compute_dtype(group.get("compute_dtype"))
 
     # -- layout and state -----------------------------------------------------------------------------
     def _layout(self, param: torch.Tensor, group: dict[str, Any]) -> ParamLayout:
@@ -303,7 +312,7 @@ class Shampoo(BlockOptimizer):
             max_t = max(max_t, t)
             G, finite = self.stacked_grads(rows, group["state_dtype"])
             dims, exps = self._dims(bucket, group)
-            with torch.profiler.record_function("asteria.Shampoo.factors"):
+            with torch.profiler.record_function("asteria.Shampoo.factors"), ops.compute_dtype(group.get("compute_dtype")):
                 updates = self.step_statistics(bucket, rows, G, group)
                 updates.update(self._moments(rows, G, group))
                 ok = self.acceptance(finite, updates)
@@ -316,7 +325,8 @@ class Shampoo(BlockOptimizer):
         for bucket, row_list, G, ok, t in staged:
             rows = _Rows(bucket, row_list)  # re-gathered: an install may have replaced roots of these rows
             group = self.param_groups[bucket.group_index]
-            self._direction_and_update(bucket, rows, G, ok, t, group)
+            with ops.compute_dtype(group.get("compute_dtype")):
+                self._direction_and_update(bucket, rows, G, ok, t, group)
             rows.commit()
 
     def _moments(self, rows: _Rows, G: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:

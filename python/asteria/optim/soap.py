@@ -159,6 +159,12 @@ class SOAP(EigenbasisOptimizer):
             reproduces the reference exactly (default: None).
         num_tolerated_failures: Consecutive failed refreshes tolerated per block (default: 3).
         state_dtype: dtype of factors, bases and moments (default: torch.float32).
+        compute_dtype: dtype of the per-step matrix products (projections into and out of the basis, the
+            statistics' products); the state stays in ``state_dtype`` and refreshes run in fp32 or better from
+            the snapshot. None (default): ``state_dtype``, the very same kernels as before the option existed.
+            ``torch.bfloat16`` pays only where bf16 products are fast (GPUs with bf16 tensor cores, CPUs with
+            AVX-512/AMX; on an AVX2 CPU torch's bf16 matmul is about 100x slower than fp32); see BENCHMARKS.md for
+            its measured effect on the loss.
         runtime: An `asteria.RuntimeConfig` or a shared `asteria.Runtime` (default: None, i.e. ``RuntimeConfig()``:
             asynchronous refresh with the staleness chosen from measurement, ``staleness="auto"``; ``RuntimeConfig(refresh="sync")`` is the reference algorithm).
 
@@ -197,6 +203,7 @@ class SOAP(EigenbasisOptimizer):
         eigh_ridge: float | None = None,
         num_tolerated_failures: int = 3,
         state_dtype: torch.dtype = torch.float32,
+        compute_dtype: torch.dtype | None = None,
         runtime: RuntimeConfig | None = None,
     ) -> None:
         defaults = dict(
@@ -211,6 +218,7 @@ class SOAP(EigenbasisOptimizer):
             eigh_ridge=eigh_ridge,
             num_tolerated_failures=num_tolerated_failures,
             state_dtype=state_dtype,
+            compute_dtype=compute_dtype,
         )
         self._validate_group(defaults)
         super().__init__(params, defaults, runtime)

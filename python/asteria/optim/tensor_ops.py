@@ -12,11 +12,15 @@ gives ``P_L X P_R``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
 
 import torch
 
 __all__ = [
+    "compute_dtype",
+    "matmul",
     "contract",
     "project_in",
     "project_out",
@@ -28,6 +32,35 @@ __all__ = [
     "block_norm",
     "outer_scale",
 ]
+
+
+_COMPUTE = threading.local()  # the dtype of the per-step products of this thread (None: the operands')
+
+
+@contextlib.contextmanager
+def compute_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """Runs the matrix products of `matmul`, `contract`, `project_in`, `project_out` and `mode_gram` in ``dtype``
+    on this thread while the block runs (the optimizers' ``compute_dtype``). Operands are cast to ``dtype`` and
+    the products cast back to the operands' dtype; None (or the operands' own dtype) runs them unchanged, the very
+    same kernels as without this block. Thread-local: installs on a helper thread are not affected."""
+    previous = getattr(_COMPUTE, "dtype", None)
+    _COMPUTE.dtype = dtype
+    try:
+        yield
+    finally:
+        _COMPUTE.dtype = previous
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.matmul(a, b)``, in the dtype of `compute_dtype` when one is set (the result in ``a``'s dtype).
+
+    With a bf16 or fp16 compute dtype the backends accumulate in fp32 (oneDNN on CPUs with AVX-512/AMX, tensor
+    cores on GPUs) and round the product to the compute dtype before it is cast back.
+    """
+    dtype = getattr(_COMPUTE, "dtype", None)
+    if dtype is None or dtype == a.dtype:
+        return torch.matmul(a, b)
+    return torch.matmul(a.to(dtype), b.to(dtype)).to(a.dtype)
 
 
 def contract(x: torch.Tensor, mat: torch.Tensor, dim: int) -> torch.Tensor:
@@ -43,14 +76,14 @@ def contract(x: torch.Tensor, mat: torch.Tensor, dim: int) -> torch.Tensor:
     """
     k = x.dim() - 1
     if k == 1:
-        return torch.matmul(x.unsqueeze(1), mat).squeeze(1)
+        return matmul(x.unsqueeze(1), mat).squeeze(1)
     if k == 2:
         if dim == 0:
-            return torch.matmul(mat.transpose(1, 2), x)
-        return torch.matmul(x, mat)
+            return matmul(mat.transpose(1, 2), x)
+        return matmul(x, mat)
     xt = x.movedim(dim + 1, -1)
     lead = xt.shape[:-1]
-    y = torch.matmul(xt.reshape(x.shape[0], -1, x.shape[dim + 1]), mat)
+    y = matmul(xt.reshape(x.shape[0], -1, x.shape[dim + 1]), mat)
     return y.reshape(*lead, mat.shape[-1]).movedim(-1, dim + 1)
 
 
@@ -101,10 +134,10 @@ def mode_gram(x: torch.Tensor, dim: int) -> torch.Tensor:
         return x.unsqueeze(2) * x.unsqueeze(1)
     if k == 2:
         if dim == 0:
-            return torch.matmul(x, x.transpose(1, 2))
-        return torch.matmul(x.transpose(1, 2), x)
+            return matmul(x, x.transpose(1, 2))
+        return matmul(x.transpose(1, 2), x)
     xm = x.movedim(dim + 1, 1).reshape(x.shape[0], x.shape[dim + 1], -1)
-    return torch.matmul(xm, xm.transpose(1, 2))
+    return matmul(xm, xm.transpose(1, 2))
 
 
 def permute_along(x: torch.Tensor, perm: torch.Tensor, dim: int) -> torch.Tensor:
