@@ -34,10 +34,10 @@ template <typename T>
 cudaError_t eigvals(const T* w, T* w_out, int n, int batch, bool reverse, cudaStream_t stream);
 // flags[b] |= kSolverInfo when any of info[b*per .. b*per+per) is non-zero.
 cudaError_t fold_info(int* flags, const int* info, int per, int batch, cudaStream_t stream);
-// In place: w_j <- (w_j + shift)^(neg_inv_root), shift = eps − min(w) when min(w) < eps, else 0;
-// the sum in T and the power in double, like linalg::inverse_root.
+// In place: w_j <- λ_j^(neg_inv_root) with λ_j = (w_j − min(w)) + eps when min(w) < eps, else w_j;
+// the minimum, the lift and the power in double, like linalg::inverse_root.
 template <typename T>
-cudaError_t root_factors(T* w, int n, int batch, T eps, double neg_inv_root, cudaStream_t stream);
+cudaError_t root_factors(T* w, int n, int batch, double eps, double neg_inv_root, cudaStream_t stream);
 // bm[:, j] = z[:, j] · f[j] (column-major).
 template <typename T>
 cudaError_t scale_columns(const T* z, const T* f, T* bm, int n, int batch, cudaStream_t stream);

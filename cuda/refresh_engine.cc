@@ -670,7 +670,7 @@ void inverse_root_job(Engine& m, Job& job, int batch, int n, const T* a, T* out,
                                where);
       }
       ASTERIA_LAUNCHED(kernels::fold_info(s.flags + g0, info, 1, cnt, m.stream), where);
-      ASTERIA_LAUNCHED(kernels::root_factors<T>(w, n, cnt, static_cast<T>(epsilon), -1.0 / root, m.stream), where);
+      ASTERIA_LAUNCHED(kernels::root_factors<T>(w, n, cnt, epsilon, -1.0 / root, m.stream), where);
       ASTERIA_LAUNCHED(kernels::scale_columns<T>(z, w, bm, n, cnt, m.stream), where);
       // X = B·Zᵀ, column-major, written into the row-major output like linalg::inverse_root.
       gemm_strided<T>(m.blas, CUBLAS_OP_N, CUBLAS_OP_T, n, bm, z, out + g0 * nn, cnt, where);

@@ -248,6 +248,40 @@ TEST(CudaEngine, InverseRootMatchesCpu) {
   check_inverse_root<float>(16, 4, 6, 4.0, 1e-2, 55);
 }
 
+// An fp32 factor that is PSD up to rounding has a slightly negative smallest eigenvalue, |λ_min| ≫ eps.
+// Lifting it as (λ − λ_min) + eps in double keeps eps, as linalg::inverse_root does; eps − λ_min in
+// fp32 rounds to −λ_min and leaves an exact 0 (an infinite root, a failed matrix).
+TEST(CudaEngine, InverseRootKeepsEpsWhenTheSmallestEigenvalueIsNegativeInFp32) {
+  SKIP_WITHOUT_GPU();
+  const int n = 5;
+  const std::size_t nn = static_cast<std::size_t>(n) * n;
+  std::vector<double> q = random_spd<double>(n, n, 1.0, 11), w(n), v(nn);
+  asteria::linalg::eigh<double>(n, q.data(), w.data(), v.data());  // an orthonormal basis v
+  const double lambda[5] = {-1e-3, 0.5, 1.0, 2.0, 3.0};
+  std::vector<float> a(nn);
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) {
+      double s = 0;
+      for (int k = 0; k < n; ++k) s += v[i * n + k] * lambda[k] * v[j * n + k];
+      a[i * n + j] = static_cast<float>(s);
+    }
+  for (int i = 0; i < n; ++i)  // exactly symmetric in fp32
+    for (int j = 0; j < i; ++j) a[i * n + j] = a[j * n + i];
+  ac::RefreshEngine engine;
+  for (int batch : {1, 3}) {  // per-matrix syevd, and the batched solver
+    std::vector<float> as;
+    for (int b = 0; b < batch; ++b) as.insert(as.end(), a.begin(), a.end());
+    DeviceArray<float> da(as), dx(batch * nn);
+    const auto r = engine.wait(engine.submit_inverse_root({}, ac::Precision::kFloat32, batch, n, da.get(), dx.get(),
+                                                          4.0, 1e-12));
+    ASSERT_TRUE(r.ok) << "batch " << batch << ": " << r.message;
+    const auto x = dx.download();
+    for (float e : x) ASSERT_TRUE(std::isfinite(e)) << "batch " << batch;
+    // (eps)^(-1/4) = 1e3 along the lifted direction.
+    EXPECT_GT(*std::max_element(x.begin(), x.end()), 100.0f) << "batch " << batch;
+  }
+}
+
 // ----- eigenbasis refresh ------------------------------------------------------------------------
 template <typename T>
 void check_eigenbasis(int n, int batch, bool sort, unsigned seed) {

@@ -151,7 +151,8 @@ class RefreshEngine {
   JobId submit_eigh(const JobTag& tag, Precision precision, int batch, int n, const void* a, void* w_out, void* v_out,
                     double ridge, bool descending, std::uintptr_t wait_stream = kNoStream);
   // out = (A + eps·I)^(-1/root) per matrix with linalg::inverse_root's stabilisation: if the
-  // smallest eigenvalue of A + eps·I is below eps, every eigenvalue is shifted by eps − λ_min.
+  // smallest eigenvalue λ_min of A + eps·I is below eps, every eigenvalue λ becomes (λ − λ_min) + eps
+  // (in double, in that order, so eps survives in fp32 when |λ_min| ≫ eps).
   // root > 0, epsilon >= 0 (both finite).
   JobId submit_inverse_root(const JobTag& tag, Precision precision, int batch, int n, const void* a, void* out,
                             double root, double epsilon, std::uintptr_t wait_stream = kNoStream);
