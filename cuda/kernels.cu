@@ -46,6 +46,24 @@ __global__ void prepare_kernel(const T* __restrict__ a, T* __restrict__ z, int n
   }
 }
 
+// One matrix: z = double(a) + ridge·I (the ridge in double).
+__global__ void widen_kernel(const float* __restrict__ a, double* __restrict__ z, int n, double ridge,
+                             bool add_ridge) {
+  const std::size_t nn = static_cast<std::size_t>(n) * n;
+  for (std::size_t k = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; k < nn;
+       k += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
+    double v = static_cast<double>(a[k]);
+    if (add_ridge && k % (static_cast<std::size_t>(n) + 1) == 0) v += ridge;
+    z[k] = v;
+  }
+}
+
+__global__ void narrow_kernel(const double* __restrict__ src, float* __restrict__ dst, std::size_t count) {
+  for (std::size_t k = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; k < count;
+       k += static_cast<std::size_t>(gridDim.x) * blockDim.x)
+    dst[k] = static_cast<float>(src[k]);
+}
+
 // dst[r*n + c] = src[col(c)*n + r] with col(c) = c, or n-1-c when `reverse`: the row-major view of
 // a column-major matrix (optionally with its columns reversed). 32x32 tiles through shared memory
 // so reads and writes are both coalesced.
@@ -231,6 +249,16 @@ cudaError_t prepare(const T* a, T* z, int n, int batch, const int* flags, T ridg
                     cudaStream_t stream) {
   const Shape s = elementwise(static_cast<std::size_t>(n) * n, batch);
   prepare_kernel<T><<<s.grid, s.block, 0, stream>>>(a, z, n, batch, flags, ridge, add_ridge);
+  return cudaGetLastError();
+}
+
+cudaError_t widen(const float* a, double* z, int n, double ridge, bool add_ridge, cudaStream_t stream) {
+  widen_kernel<<<blocks1d(static_cast<std::size_t>(n) * n), 256, 0, stream>>>(a, z, n, ridge, add_ridge);
+  return cudaGetLastError();
+}
+
+cudaError_t narrow(const double* src, float* dst, std::size_t count, cudaStream_t stream) {
+  narrow_kernel<<<blocks1d(count), 256, 0, stream>>>(src, dst, count);
   return cudaGetLastError();
 }
 

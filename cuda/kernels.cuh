@@ -16,6 +16,9 @@ namespace asteria::cuda::kernels {
 constexpr int kBadInput = 1;    // the input contains NaN or Inf
 constexpr int kSolverInfo = 2;  // a solver reported info != 0
 constexpr int kBadOutput = 4;   // the result contains NaN or Inf
+constexpr int kBadEigen = 8;    // inverse root: the eigendecomposition it is formed from has NaN or Inf
+// Not a failure: the matrix failed in fp32 and was redone in fp64 (the bits above are the fp64 ones).
+constexpr int kRetried = 16;
 
 // flags[b] |= bit when matrix b of x (batch × per values) has a non-finite value.
 template <typename T>
@@ -25,6 +28,11 @@ cudaError_t check_finite(const T* x, std::size_t per, int batch, int* flags, int
 template <typename T>
 cudaError_t prepare(const T* a, T* z, int n, int batch, const int* flags, T ridge, bool add_ridge,
                     cudaStream_t stream);
+// One matrix: z = double(a) + ridge·I (ridge added in double, only when add_ridge): the input of
+// the fp64 redo of a failed fp32 matrix, as linalg's fp64 retry builds it.
+cudaError_t widen(const float* a, double* z, int n, double ridge, bool add_ridge, cudaStream_t stream);
+// dst[i] = float(src[i]) (round to nearest), i < count.
+cudaError_t narrow(const double* src, float* dst, std::size_t count, cudaStream_t stream);
 // dst[r*n + c] = src[col(c)*n + r], col(c) = c or n-1-c when reverse: the row-major form of a
 // column-major matrix, optionally with its columns reversed.
 template <typename T>
