@@ -46,6 +46,24 @@ __global__ void prepare_kernel(const T* __restrict__ a, T* __restrict__ z, int n
   }
 }
 
+// One matrix: z = double(a) + ridge·I (the ridge in double).
+__global__ void widen_kernel(const float* __restrict__ a, double* __restrict__ z, int n, double ridge,
+                             bool add_ridge) {
+  const std::size_t nn = static_cast<std::size_t>(n) * n;
+  for (std::size_t k = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; k < nn;
+       k += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
+    double v = static_cast<double>(a[k]);
+    if (add_ridge && k % (static_cast<std::size_t>(n) + 1) == 0) v += ridge;
+    z[k] = v;
+  }
+}
+
+__global__ void narrow_kernel(const double* __restrict__ src, float* __restrict__ dst, std::size_t count) {
+  for (std::size_t k = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; k < count;
+       k += static_cast<std::size_t>(gridDim.x) * blockDim.x)
+    dst[k] = static_cast<float>(src[k]);
+}
+
 // dst[r*n + c] = src[col(c)*n + r] with col(c) = c, or n-1-c when `reverse`: the row-major view of
 // a column-major matrix (optionally with its columns reversed). 32x32 tiles through shared memory
 // so reads and writes are both coalesced.
@@ -92,11 +110,11 @@ __global__ void fold_info_kernel(int* __restrict__ flags, const int* __restrict_
   }
 }
 
-// In place: w_j <- (w_j + shift)^(-1/root) with shift = eps − λ_min when λ_min < eps (else 0),
-// evaluated exactly as linalg::inverse_root does (the sum in T, the power in double). One block
-// per matrix.
+// In place: w_j <- λ_j^(-1/root) with λ_j = (w_j − λ_min) + eps when λ_min < eps (else w_j),
+// evaluated exactly as linalg::inverse_root does: λ_min, the lift and the power in double, in that
+// order (eps − λ_min in T would lose eps when |λ_min| ≫ eps). One block per matrix.
 template <typename T>
-__global__ void root_factors_kernel(T* __restrict__ w, int n, int batch, T eps, double neg_inv_root) {
+__global__ void root_factors_kernel(T* __restrict__ w, int n, int batch, double eps, double neg_inv_root) {
   __shared__ T red[256];
   for (int b = blockIdx.x; b < batch; b += gridDim.x) {
     T* wb = w + static_cast<std::size_t>(b) * n;
@@ -108,10 +126,12 @@ __global__ void root_factors_kernel(T* __restrict__ w, int n, int batch, T eps, 
       if (threadIdx.x < s) red[threadIdx.x] = red[threadIdx.x + s] < red[threadIdx.x] ? red[threadIdx.x + s] : red[threadIdx.x];
       __syncthreads();
     }
-    const T lmin = red[0];
-    const T shift = lmin < eps ? eps - lmin : T(0);
-    for (int j = threadIdx.x; j < n; j += blockDim.x)
-      wb[j] = static_cast<T>(pow(static_cast<double>(wb[j] + shift), neg_inv_root));
+    const double lmin = static_cast<double>(red[0]);
+    const bool lift = lmin < eps;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+      const double lambda = lift ? (static_cast<double>(wb[j]) - lmin) + eps : static_cast<double>(wb[j]);
+      wb[j] = static_cast<T>(pow(lambda, neg_inv_root));
+    }
     __syncthreads();
   }
 }
@@ -232,6 +252,16 @@ cudaError_t prepare(const T* a, T* z, int n, int batch, const int* flags, T ridg
   return cudaGetLastError();
 }
 
+cudaError_t widen(const float* a, double* z, int n, double ridge, bool add_ridge, cudaStream_t stream) {
+  widen_kernel<<<blocks1d(static_cast<std::size_t>(n) * n), 256, 0, stream>>>(a, z, n, ridge, add_ridge);
+  return cudaGetLastError();
+}
+
+cudaError_t narrow(const double* src, float* dst, std::size_t count, cudaStream_t stream) {
+  narrow_kernel<<<blocks1d(count), 256, 0, stream>>>(src, dst, count);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t transpose(const T* src, T* dst, int n, int batch, bool reverse, cudaStream_t stream) {
   const unsigned tiles = static_cast<unsigned>((n + 31) / 32);
@@ -251,7 +281,7 @@ cudaError_t fold_info(int* flags, const int* info, int per, int batch, cudaStrea
 }
 
 template <typename T>
-cudaError_t root_factors(T* w, int n, int batch, T eps, double neg_inv_root, cudaStream_t stream) {
+cudaError_t root_factors(T* w, int n, int batch, double eps, double neg_inv_root, cudaStream_t stream) {
   root_factors_kernel<T><<<clamp_batch(batch), 256, 0, stream>>>(w, n, batch, eps, neg_inv_root);
   return cudaGetLastError();
 }
@@ -294,7 +324,7 @@ cudaError_t gather_columns(const T* lq, const std::int64_t* perm, T* m, int n, i
   template cudaError_t prepare<T>(const T*, T*, int, int, const int*, T, bool, cudaStream_t);              \
   template cudaError_t transpose<T>(const T*, T*, int, int, bool, cudaStream_t);                           \
   template cudaError_t eigvals<T>(const T*, T*, int, int, bool, cudaStream_t);                             \
-  template cudaError_t root_factors<T>(T*, int, int, T, double, cudaStream_t);                             \
+  template cudaError_t root_factors<T>(T*, int, int, double, double, cudaStream_t);                        \
   template cudaError_t scale_columns<T>(const T*, const T*, T*, int, int, cudaStream_t);                   \
   template cudaError_t rayleigh<T>(const T*, const T*, T*, int, int, cudaStream_t);                        \
   template cudaError_t rank_descending<T>(const T*, std::int64_t*, int, int, cudaStream_t);                \

@@ -16,6 +16,9 @@ namespace asteria::cuda::kernels {
 constexpr int kBadInput = 1;    // the input contains NaN or Inf
 constexpr int kSolverInfo = 2;  // a solver reported info != 0
 constexpr int kBadOutput = 4;   // the result contains NaN or Inf
+constexpr int kBadEigen = 8;    // inverse root: the eigendecomposition it is formed from has NaN or Inf
+// Not a failure: the matrix failed in fp32 and was redone in fp64 (the bits above are the fp64 ones).
+constexpr int kRetried = 16;
 
 // flags[b] |= bit when matrix b of x (batch × per values) has a non-finite value.
 template <typename T>
@@ -25,6 +28,11 @@ cudaError_t check_finite(const T* x, std::size_t per, int batch, int* flags, int
 template <typename T>
 cudaError_t prepare(const T* a, T* z, int n, int batch, const int* flags, T ridge, bool add_ridge,
                     cudaStream_t stream);
+// One matrix: z = double(a) + ridge·I (ridge added in double, only when add_ridge): the input of
+// the fp64 redo of a failed fp32 matrix, as linalg's fp64 retry builds it.
+cudaError_t widen(const float* a, double* z, int n, double ridge, bool add_ridge, cudaStream_t stream);
+// dst[i] = float(src[i]) (round to nearest), i < count.
+cudaError_t narrow(const double* src, float* dst, std::size_t count, cudaStream_t stream);
 // dst[r*n + c] = src[col(c)*n + r], col(c) = c or n-1-c when reverse: the row-major form of a
 // column-major matrix, optionally with its columns reversed.
 template <typename T>
@@ -34,10 +42,10 @@ template <typename T>
 cudaError_t eigvals(const T* w, T* w_out, int n, int batch, bool reverse, cudaStream_t stream);
 // flags[b] |= kSolverInfo when any of info[b*per .. b*per+per) is non-zero.
 cudaError_t fold_info(int* flags, const int* info, int per, int batch, cudaStream_t stream);
-// In place: w_j <- (w_j + shift)^(neg_inv_root), shift = eps − min(w) when min(w) < eps, else 0;
-// the sum in T and the power in double, like linalg::inverse_root.
+// In place: w_j <- λ_j^(neg_inv_root) with λ_j = (w_j − min(w)) + eps when min(w) < eps, else w_j;
+// the minimum, the lift and the power in double, like linalg::inverse_root.
 template <typename T>
-cudaError_t root_factors(T* w, int n, int batch, T eps, double neg_inv_root, cudaStream_t stream);
+cudaError_t root_factors(T* w, int n, int batch, double eps, double neg_inv_root, cudaStream_t stream);
 // bm[:, j] = z[:, j] · f[j] (column-major).
 template <typename T>
 cudaError_t scale_columns(const T* z, const T* f, T* bm, int n, int batch, cudaStream_t stream);

@@ -52,5 +52,9 @@ void RefreshEngine::close() {}
 std::uintptr_t RefreshEngine::stream() const noexcept { return 0; }
 int RefreshEngine::device() const noexcept { return -1; }
 int RefreshEngine::priority() const noexcept { return 0; }
+void RefreshEngine::set_test_fp32_failures(int) { unavailable("RefreshEngine::set_test_fp32_failures"); }
+long long RefreshEngine::test_fp32_failures_injected() const {
+  unavailable("RefreshEngine::test_fp32_failures_injected");
+}
 
 }  // namespace asteria::cuda

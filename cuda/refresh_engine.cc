@@ -22,11 +22,18 @@
 // cudaMemcpyAsync into pinned host memory owned by the engine and read only after the job's end
 // event has been observed complete. A matrix whose input is not finite is replaced by the identity
 // before the solver runs, so the solvers only ever see finite data.
+//
+// The fp64 retry of fp32 eigh/inverse-root jobs is the one exception, and only on the queueing
+// thread: after queueing the fp32 pass it waits for an event on the engine stream, reads the
+// status, and queues the fp64 redo of each failed matrix (fp32_failures, solve_fp64) before the
+// job's end event. cuSOLVER calls cannot be made conditional on device data, so a device-side
+// retry would mean solving every matrix in fp64.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <cusolverDn.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <functional>
@@ -52,8 +59,10 @@
 namespace asteria::cuda {
 namespace {
 
+using kernels::kBadEigen;
 using kernels::kBadInput;
 using kernels::kBadOutput;
+using kernels::kRetried;
 using kernels::kSolverInfo;
 
 // Largest batch of small matrices handled by one batched solver call and one set of scratch.
@@ -136,7 +145,8 @@ struct Job {
   std::shared_ptr<PinnedCache> cache;
   int* host_flags = nullptr;
   std::size_t host_bytes = 0;
-  std::vector<unsigned char> host_workspace;  // cuSOLVER host workspace (usually empty)
+  std::vector<unsigned char> host_workspace;       // cuSOLVER host workspace (usually empty)
+  std::vector<unsigned char> host_workspace_fp64;  // the same for the fp64 redo of failed fp32 matrices
   // Filled in on the submitting thread, run (once) by the engine's queueing thread.
   std::function<void(Job&)> enqueue;
   bool enqueued = false;      // the queueing thread is done with it (under the engine mutex)
@@ -163,6 +173,7 @@ std::string status_reasons(int bits) {
   };
   if (bits & kBadInput) add("input contains NaN or Inf");
   if (bits & kSolverInfo) add("the solver reported info != 0");
+  if (bits & kBadEigen) add("the eigendecomposition is not finite");
   if (bits & kBadOutput) add("the result is not finite");
   return s;
 }
@@ -181,7 +192,13 @@ struct RefreshEngine::Impl {
   cusolverDnHandle_t solver = nullptr;
   cusolverDnParams_t params = nullptr;
   void* blas_workspace = nullptr;
+  // Queueing thread only: recorded after the fp32 pass of an fp32 eigh/inverse-root job and waited
+  // for (blocking sync: the thread sleeps) before the status flags are read for the fp64 retry.
+  cudaEvent_t pass_ev = nullptr;
   std::shared_ptr<PinnedCache> pinned = std::make_shared<PinnedCache>();
+  // The test hook (set_test_fp32_failures): fp32 matrices still to fail, and failed so far.
+  std::atomic<int> test_fp32_faults{0};
+  std::atomic<long long> test_fp32_injected{0};
 
   std::mutex mu;  // guards everything below (the handles above belong to the queueing thread)
   std::condition_variable cv;  // pending work for the queueing thread, or a job it finished queueing
@@ -194,7 +211,7 @@ struct RefreshEngine::Impl {
   JobId next_id = 1;
   bool closed = false;
   std::string broken;  // the sticky CUDA error that broke the context, if any
-  std::size_t submitted = 0, completed = 0, failed = 0;
+  std::size_t submitted = 0, completed = 0, failed = 0, fp64_retries = 0;
   double total_run = 0, max_run = 0, max_queued = 0;
 
   void release_resources() noexcept;
@@ -222,9 +239,23 @@ struct RefreshEngine::Impl {
   Started begin(Job& job, std::size_t scratch_bytes, const char* where);
   void finish(Started& s, const char* where);
   void abort(Started& s) noexcept;
+  // Queueing thread: `bytes` of device memory from the engine pool, stream-ordered on the engine
+  // stream (kBudgetExhausted when the pool cannot grow). The caller frees it with cudaFreeAsync on
+  // the engine stream.
+  void* alloc_scratch(std::size_t bytes, const char* where);
+  // Queueing thread, between begin() and finish() of an fp32 eigh/inverse-root job whose fp32 pass
+  // is queued: waits for the engine stream (never another stream), reads the status flags, applies
+  // the test hook, and returns the matrices to redo in fp64 (those with finite input and a bit of
+  // `retry_mask`; none when opts.fp64_retry is off). Their device flags are reset to kRetried by a
+  // copy queued on the engine stream before this returns, so the redo's checks OR fresh bits into
+  // them. Without the retry and with the hook disarmed it queues nothing and does not wait.
+  std::vector<int> fp32_failures(Started& s, int retry_mask, const char* where);
+  bool take_test_fault() noexcept;
 };
 
 void RefreshEngine::Impl::release_resources() noexcept {
+  if (pass_ev) (void)cudaEventDestroy(pass_ev);
+  pass_ev = nullptr;
   if (params) (void)cusolverDnDestroyParams(params);
   if (solver) (void)cusolverDnDestroy(solver);
   if (blas) (void)cublasDestroy(blas);
@@ -346,15 +377,7 @@ RefreshEngine::Impl::Started RefreshEngine::Impl::begin(Job& job, std::size_t sc
     Layout layout;
     layout.add(job.host_bytes);  // the device status array comes first
     const std::size_t total = layout.total + scratch_bytes;
-    void* p = nullptr;
-    const cudaError_t e = cudaMallocFromPoolAsync(&p, total, pool, stream);
-    if (e != cudaSuccess) {
-      (void)cudaGetLastError();
-      ASTERIA_CHECK(false, kBudgetExhausted,
-                    "cannot allocate " << total << " bytes of scratch on device " << device << " ("
-                                       << detail::describe(e) << "); free device memory or refresh smaller blocks");
-    }
-    s.scratch = static_cast<unsigned char*>(p);
+    s.scratch = static_cast<unsigned char*>(alloc_scratch(total, where));
     s.flags = reinterpret_cast<int*>(s.scratch);
     ASTERIA_CUDA_CHECK(cudaMemsetAsync(s.flags, 0, job.host_bytes, stream), where);
     s.scratch += layout.total;
@@ -363,6 +386,58 @@ RefreshEngine::Impl::Started RefreshEngine::Impl::begin(Job& job, std::size_t sc
     throw;
   }
   return s;
+}
+
+void* RefreshEngine::Impl::alloc_scratch(std::size_t bytes, const char* /*where*/) {
+  void* p = nullptr;
+  const cudaError_t e = cudaMallocFromPoolAsync(&p, bytes, pool, stream);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    ASTERIA_CHECK(false, kBudgetExhausted,
+                  "cannot allocate " << bytes << " bytes of scratch on device " << device << " ("
+                                     << detail::describe(e) << "); free device memory or refresh smaller blocks");
+  }
+  return p;
+}
+
+bool RefreshEngine::Impl::take_test_fault() noexcept {
+  int left = test_fp32_faults.load(std::memory_order_relaxed);
+  while (left > 0 && !test_fp32_faults.compare_exchange_weak(left, left - 1, std::memory_order_relaxed)) {
+  }
+  if (left <= 0) return false;
+  test_fp32_injected.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
+std::vector<int> RefreshEngine::Impl::fp32_failures(Started& s, int retry_mask, const char* where) {
+  std::vector<int> redo;
+  const bool retry = opts.fp64_retry;
+  if (!retry && test_fp32_faults.load(std::memory_order_relaxed) <= 0) return redo;
+  Job& job = *s.job;
+  int* bits = job.host_flags;  // pinned; finish() copies the final flags over it later, in stream order
+  ASTERIA_CUDA_CHECK(cudaMemcpyAsync(bits, s.flags, job.host_bytes, cudaMemcpyDeviceToHost, stream), where);
+  ASTERIA_CUDA_CHECK(cudaEventRecord(pass_ev, stream), where);
+  // Blocks this (queueing) thread until the engine stream has run the fp32 pass; other streams,
+  // the caller's included, go on.
+  ASTERIA_CUDA_CHECK(cudaEventSynchronize(pass_ev), where);
+  bool changed = false;
+  for (int b = 0; b < job.batch; ++b) {
+    // The hook fails a matrix whose fp32 solve ran on finite input and reported info == 0, as
+    // linalg's hook fails a syevd that succeeded.
+    if (!(bits[b] & (kBadInput | kSolverInfo)) && take_test_fault()) {
+      bits[b] |= kSolverInfo;
+      changed = true;
+    }
+    if (retry && !(bits[b] & kBadInput) && (bits[b] & retry_mask)) {
+      bits[b] = kRetried;
+      redo.push_back(b);
+      changed = true;
+    }
+  }
+  // Stream-ordered before every kernel of the redo (and before finish()'s copy back into `bits`).
+  if (changed)
+    ASTERIA_CUDA_CHECK(cudaMemcpyAsync(s.flags, bits, job.host_bytes, cudaMemcpyHostToDevice, stream), where);
+  return redo;
 }
 
 void RefreshEngine::Impl::finish(Started& s, const char* where) {
@@ -416,9 +491,13 @@ JobResult RefreshEngine::Impl::make_result(Job& job, cudaError_t status) {
   int shown = 0;
   for (int b = 0; b < job.batch; ++b) {
     const int bits = job.host_flags[b];
-    if (bits == 0) continue;
+    if (bits & kRetried) r.retried.push_back(b);
+    const int bad = bits & ~kRetried;
+    if (bad == 0) continue;
     r.failed.push_back(b);
-    if (shown < 8) details << (shown ? "; " : "") << "matrix " << b << ": " << status_reasons(bits);
+    if (shown < 8)
+      details << (shown ? "; " : "") << "matrix " << b << ": " << status_reasons(bad)
+              << ((bits & kRetried) ? " (fp32 failed, fp64 retry included)" : "");
     ++shown;
   }
   if (!r.failed.empty()) {
@@ -441,6 +520,7 @@ void RefreshEngine::Impl::harvest_locked() {
     in_flight.pop_front();
     ++completed;
     if (!r.ok) ++failed;
+    fp64_retries += r.retried.size();
     total_run += r.run_seconds;
     max_run = std::max(max_run, r.run_seconds);
     max_queued = std::max(max_queued, r.queued_seconds);
@@ -484,6 +564,8 @@ RefreshEngine::RefreshEngine(const EngineOptions& opts) : impl_(std::make_unique
     ASTERIA_CUSOLVER_CHECK(cusolverDnCreate(&m.solver), "RefreshEngine");
     ASTERIA_CUSOLVER_CHECK(cusolverDnSetStream(m.solver, m.stream), "RefreshEngine");
     ASTERIA_CUSOLVER_CHECK(cusolverDnCreateParams(&m.params), "RefreshEngine");
+    ASTERIA_CUDA_CHECK(cudaEventCreateWithFlags(&m.pass_ev, cudaEventBlockingSync | cudaEventDisableTiming),
+                       "RefreshEngine");
     m.queuer = std::thread([&m] { m.queuer_main(); });
   } catch (...) {
     m.release_resources();
@@ -501,6 +583,14 @@ RefreshEngine::~RefreshEngine() {
 std::uintptr_t RefreshEngine::stream() const noexcept { return reinterpret_cast<std::uintptr_t>(impl_->stream); }
 int RefreshEngine::device() const noexcept { return impl_->device; }
 int RefreshEngine::priority() const noexcept { return impl_->priority; }
+
+void RefreshEngine::set_test_fp32_failures(int count) {
+  ASTERIA_CHECK(count >= 0, kInvalidArgument,
+                "[cuda::RefreshEngine::set_test_fp32_failures] count must be >= 0, got " << count);
+  impl_->test_fp32_faults.store(count);
+}
+
+long long RefreshEngine::test_fp32_failures_injected() const { return impl_->test_fp32_injected.load(); }
 
 void RefreshEngine::close() {
   Impl& m = *impl_;
@@ -538,6 +628,78 @@ std::string describe_job(const char* kind, Precision p, int batch, int n) {
   std::ostringstream os;
   os << kind << " " << precision_name(p) << " n=" << n << " batch=" << batch;
   return os.str();
+}
+
+// ----- the fp64 redo of failed fp32 matrices ----------------------------------------------------
+// Device scratch of the redo: one fp64 matrix at a time (zd, wd, info, workspace), reused for each
+// redone matrix in stream order. It comes from the engine pool and goes back with cudaFreeAsync on
+// the engine stream, after the work queued on it: by release() normally, by the destructor when
+// an exception unwinds before (the job's own scratch then goes in abort()).
+struct RedoScratch {
+  cudaStream_t stream = nullptr;
+  unsigned char* base = nullptr;
+  double* z = nullptr;
+  double* w = nullptr;
+  int* info = nullptr;
+  void* ws = nullptr;
+  std::size_t dws = 0;
+  void* hw = nullptr;
+  std::size_t hws = 0;
+
+  RedoScratch() = default;
+  RedoScratch(const RedoScratch&) = delete;
+  RedoScratch& operator=(const RedoScratch&) = delete;
+  ~RedoScratch() {
+    if (base) (void)cudaFreeAsync(base, stream);
+  }
+  void release(const char* where) {
+    void* p = base;
+    base = nullptr;
+    ASTERIA_CUDA_CHECK(cudaFreeAsync(p, stream), where);
+  }
+};
+
+// Sizes and allocates the redo scratch for n×n matrices. `any_a`/`any_w` are device pointers of
+// the job, only there because the size query wants non-null pointers (it reads neither).
+template <typename Engine>
+void open_redo(Engine& m, Job& job, int n, const void* any_a, const void* any_w, RedoScratch& r, const char* where) {
+  const std::size_t nn = static_cast<std::size_t>(n) * n;
+  ASTERIA_CUSOLVER_CHECK(cusolverDnXsyevd_bufferSize(m.solver, m.params, CUSOLVER_EIG_MODE_VECTOR,
+                                                     CUBLAS_FILL_MODE_UPPER, n, CUDA_R_64F, any_a, n, CUDA_R_64F,
+                                                     any_w, CUDA_R_64F, &r.dws, &r.hws),
+                         where);
+  Layout L;
+  const std::size_t z_off = L.add(nn * sizeof(double));
+  const std::size_t w_off = L.add(static_cast<std::size_t>(n) * sizeof(double));
+  const std::size_t info_off = L.add(sizeof(int));
+  const std::size_t ws_off = L.add(r.dws);
+  r.stream = m.stream;
+  r.base = static_cast<unsigned char*>(m.alloc_scratch(L.total, where));
+  r.z = reinterpret_cast<double*>(r.base + z_off);
+  r.w = reinterpret_cast<double*>(r.base + w_off);
+  r.info = reinterpret_cast<int*>(r.base + info_off);
+  r.ws = r.base + ws_off;
+  job.host_workspace_fp64.resize(r.hws);
+  r.hw = r.hws ? job.host_workspace_fp64.data() : nullptr;
+}
+
+// The fp64 redo of one matrix `a` (row-major fp32, finite) of an fp32 job, as linalg's retry does
+// it: zd = double(A) + ridge·I (the ridge in double), fp64 syevd (per matrix, whatever the job's
+// solver), its info folded into *flag (kSolverInfo), then the results rounded to fp32 into z
+// (column-major eigenvectors) and w (ascending eigenvalues), the fp32 pass's scratch, for the same
+// post-processing as the fp32 pass.
+template <typename Engine>
+void solve_fp64(Engine& m, RedoScratch& r, int n, const float* a, double ridge, float* z, float* w, int* flag,
+                const char* where) {
+  const std::size_t nn = static_cast<std::size_t>(n) * n;
+  ASTERIA_LAUNCHED(kernels::widen(a, r.z, n, ridge, ridge != 0.0, m.stream), where);
+  ASTERIA_CUSOLVER_CHECK(cusolverDnXsyevd(m.solver, m.params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, n,
+                                          CUDA_R_64F, r.z, n, CUDA_R_64F, r.w, CUDA_R_64F, r.ws, r.dws, r.hw, r.hws,
+                                          r.info),
+                         where);
+  ASTERIA_LAUNCHED(kernels::fold_info(flag, r.info, 1, 1, m.stream), where);
+  ASTERIA_LAUNCHED(kernels::narrow(r.z, z, nn, m.stream), where);
+  ASTERIA_LAUNCHED(kernels::narrow(r.w, w, static_cast<std::size_t>(n), m.stream), where);
 }
 
 template <typename T, typename Engine>
@@ -596,6 +758,27 @@ void eigh_job(Engine& m, Job& job, int batch, int n, const T* a, T* w_out, T* v_
     ASTERIA_LAUNCHED(
         kernels::check_finite<T>(w_out, static_cast<std::size_t>(n), batch, s.flags, kBadOutput, m.stream), where);
     ASTERIA_LAUNCHED(kernels::check_finite<T>(v_out, nn, batch, s.flags, kBadOutput, m.stream), where);
+    if constexpr (std::is_same_v<T, float>) {
+      // The fp64 retry: a matrix whose decomposition failed (info != 0) or is not finite, from
+      // finite input, is redone in fp64 and rounded back; the same ordering as the fp32 pass.
+      const std::vector<int> redo = m.fp32_failures(s, kSolverInfo | kBadOutput, where);
+      if (!redo.empty()) {
+        RedoScratch r;
+        open_redo(m, *s.job, n, a, w_out, r, where);
+        for (const int b : redo) {
+          int* flag = s.flags + b;
+          float* wb = w_out + static_cast<std::size_t>(b) * n;
+          float* vb = v_out + static_cast<std::size_t>(b) * nn;
+          solve_fp64(m, r, n, a + static_cast<std::size_t>(b) * nn, ridge, z, w, flag, where);
+          ASTERIA_LAUNCHED(kernels::transpose<float>(z, vb, n, 1, descending, m.stream), where);
+          ASTERIA_LAUNCHED(kernels::eigvals<float>(w, wb, n, 1, descending, m.stream), where);
+          ASTERIA_LAUNCHED(
+              kernels::check_finite<float>(wb, static_cast<std::size_t>(n), 1, flag, kBadOutput, m.stream), where);
+          ASTERIA_LAUNCHED(kernels::check_finite<float>(vb, nn, 1, flag, kBadOutput, m.stream), where);
+        }
+        r.release(where);
+      }
+    }
     m.finish(s, where);
   } catch (...) {
     m.abort(s);
@@ -670,12 +853,39 @@ void inverse_root_job(Engine& m, Job& job, int batch, int n, const T* a, T* out,
                                where);
       }
       ASTERIA_LAUNCHED(kernels::fold_info(s.flags + g0, info, 1, cnt, m.stream), where);
-      ASTERIA_LAUNCHED(kernels::root_factors<T>(w, n, cnt, static_cast<T>(epsilon), -1.0 / root, m.stream), where);
+      // linalg's eigh_colmajor checks the decomposition before the root is formed from it (and
+      // retries an fp32 one that is not finite); a root that overflows is a failure, no retry.
+      ASTERIA_LAUNCHED(
+          kernels::check_finite<T>(w, static_cast<std::size_t>(n), cnt, s.flags + g0, kBadEigen, m.stream), where);
+      ASTERIA_LAUNCHED(kernels::check_finite<T>(z, nn, cnt, s.flags + g0, kBadEigen, m.stream), where);
+      ASTERIA_LAUNCHED(kernels::root_factors<T>(w, n, cnt, epsilon, -1.0 / root, m.stream), where);
       ASTERIA_LAUNCHED(kernels::scale_columns<T>(z, w, bm, n, cnt, m.stream), where);
       // X = B·Zᵀ, column-major, written into the row-major output like linalg::inverse_root.
       gemm_strided<T>(m.blas, CUBLAS_OP_N, CUBLAS_OP_T, n, bm, z, out + g0 * nn, cnt, where);
     }
     ASTERIA_LAUNCHED(kernels::check_finite<T>(out, nn, batch, s.flags, kBadOutput, m.stream), where);
+    if constexpr (std::is_same_v<T, float>) {
+      // The fp64 retry of a failed fp32 decomposition (info != 0 or not finite, finite input):
+      // redone in fp64 and rounded back, then the fp32 pass's stabilisation and X = B·Zᵀ on it.
+      const std::vector<int> redo = m.fp32_failures(s, kSolverInfo | kBadEigen, where);
+      if (!redo.empty()) {
+        RedoScratch r;
+        open_redo(m, *s.job, n, a, out, r, where);
+        for (const int b : redo) {
+          int* flag = s.flags + b;
+          float* xb = out + static_cast<std::size_t>(b) * nn;
+          solve_fp64(m, r, n, a + static_cast<std::size_t>(b) * nn, epsilon, z, w, flag, where);
+          ASTERIA_LAUNCHED(
+              kernels::check_finite<float>(w, static_cast<std::size_t>(n), 1, flag, kBadEigen, m.stream), where);
+          ASTERIA_LAUNCHED(kernels::check_finite<float>(z, nn, 1, flag, kBadEigen, m.stream), where);
+          ASTERIA_LAUNCHED(kernels::root_factors<float>(w, n, 1, epsilon, -1.0 / root, m.stream), where);
+          ASTERIA_LAUNCHED(kernels::scale_columns<float>(z, w, bm, n, 1, m.stream), where);
+          gemm_strided<float>(m.blas, CUBLAS_OP_N, CUBLAS_OP_T, n, bm, z, xb, 1, where);
+          ASTERIA_LAUNCHED(kernels::check_finite<float>(xb, nn, 1, flag, kBadOutput, m.stream), where);
+        }
+        r.release(where);
+      }
+    }
     m.finish(s, where);
   } catch (...) {
     m.abort(s);
@@ -912,6 +1122,7 @@ EngineStats RefreshEngine::stats() {
   st.submitted = m.submitted;
   st.completed = m.completed;
   st.failed = m.failed;
+  st.fp64_retries = m.fp64_retries;
   st.in_flight = m.in_flight.size();
   st.uncollected = m.done.size();
   st.total_run_seconds = m.total_run;

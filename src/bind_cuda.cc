@@ -177,6 +177,9 @@ void init_cuda(py::module_& m) {
       .def_readonly("ok", &ac::JobResult::ok)
       .def_property_readonly("status", [](const ac::JobResult& r) { return r.ok ? "ok" : "failed"; })
       .def_readonly("failed", &ac::JobResult::failed, "Batch indices of the matrices that failed.")
+      .def_readonly("retried", &ac::JobResult::retried,
+                    "Batch indices of the fp32 matrices redone in fp64 after their fp32 decomposition failed "
+                    "(those not in `failed` succeeded in fp64).")
       .def_readonly("message", &ac::JobResult::message)
       .def_readonly("run_s", &ac::JobResult::run_seconds, "Device time of the job on the engine stream.")
       .def_readonly("queued_s", &ac::JobResult::queued_seconds,
@@ -195,14 +198,15 @@ void init_cuda(py::module_& m) {
       "output alive and unmodified until the job completes. wait_stream (None, an int cudaStream_t value where 0 "
       "is the legacy default stream, or a torch.cuda.Stream) orders the job after the work already queued there, "
       "without blocking the host.")
-      .def(py::init([](int device, bool low_priority) {
+      .def(py::init([](int device, bool low_priority, bool fp64_retry) {
              ac::EngineOptions o;
              o.device = device;
              o.priority_low = low_priority;
+             o.fp64_retry = fp64_retry;
              py::gil_scoped_release nogil;
              return std::make_unique<ac::RefreshEngine>(o);
            }),
-           py::arg("device") = 0, py::kw_only(), py::arg("low_priority") = true)
+           py::arg("device") = 0, py::kw_only(), py::arg("low_priority") = true, py::arg("fp64_retry") = true)
       .def_property_readonly("stream", &ac::RefreshEngine::stream,
                              "The engine stream as an int (torch.cuda.ExternalStream(engine.stream)).")
       .def_property_readonly("device", &ac::RefreshEngine::device)
@@ -271,6 +275,11 @@ void init_cuda(py::module_& m) {
           py::arg("wait_stream") = py::none(),
           "Queue a SOAP (sort=True) or KL (sort=False) eigenbasis refresh: basis_out = qr(A·Q[:, perm]).Q and "
           "perm_out (int64) = the stable descending order of diag(QᵀAQ). Returns the job id.")
+      .def("set_test_fp32_failures", &ac::RefreshEngine::set_test_fp32_failures, py::arg("count"),
+           "TEST HOOK: the next `count` fp32 matrices of eigh / inverse-root jobs of this engine report a failed "
+           "solve after it, so the fp64 retry can be tested (fp64 jobs never consume it); 0 disarms it.")
+      .def("test_fp32_failures_injected", &ac::RefreshEngine::test_fp32_failures_injected,
+           "fp32 matrices the set_test_fp32_failures hook has failed on this engine so far.")
       .def("poll", &ac::RefreshEngine::poll, py::call_guard<py::gil_scoped_release>(),
            "Completed jobs not yet collected, in id order (never blocks).")
       .def("wait", &ac::RefreshEngine::wait, py::arg("job_id"), py::call_guard<py::gil_scoped_release>(),
@@ -288,6 +297,7 @@ void init_cuda(py::module_& m) {
              d["submitted"] = st.submitted;
              d["completed"] = st.completed;
              d["failed"] = st.failed;
+             d["fp64_retries"] = st.fp64_retries;
              d["in_flight"] = st.in_flight;
              d["uncollected"] = st.uncollected;
              d["total_run_s"] = st.total_run_seconds;

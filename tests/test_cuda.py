@@ -154,6 +154,77 @@ def test_non_finite_input_fails_only_that_matrix_and_the_engine_goes_on():
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize(("batch", "n"), [(None, 40), (3, 40), (4, 16)])  # per-matrix syevd; batched solver
+def test_failed_fp32_decompositions_are_retried_in_fp64(batch, n):
+    """The engine's test hook fails fp32 solves (never fp64 ones): each failed matrix is redone in fp64 and
+    equals the same engine's fp64 result on the same (fp32) values, rounded to fp32."""
+    mats = [spd(n, seed=70 + k).astype(np.float32) for k in range(batch or 1)]
+    a = cuda(np.stack(mats) if batch else mats[0], torch.float32)
+    w, v, x = torch.empty(a.shape[:-1], dtype=torch.float32, device="cuda"), torch.empty_like(a), torch.empty_like(a)
+    k = min(2, batch or 1)
+    eps32 = float(np.finfo(np.float32).eps)
+    with _core.CudaRefreshEngine() as engine:
+        before = engine.test_fp32_failures_injected()
+        try:
+            engine.set_test_fp32_failures(2)
+            r = engine.wait(engine.submit_eigh(1, 2, 3, a, w, v, ridge=1e-3, descending=True))
+            engine.set_test_fp32_failures(2)
+            rx = engine.wait(engine.submit_inverse_root(1, 2, 3, a, x, root=2.0, epsilon=0.1))
+        finally:
+            engine.set_test_fp32_failures(0)
+        assert engine.test_fp32_failures_injected() == before + 2 * k
+        assert r.ok and r.failed == [] and r.retried == list(range(k)), r.message
+        assert rx.ok and rx.failed == [] and rx.retried == list(range(k)), rx.message
+        assert engine.stats()["fp64_retries"] == 2 * k
+        ws, vs, xs = w.cpu().numpy().reshape(-1, n), v.cpu().numpy().reshape(-1, n, n), x.cpu().numpy().reshape(-1, n, n)
+        for j, m in enumerate(mats):
+            # the fp64 reference: the same engine, one matrix per job (per-matrix syevd, like the retry)
+            a64 = cuda(m.astype(np.float64), torch.float64)
+            w64, v64, x64 = torch.empty(n, dtype=torch.float64, device="cuda"), torch.empty_like(a64), torch.empty_like(a64)
+            assert engine.wait(engine.submit_eigh(0, 0, 0, a64, w64, v64, ridge=1e-3, descending=True)).ok
+            assert engine.wait(engine.submit_inverse_root(0, 0, 0, a64, x64, root=2.0, epsilon=0.1)).ok
+            w32, v32 = w64.cpu().numpy().astype(np.float32), v64.cpu().numpy().astype(np.float32)
+            x64 = x64.cpu().numpy()
+            if j < k:  # retried: the fp64 decomposition rounded to fp32 (a few ulps at most)
+                np.testing.assert_allclose(ws[j], w32, atol=4 * eps32 * np.abs(w32).max(), rtol=0)
+                assert max_diff_up_to_sign(v32, vs[j]) < 1e-6
+            else:
+                np.testing.assert_allclose(ws[j], w32, atol=F32_TOL * np.abs(w32).max(), rtol=0)
+            assert np.all(np.diff(ws[j]) <= 0)  # descending
+            np.testing.assert_allclose(xs[j], x64, atol=5 * F32_TOL * np.abs(x64).max(), rtol=0)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_without_the_fp64_retry_a_failed_fp32_decomposition_is_reported():
+    n = 16
+    a = cuda(np.stack([spd(n, seed=80 + k) for k in range(3)]), torch.float32)
+    w, v = torch.empty((3, n), dtype=torch.float32, device="cuda"), torch.empty_like(a)
+    with _core.CudaRefreshEngine(fp64_retry=False) as engine:
+        engine.set_test_fp32_failures(1)
+        try:
+            r = engine.wait(engine.submit_eigh(3, 4, 5, a, w, v))
+        finally:
+            engine.set_test_fp32_failures(0)
+        assert not r.ok and r.failed == [0] and r.retried == []
+        assert "matrix 0: the solver reported info != 0" in r.message
+        assert engine.test_fp32_failures_injected() == 1 and engine.stats()["fp64_retries"] == 0
+        # fp64 jobs never take the hook
+        a64, w64 = a.double(), w.double()  # named: the engine keeps no reference to its arrays
+        v64 = torch.empty_like(a64)
+        engine.set_test_fp32_failures(1)
+        try:
+            r = engine.wait(engine.submit_eigh(3, 5, 6, a64, w64, v64))
+        finally:
+            engine.set_test_fp32_failures(0)
+        assert r.ok, r.message
+        assert engine.test_fp32_failures_injected() == 1
+        with pytest.raises(ValueError, match="count"):
+            engine.set_test_fp32_failures(-1)
+
+
+@pytest.mark.gpu
+@needs_gpu
 def test_arguments_are_validated():
     n = 8
     a = cuda(spd(n), torch.float64)

@@ -125,6 +125,32 @@ def test_device_route_matches_cpu(cls, refresh):
 
 @gpu
 @needs_backend
+@pytest.mark.parametrize("cls", [asteria.Shampoo, asteria.SOAP], ids=lambda c: c.__name__)
+def test_device_route_retries_failed_fp32_decompositions_in_fp64(cls, monkeypatch):
+    """Every fp32 decomposition on the device fails (the engine's test hook): the engine redoes each in fp64,
+    so no job fails and training goes as with plain fp32 refreshes (the route keeps the retry on, like the host)."""
+    from asteria.runtime import gpu as gpu_route
+
+    engines = []
+    init = gpu_route.DeviceRefresh.__init__
+
+    def armed_init(self, device):
+        init(self, device)
+        self.engine.set_test_fp32_failures(10**6)
+        engines.append(self.engine)
+
+    monkeypatch.setattr(gpu_route.DeviceRefresh, "__init__", armed_init)
+    got, stats = _train(cls, CUDA, asteria.RuntimeConfig(refresh="sync", refresh_device="gpu"))
+    monkeypatch.undo()
+    ref, ref_stats = _train(cls, CUDA, asteria.RuntimeConfig(refresh="sync", refresh_device="gpu"))
+    assert engines and sum(e.test_fp32_failures_injected() for e in engines) > 0
+    assert stats["jobs_failed"] == 0 and stats["jobs_ok"] == ref_stats["jobs_ok"] > 0
+    assert sum(d["fp64_retries"] for d in stats["scheduler"]["devices"].values()) > 0
+    assert _rel(got, ref) < 1e-3
+
+
+@gpu
+@needs_backend
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
 def test_device_route_float64_is_tight(cls):
     ref, _ = _train(cls, CPU, asteria.RuntimeConfig(refresh="sync"), dtype=torch.float64)

@@ -13,7 +13,9 @@
 #include <cstdlib>
 #include <limits>
 #include <random>
+#include <string>
 #include <thread>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -248,6 +250,40 @@ TEST(CudaEngine, InverseRootMatchesCpu) {
   check_inverse_root<float>(16, 4, 6, 4.0, 1e-2, 55);
 }
 
+// An fp32 factor that is PSD up to rounding has a slightly negative smallest eigenvalue, |λ_min| ≫ eps.
+// Lifting it as (λ − λ_min) + eps in double keeps eps, as linalg::inverse_root does; eps − λ_min in
+// fp32 rounds to −λ_min and leaves an exact 0 (an infinite root, a failed matrix).
+TEST(CudaEngine, InverseRootKeepsEpsWhenTheSmallestEigenvalueIsNegativeInFp32) {
+  SKIP_WITHOUT_GPU();
+  const int n = 5;
+  const std::size_t nn = static_cast<std::size_t>(n) * n;
+  std::vector<double> q = random_spd<double>(n, n, 1.0, 11), w(n), v(nn);
+  asteria::linalg::eigh<double>(n, q.data(), w.data(), v.data());  // an orthonormal basis v
+  const double lambda[5] = {-1e-3, 0.5, 1.0, 2.0, 3.0};
+  std::vector<float> a(nn);
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) {
+      double s = 0;
+      for (int k = 0; k < n; ++k) s += v[i * n + k] * lambda[k] * v[j * n + k];
+      a[i * n + j] = static_cast<float>(s);
+    }
+  for (int i = 0; i < n; ++i)  // exactly symmetric in fp32
+    for (int j = 0; j < i; ++j) a[i * n + j] = a[j * n + i];
+  ac::RefreshEngine engine;
+  for (int batch : {1, 3}) {  // per-matrix syevd, and the batched solver
+    std::vector<float> as;
+    for (int b = 0; b < batch; ++b) as.insert(as.end(), a.begin(), a.end());
+    DeviceArray<float> da(as), dx(batch * nn);
+    const auto r = engine.wait(engine.submit_inverse_root({}, ac::Precision::kFloat32, batch, n, da.get(), dx.get(),
+                                                          4.0, 1e-12));
+    ASSERT_TRUE(r.ok) << "batch " << batch << ": " << r.message;
+    const auto x = dx.download();
+    for (float e : x) ASSERT_TRUE(std::isfinite(e)) << "batch " << batch;
+    // (eps)^(-1/4) = 1e3 along the lifted direction.
+    EXPECT_GT(*std::max_element(x.begin(), x.end()), 100.0f) << "batch " << batch;
+  }
+}
+
 // ----- eigenbasis refresh ------------------------------------------------------------------------
 template <typename T>
 void check_eigenbasis(int n, int batch, bool sort, unsigned seed) {
@@ -374,6 +410,311 @@ TEST(CudaEngine, InvalidArgumentsThrow) {
   expect_category([&] { engine.submit_eigh({}, ac::Precision::kFloat64, 1, 4, d.get(), d.get(), d.get(), 0, false); },
                   C::kCancelled);
   expect_category([] { ac::RefreshEngine bad(ac::EngineOptions{1000, true}); }, C::kInvalidArgument);
+}
+
+// ----- the fp64 retry of failed fp32 matrices (test hook: fp32 fails, fp64 does not) --------------
+// fp32 matrices and the same values exactly in fp64.
+std::vector<float> spd_f32(int n, int rank, double shift, unsigned seed) { return random_spd<float>(n, rank, shift, seed); }
+std::vector<double> widen(const std::vector<float>& a) { return std::vector<double>(a.begin(), a.end()); }
+std::vector<float> round_f32(const std::vector<double>& a) { return std::vector<float>(a.begin(), a.end()); }
+
+ac::EngineOptions retry_options(bool fp64_retry) {
+  ac::EngineOptions o;
+  o.fp64_retry = fp64_retry;
+  return o;
+}
+
+// Disarms an engine's hook whatever the test does.
+struct Fp32Failures {
+  Fp32Failures(ac::RefreshEngine& e, int count) : engine(e) { engine.set_test_fp32_failures(count); }
+  ~Fp32Failures() { engine.set_test_fp32_failures(0); }
+  ac::RefreshEngine& engine;
+};
+
+// The fp64 reference of a retried matrix: the same engine's fp64 eigh of the fp32 matrix (exactly
+// widened) as a batch-1 job, i.e. per-matrix cusolverDnXsyevd like the retry, rounded to fp32.
+struct Eigh32 {
+  std::vector<float> w, v;
+};
+Eigh32 fp64_eigh_rounded(ac::RefreshEngine& engine, int n, const std::vector<float>& a, double ridge, bool descending) {
+  const std::size_t nn = static_cast<std::size_t>(n) * n;
+  DeviceArray<double> da(widen(a)), dw(n), dv(nn);
+  const auto r =
+      engine.wait(engine.submit_eigh({}, ac::Precision::kFloat64, 1, n, da.get(), dw.get(), dv.get(), ridge, descending));
+  EXPECT_TRUE(r.ok) << r.message;
+  EXPECT_TRUE(r.retried.empty());
+  return {round_f32(dw.download()), round_f32(dv.download())};
+}
+
+// fp32 eigh job of `batch` matrices with the hook armed for `failures` of them: the first
+// `failures` (batch order) with finite input are retried and equal the fp64 result rounded to fp32;
+// the others are the plain fp32 results.
+void check_eigh_retry(int n, int batch, int failures, double ridge, bool descending, unsigned seed) {
+  const std::size_t nn = static_cast<std::size_t>(n) * n;
+  std::vector<std::vector<float>> mats;
+  for (int b = 0; b < batch; ++b) mats.push_back(spd_f32(n, n, 0.5, seed + b));
+  DeviceArray<float> da(concat(mats)), dw(static_cast<std::size_t>(batch) * n), dv(batch * nn);
+  ac::RefreshEngine engine;
+  const long long before = engine.test_fp32_failures_injected();
+  ac::JobResult r;
+  {
+    Fp32Failures armed(engine, failures);
+    r = engine.wait(engine.submit_eigh({2, 5, 6}, ac::Precision::kFloat32, batch, n, da.get(), dw.get(), dv.get(),
+                                       ridge, descending));
+  }
+  const std::string what = "n=" + std::to_string(n) + " batch=" + std::to_string(batch);
+  ASSERT_TRUE(r.ok) << what << ": " << r.message;
+  EXPECT_TRUE(r.failed.empty()) << what;
+  std::vector<std::int64_t> expect_retried;
+  for (int b = 0; b < std::min(failures, batch); ++b) expect_retried.push_back(b);
+  EXPECT_EQ(r.retried, expect_retried) << what;
+  EXPECT_EQ(engine.test_fp32_failures_injected(), before + std::min(failures, batch)) << what;
+  EXPECT_EQ(engine.stats().fp64_retries, static_cast<std::size_t>(std::min(failures, batch))) << what;
+  const auto w = dw.download(), v = dv.download();
+  for (int b = 0; b < batch; ++b) {
+    const auto wg = slice(w, b, n), vg = slice(v, b, nn);
+    for (int j = 1; j < n; ++j) {
+      if (descending) EXPECT_GE(wg[j - 1], wg[j]) << what << " matrix " << b;
+      else EXPECT_LE(wg[j - 1], wg[j]) << what << " matrix " << b;
+    }
+    if (b < failures) {
+      // The fp64 decomposition rounded to fp32: within rounding (a few ulps), far tighter than an fp32 solve.
+      const Eigh32 ref = fp64_eigh_rounded(engine, n, mats[b], ridge, descending);
+      EXPECT_LE(max_abs_diff(wg, ref.w), 4 * std::numeric_limits<float>::epsilon() * max_abs(ref.w))
+          << what << " matrix " << b;
+      EXPECT_LE(max_diff_up_to_sign(n, ref.v, vg), 1e-6) << what << " matrix " << b;
+    } else {
+      std::vector<float> wc(n), vc(nn);
+      asteria::linalg::EighOptions o;
+      o.ridge = ridge;
+      o.descending = descending;
+      asteria::linalg::eigh<float>(n, mats[b].data(), wc.data(), vc.data(), o);
+      EXPECT_LT(max_abs_diff(wg, wc), tol<float>() * max_abs(wc)) << what << " matrix " << b;
+      EXPECT_LT(max_diff_up_to_sign(n, vc, vg), 5e-3) << what << " matrix " << b;
+    }
+  }
+}
+
+TEST(CudaEngine, FailedFp32EighIsRetriedInFp64) {
+  SKIP_WITHOUT_GPU();
+  check_eigh_retry(48, 1, 1, 0.0, false, 101);   // per-matrix syevd
+  check_eigh_retry(40, 3, 2, 1e-2, true, 102);   // per-matrix syevd, several matrices, ridge, descending
+  check_eigh_retry(16, 4, 2, 0.0, false, 103);   // cusolverDnXsyevBatched (n <= 32, batch > 1), some retried
+  check_eigh_retry(32, 3, 3, 1e-3, true, 104);   // batched, all retried
+}
+
+TEST(CudaEngine, FailedFp32EighWithoutTheRetryIsReportedFailed) {
+  SKIP_WITHOUT_GPU();
+  ac::RefreshEngine engine(retry_options(false));
+  for (const auto& [n, batch] : {std::pair{40, 1}, std::pair{12, 3}}) {
+    const std::size_t nn = static_cast<std::size_t>(n) * n;
+    std::vector<std::vector<float>> mats;
+    for (int b = 0; b < batch; ++b) mats.push_back(spd_f32(n, n, 0.5, 110 + b));
+    DeviceArray<float> da(concat(mats)), dw(static_cast<std::size_t>(batch) * n), dv(batch * nn);
+    const long long before = engine.test_fp32_failures_injected();
+    ac::JobResult r;
+    {
+      Fp32Failures armed(engine, 1);
+      r = engine.wait(engine.submit_eigh({4, 1, 2}, ac::Precision::kFloat32, batch, n, da.get(), dw.get(), dv.get(),
+                                         0.0, false));
+    }
+    EXPECT_FALSE(r.ok) << "batch " << batch;
+    EXPECT_EQ(r.failed, std::vector<std::int64_t>{0}) << "batch " << batch;
+    EXPECT_TRUE(r.retried.empty()) << "batch " << batch;
+    EXPECT_NE(r.message.find("matrix 0: the solver reported info != 0"), std::string::npos) << r.message;
+    EXPECT_EQ(r.message.find("fp64"), std::string::npos) << r.message;
+    EXPECT_EQ(engine.test_fp32_failures_injected(), before + 1);
+    // The hook is spent: the same job succeeds.
+    r = engine.wait(
+        engine.submit_eigh({4, 2, 3}, ac::Precision::kFloat32, batch, n, da.get(), dw.get(), dv.get(), 0.0, false));
+    EXPECT_TRUE(r.ok) << r.message;
+  }
+  EXPECT_EQ(engine.stats().fp64_retries, 0u);
+}
+
+// fp32 inverse roots with the hook armed: the retried matrices are (A + eps·I)^(-1/root) from the
+// fp64 decomposition with the fp32 post-processing (as linalg's retry), so they agree with the
+// fp64 root to fp32 accuracy.
+void check_inverse_root_retry(ac::RefreshEngine& engine, int n, int batch, int rank, double shift, double root,
+                              double eps, int failures, unsigned seed) {
+  const std::size_t nn = static_cast<std::size_t>(n) * n;
+  std::vector<std::vector<float>> mats;
+  for (int b = 0; b < batch; ++b) mats.push_back(spd_f32(n, rank, shift, seed + b));
+  DeviceArray<float> da(concat(mats)), dx(batch * nn);
+  DeviceArray<double> da64(widen(concat(mats))), dx64(batch * nn);
+  const auto r64 =
+      engine.wait(engine.submit_inverse_root({}, ac::Precision::kFloat64, batch, n, da64.get(), dx64.get(), root, eps));
+  ASSERT_TRUE(r64.ok) << r64.message;
+  const long long before = engine.test_fp32_failures_injected();
+  ac::JobResult r;
+  {
+    Fp32Failures armed(engine, failures);
+    r = engine.wait(engine.submit_inverse_root({6, 1, 1}, ac::Precision::kFloat32, batch, n, da.get(), dx.get(), root,
+                                               eps));
+  }
+  const std::string what = "n=" + std::to_string(n) + " batch=" + std::to_string(batch);
+  ASSERT_TRUE(r.ok) << what << ": " << r.message;
+  std::vector<std::int64_t> expect_retried;
+  for (int b = 0; b < std::min(failures, batch); ++b) expect_retried.push_back(b);
+  EXPECT_EQ(r.retried, expect_retried) << what;
+  EXPECT_EQ(engine.test_fp32_failures_injected(), before + std::min(failures, batch)) << what;
+  const auto x = dx.download(), x64 = round_f32(dx64.download());
+  for (int b = 0; b < batch; ++b) {
+    const auto xg = slice(x, b, nn), xr = slice(x64, b, nn);
+    for (float e : xg) ASSERT_TRUE(std::isfinite(e)) << what << " matrix " << b;
+    EXPECT_LT(max_abs_diff(xg, xr), 5e-3 * max_abs(xr)) << what << " matrix " << b;
+    // And with linalg's fp32 inverse root (which retries in fp64 the same way when it fails).
+    std::vector<float> xc(nn);
+    asteria::linalg::inverse_root<float>(n, mats[b].data(), xc.data(), root, eps);
+    EXPECT_LT(max_abs_diff(xg, xc), 5e-3 * max_abs(xc)) << what << " matrix " << b;
+  }
+}
+
+TEST(CudaEngine, FailedFp32InverseRootIsRetriedInFp64) {
+  SKIP_WITHOUT_GPU();
+  ac::RefreshEngine engine;
+  check_inverse_root_retry(engine, 40, 1, 40, 0.5, 2.0, 0.1, 1, 121);  // per-matrix syevd; eps matters (λ_min ~ 0.5)
+  check_inverse_root_retry(engine, 36, 2, 36, 0.5, 4.0, 1e-2, 1, 122);  // per-matrix, one of two retried
+  check_inverse_root_retry(engine, 12, 3, 4, 0.0, 4.0, 1e-3, 3, 123);   // batched, rank-deficient: the lift
+  check_inverse_root_retry(engine, 20, 4, 20, 0.5, 2.0, 0.1, 2, 124);   // batched, some retried
+  EXPECT_EQ(engine.stats().fp64_retries, 1u + 1u + 3u + 2u);
+}
+
+TEST(CudaEngine, FailedFp32InverseRootWithoutTheRetryIsReportedFailed) {
+  SKIP_WITHOUT_GPU();
+  ac::RefreshEngine engine(retry_options(false));
+  for (const auto& [n, batch] : {std::pair{40, 2}, std::pair{16, 4}}) {
+    const std::size_t nn = static_cast<std::size_t>(n) * n;
+    std::vector<std::vector<float>> mats;
+    for (int b = 0; b < batch; ++b) mats.push_back(spd_f32(n, n, 0.5, 130 + b));
+    DeviceArray<float> da(concat(mats)), dx(batch * nn);
+    ac::JobResult r;
+    {
+      Fp32Failures armed(engine, 2);
+      r = engine.wait(
+          engine.submit_inverse_root({7, 1, 1}, ac::Precision::kFloat32, batch, n, da.get(), dx.get(), 2.0, 1e-6));
+    }
+    EXPECT_FALSE(r.ok);
+    EXPECT_EQ(r.failed, (std::vector<std::int64_t>{0, 1})) << "batch " << batch;
+    EXPECT_TRUE(r.retried.empty());
+    EXPECT_NE(r.message.find("the solver reported info != 0"), std::string::npos) << r.message;
+  }
+}
+
+// A matrix with non-finite input is never retried and does not take the hook; the next ones do.
+TEST(CudaEngine, NonFiniteInputIsNotRetriedAndDoesNotTakeTheHook) {
+  SKIP_WITHOUT_GPU();
+  ac::RefreshEngine engine;
+  for (const int n : {12, 40}) {  // batched and per-matrix
+    const int batch = 3;
+    const std::size_t nn = static_cast<std::size_t>(n) * n;
+    auto a = concat<float>({spd_f32(n, n, 0.5, 141), spd_f32(n, n, 0.5, 142), spd_f32(n, n, 0.5, 143)});
+    a[3] = std::numeric_limits<float>::quiet_NaN();  // matrix 0
+    DeviceArray<float> da(a), dw(static_cast<std::size_t>(batch) * n), dv(batch * nn), dx(batch * nn);
+    const long long before = engine.test_fp32_failures_injected();
+    ac::JobResult r, rx;
+    {
+      Fp32Failures armed(engine, 2);
+      r = engine.wait(
+          engine.submit_eigh({}, ac::Precision::kFloat32, batch, n, da.get(), dw.get(), dv.get(), 0.0, false));
+      rx = engine.wait(engine.submit_inverse_root({}, ac::Precision::kFloat32, batch, n, da.get(), dx.get(), 2.0, 1e-6));
+    }
+    EXPECT_EQ(engine.test_fp32_failures_injected(), before + 2) << "n=" << n;
+    EXPECT_FALSE(r.ok);
+    EXPECT_EQ(r.failed, std::vector<std::int64_t>{0}) << "n=" << n;
+    EXPECT_EQ(r.retried, (std::vector<std::int64_t>{1, 2})) << "n=" << n;
+    EXPECT_NE(r.message.find("NaN"), std::string::npos) << r.message;
+    // The hook was spent by the eigh job: the inverse root only fails its NaN matrix, retries nothing.
+    EXPECT_FALSE(rx.ok);
+    EXPECT_EQ(rx.failed, std::vector<std::int64_t>{0}) << "n=" << n;
+    EXPECT_TRUE(rx.retried.empty()) << "n=" << n;
+    const auto w = dw.download();
+    for (int b = 1; b < batch; ++b) {
+      const Eigh32 ref = fp64_eigh_rounded(engine, n, slice(a, b, nn), 0.0, false);
+      EXPECT_LE(max_abs_diff(slice(w, b, n), ref.w), 4 * std::numeric_limits<float>::epsilon() * max_abs(ref.w))
+          << "n=" << n << " matrix " << b;
+    }
+  }
+}
+
+TEST(CudaEngine, Fp64JobsAndEigenbasisRefreshesNeverTakeTheFp32FailureHook) {
+  SKIP_WITHOUT_GPU();
+  ac::RefreshEngine engine;
+  const long long before = engine.test_fp32_failures_injected();
+  Fp32Failures armed(engine, 1);
+  for (const auto& [n, batch] : {std::pair{40, 1}, std::pair{16, 3}}) {
+    const std::size_t nn = static_cast<std::size_t>(n) * n;
+    std::vector<std::vector<double>> mats;
+    for (int b = 0; b < batch; ++b) mats.push_back(random_spd<double>(n, n, 0.5, 150 + b));
+    DeviceArray<double> da(concat(mats)), dw(static_cast<std::size_t>(batch) * n), dv(batch * nn), dx(batch * nn);
+    auto r = engine.wait(
+        engine.submit_eigh({}, ac::Precision::kFloat64, batch, n, da.get(), dw.get(), dv.get(), 0.0, false));
+    EXPECT_TRUE(r.ok) << r.message;
+    EXPECT_TRUE(r.retried.empty());
+    r = engine.wait(engine.submit_inverse_root({}, ac::Precision::kFloat64, batch, n, da.get(), dx.get(), 2.0, 1e-6));
+    EXPECT_TRUE(r.ok) << r.message;
+    EXPECT_TRUE(r.retried.empty());
+    // An fp32 eigenbasis refresh has no eigendecomposition: it does not take the hook either.
+    std::vector<float> l = spd_f32(n, n, 0.5, 160), q(nn), wq(n);
+    asteria::linalg::eigh<float>(n, l.data(), wq.data(), q.data());
+    DeviceArray<float> dl(l), dq(q), dout(nn);
+    DeviceArray<std::int64_t> dperm(n);
+    r = engine.wait(engine.submit_eigenbasis_refresh({}, ac::Precision::kFloat32, 1, n, dl.get(), dq.get(), dout.get(),
+                                                     dperm.get(), true));
+    EXPECT_TRUE(r.ok) << r.message;
+  }
+  EXPECT_EQ(engine.test_fp32_failures_injected(), before);
+  // Still armed: the next fp32 decomposition takes it.
+  const int n = 24;
+  DeviceArray<float> da(spd_f32(n, n, 0.5, 170)), dw(n), dv(n * n);
+  const auto r =
+      engine.wait(engine.submit_eigh({}, ac::Precision::kFloat32, 1, n, da.get(), dw.get(), dv.get(), 0.0, false));
+  EXPECT_TRUE(r.ok) << r.message;
+  EXPECT_EQ(r.retried, std::vector<std::int64_t>{0});
+  EXPECT_EQ(engine.test_fp32_failures_injected(), before + 1);
+  EXPECT_EQ(engine.stats().fp64_retries, 1u);
+}
+
+// The retry's wait for the fp32 pass happens on the engine's queueing thread: submitting, polling
+// and is_done still return at once while the job waits for a slow producer stream.
+TEST(CudaEngine, TheRetryNeverBlocksTheSubmittingThread) {
+  SKIP_WITHOUT_GPU();
+  const int n = 64;
+  DeviceArray<float> da(spd_f32(n, n, 1.0, 180)), dw(n), dv(n * n);
+  cudaStream_t gate;
+  CUDA_OK(cudaStreamCreateWithFlags(&gate, cudaStreamNonBlocking));
+  ac::RefreshEngine engine;  // before the gate: construction may synchronize the device
+  Fp32Failures armed(engine, 1);
+  static int delay_ms = 600;
+  CUDA_OK(cudaLaunchHostFunc(gate, host_sleep, &delay_ms));
+  const auto t0 = Clock::now();
+  const auto id = engine.submit_eigh({}, ac::Precision::kFloat32, 1, n, da.get(), dw.get(), dv.get(), 0.0, false,
+                                     reinterpret_cast<std::uintptr_t>(gate));
+  const auto id2 = engine.submit_eigh({}, ac::Precision::kFloat32, 1, n, da.get(), dw.get(), dv.get(), 0.0, false);
+  EXPECT_TRUE(engine.poll().empty());
+  EXPECT_FALSE(engine.is_done(id));
+  EXPECT_FALSE(engine.is_done(id2));
+  EXPECT_LT(std::chrono::duration<double>(Clock::now() - t0).count(), 0.3);
+  const auto r = engine.wait(id), r2 = engine.wait(id2);
+  EXPECT_TRUE(r.ok) << r.message;
+  EXPECT_EQ(r.retried, std::vector<std::int64_t>{0});
+  EXPECT_TRUE(r2.ok) << r2.message;
+  EXPECT_TRUE(r2.retried.empty());
+  EXPECT_GT(r.queued_seconds, 0.3);
+  CUDA_OK(cudaStreamSynchronize(gate));
+  CUDA_OK(cudaStreamDestroy(gate));
+}
+
+TEST(CudaEngine, Fp32FailureHookRefusesANegativeCount) {
+  SKIP_WITHOUT_GPU();
+  ac::RefreshEngine engine;
+  try {
+    engine.set_test_fp32_failures(-1);
+    ADD_FAILURE() << "no exception";
+  } catch (const asteria::Error& e) {
+    EXPECT_EQ(e.category(), asteria::ErrorCategory::kInvalidArgument) << e.what();
+  }
+  EXPECT_EQ(engine.test_fp32_failures_injected(), 0);
 }
 
 // ----- streams, ordering, non-blocking checks -------------------------------------------------

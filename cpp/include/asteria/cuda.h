@@ -82,6 +82,9 @@ struct JobResult {
   std::int64_t deadline = 0;
   bool ok = true;
   std::vector<std::int64_t> failed;  // batch indices of the failed matrices (all of them after a CUDA error)
+  // Batch indices of the fp32 matrices that failed in fp32 and were redone in fp64
+  // (EngineOptions::fp64_retry); those that are not also in `failed` succeeded in fp64.
+  std::vector<std::int64_t> retried;
   std::string message;               // empty when ok
   double queued_seconds = 0;         // submission -> the job starts on the engine stream (device clock)
   double run_seconds = 0;            // start -> end of the job on the engine stream (device clock)
@@ -91,6 +94,7 @@ struct EngineStats {
   std::size_t submitted = 0;
   std::size_t completed = 0;    // completions observed by poll/wait/is_done/stats
   std::size_t failed = 0;       // completed jobs with at least one failed matrix
+  std::size_t fp64_retries = 0;  // matrices of completed fp32 jobs redone in fp64 (JobResult::retried)
   std::size_t in_flight = 0;    // submitted, completion not yet observed
   std::size_t uncollected = 0;  // completed, not yet returned by poll/wait
   double total_run_seconds = 0, max_run_seconds = 0, max_queued_seconds = 0;
@@ -105,6 +109,10 @@ struct EngineOptions {
   // priority (torch.cuda.Stream(priority=-1)); with equal priorities the two streams share the
   // GPU. false: the HIGHEST priority (tests, or when the refresh is on the critical path).
   bool priority_low = true;
+  // fp32 eigh and inverse-root jobs: redo in fp64 a matrix whose fp32 decomposition failed, like
+  // linalg::EighOptions::fp64_retry (default on). Costs one host round trip per such job (see
+  // "The fp64 retry" below); false queues those jobs without it, and a failed matrix is reported.
+  bool fp64_retry = true;
 };
 
 // RefreshEngine — runs refresh jobs (eigh, inverse root, eigenbasis refresh) with cuSOLVER and
@@ -132,6 +140,20 @@ struct EngineOptions {
 // submitted, waits for the engine stream, then frees everything; on a device with a sticky error
 // the wait returns at once with that error and the engine is torn down without further waiting.
 // A kernel that never terminates cannot be interrupted.
+//
+// The fp64 retry (EngineOptions::fp64_retry, fp32 submit_eigh and submit_inverse_root only), as
+// linalg's: a matrix whose fp32 decomposition failed (solver info != 0, or eigenvalues or
+// eigenvectors not finite) but whose input is finite is redone in fp64: its input is widened to
+// fp64 on the device, ridge/epsilon added in fp64, decomposed with cusolverDnXsyevd (per matrix,
+// also in a batched job), the results rounded to fp32 and post-processed exactly as the fp32 pass
+// (eigenvalue order; the inverse root's stabilisation and X = B·Zᵀ in fp32), into the job's
+// outputs. It is reported failed only when the fp64 decomposition fails too (or the root is not
+// finite); JobResult::retried lists the redone matrices. How: after queueing the job's fp32 pass
+// the queueing thread waits for the ENGINE stream (an event, blocking sync; never the caller's
+// stream, nor the submitting thread), reads the per-matrix status and queues the fp64 redo of the
+// failed ones on the engine stream, before the job's end event. So with the retry on, the next job
+// is queued only once this job's fp32 pass has run (cusolverDnXsyevd already waited on the host
+// for each matrix of a per-matrix job). fp64 jobs and eigenbasis refreshes are unaffected.
 class RefreshEngine {
  public:
   // Creates the stream, the cuSOLVER/cuBLAS handles, the memory pool and the cuBLAS workspace.
@@ -147,12 +169,13 @@ class RefreshEngine {
   // major) is read, like linalg::eigh. Writes eigenvalues to w_out (batch, n) and eigenvectors to
   // the columns of the row-major v_out (batch, n, n); ascending or descending order. Solvers:
   // cusolverDnXsyevBatched when n <= 32 and batch > 1, cusolverDnXsyevd per matrix otherwise.
-  // Difference from linalg::eigh: no fp64 retry of a failed fp32 matrix (it is reported failed).
+  // fp32: a failed matrix is retried in fp64 (EngineOptions::fp64_retry, see above).
   JobId submit_eigh(const JobTag& tag, Precision precision, int batch, int n, const void* a, void* w_out, void* v_out,
                     double ridge, bool descending, std::uintptr_t wait_stream = kNoStream);
   // out = (A + eps·I)^(-1/root) per matrix with linalg::inverse_root's stabilisation: if the
-  // smallest eigenvalue of A + eps·I is below eps, every eigenvalue is shifted by eps − λ_min.
-  // root > 0, epsilon >= 0 (both finite).
+  // smallest eigenvalue λ_min of A + eps·I is below eps, every eigenvalue λ becomes (λ − λ_min) + eps
+  // (in double, in that order, so eps survives in fp32 when |λ_min| ≫ eps).
+  // root > 0, epsilon >= 0 (both finite). fp32: a failed decomposition is retried in fp64 (see above).
   JobId submit_inverse_root(const JobTag& tag, Precision precision, int batch, int n, const void* a, void* out,
                             double root, double epsilon, std::uintptr_t wait_stream = kNoStream);
   // SOAP (sort = true) / KL (sort = false) eigenbasis refresh as linalg::eigenbasis_refresh:
@@ -182,6 +205,19 @@ class RefreshEngine {
   int device() const noexcept;
   // The priority the engine stream was created with.
   int priority() const noexcept;
+
+  // TEST HOOK, off by default (0), like linalg::set_test_fp32_eigh_failures but for this engine:
+  // the next `count` fp32 matrices of eigh / inverse-root jobs whose fp32 solve ran on finite input
+  // and reported info == 0 are reported as solver failures ("the solver reported info != 0") after
+  // that solve, so the fp64 retry (or, with fp64_retry off, the failure report) can be tested
+  // without an input that breaks the fp32 solver. They are taken in job submission order, then
+  // batch index, by the jobs the queueing thread reaches after the call. fp64 jobs, eigenbasis
+  // refreshes and the fp64 retry never consume it.
+  // While it is armed, fp32 eigh/inverse-root jobs wait for their fp32 pass as with the retry on.
+  // count >= 0 (kInvalidArgument otherwise); 0 disarms it. Never set it in production code.
+  void set_test_fp32_failures(int count);
+  // fp32 matrices the hook above has failed on this engine so far.
+  long long test_fp32_failures_injected() const;
 
  private:
   struct Impl;

@@ -4,7 +4,9 @@
 allocates each job's outputs on the device, submits the job ordered after the training stream's work with
 an event (never a host synchronisation), and turns completed engine jobs into `DeviceResult`s carrying
 those outputs. The engine checks the inputs and outputs for non-finite values and the solver's status on
-the device, so a failed job arrives as ``ok=False`` with a message, like a failed host job.
+the device, so a failed job arrives as ``ok=False`` with a message, like a failed host job. As on the host, a
+failed fp32 decomposition (eigh, inverse root) is redone in fp64 first (the engine's ``fp64_retry``, on by
+default), so it fails only when fp64 fails too.
 
 Routing (`route_for`) is a pure function of the configuration, the device and the block size, never of
 timing, so a run (and its resume) computes every refresh in the same place with the same numerics.
