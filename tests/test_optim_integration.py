@@ -244,3 +244,36 @@ def test_ordinary_steps_never_read_tensor_values_on_the_host(name, monkeypatch):
     opt.step()
     monkeypatch.undo()
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_compute_dtype(name):
+    """compute_dtype=None and float32 (the state dtype) are the same bits; float64 and bfloat16 products change the
+    numbers a little and nothing else: the state stays float32 and training goes on."""
+    def run(dtype):
+        torch.manual_seed(0)
+        model = TinyGPT()
+        opt = FACTORIES[name](model.parameters(), compute_dtype=dtype, runtime=RuntimeConfig(refresh="sync"))
+        idx = torch.randint(0, 16, (4, 7))
+        losses = []
+        for _ in range(6):
+            opt.zero_grad()
+            loss = lm_loss(model, idx)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        dtypes = {v.dtype for p in model.parameters() for blk in opt.state[p]["blocks"] for v in blk.values()
+                  if v.is_floating_point()}
+        opt.close()
+        return [p.detach().clone() for p in model.parameters()], losses, dtypes
+
+    ref, ref_losses, ref_dtypes = run(None)
+    same, _, _ = run(torch.float32)
+    assert_same_bits(ref, same)
+    for dtype in (torch.float64, torch.bfloat16):
+        params, losses, dtypes = run(dtype)
+        assert dtypes == ref_dtypes == {torch.float32}
+        assert any(not torch.equal(a, b) for a, b in zip(ref, params))  # the products really ran in `dtype`
+        assert losses[-1] < losses[0] and abs(losses[-1] - ref_losses[-1]) < 0.05 * ref_losses[0]
+    with pytest.raises(ValueError, match="compute_dtype"):
+        FACTORIES[name](TinyGPT().parameters(), compute_dtype=torch.int8)
