@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 import torch
 
 import asteria
+from asteria.runtime.workers import INSTALL_THREAD_NAME
 
 OPTIMIZERS = [asteria.Shampoo, asteria.SOAP, asteria.KLShampoo, asteria.KLSOAP]
 
@@ -39,46 +41,98 @@ def _train(cls, fold: str, *, steps: int = 10, refresh: str = "async", staleness
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("refresh", ["sync", "async"])
 def test_backward_fold_is_bit_identical_to_step_fold(cls, refresh):
-    folded, overlapped = [], []
-    ref = _train(cls, "step", refresh=refresh, probe=lambda opt: overlapped.append(opt.runtime.counters()["overlapped_installs"]))
-    got = _train(cls, "backward", refresh=refresh, probe=lambda opt: folded.append(
-        (len(opt._folded), opt.runtime.counters()["overlapped_installs"])))
+    used = []
+    ref = _train(cls, "step", refresh=refresh)
+    got = _train(cls, "backward", refresh=refresh, probe=lambda opt: used.append(opt.runtime.stats()["backward_steps"]))
     assert all(torch.equal(a, b) for a, b in zip(ref, got))
-    # the first step folds in step() (it creates the state); every later step folded every block in the hooks
-    assert folded[0][0] == 0 and min(n for n, _ in folded[1:]) > 0
-    # hooks that read the state: no install may run on the helper thread during backward
-    assert folded[-1][1] == 0 and (overlapped[-1] > 0) == (cls is not asteria.Shampoo)
+    # the first step runs in step() (it creates the state); every later one used what backward computed, for all
+    # four buckets (two weights, two biases)
+    assert used[0]["used"] == used[1]["used"] == 0  # (read after backward, before the step)
+    assert used[-1] == {"used": 4 * (len(used) - 2), "recomputed": 0}
 
 
-def test_gradient_changed_after_backward_is_refused():
+@pytest.mark.parametrize("cls", [asteria.SOAP, asteria.KLSOAP, asteria.Shampoo], ids=lambda c: c.__name__)
+def test_the_step_work_runs_on_the_helper_thread_while_backward_goes_on(cls, monkeypatch):
+    """The step work of a bucket whose gradients are final starts during backward on the install helper, not in the
+    hook: here it waits for a signal the test gives only after backward() has returned, which it could not if it
+    ran on the training thread; step() then waits for it and uses it."""
+    release, threads = threading.Event(), []
+    original = cls._precompute
+
+    def gated(self, *args):
+        threads.append(threading.current_thread().name)
+        assert release.wait(timeout=30), "backward() did not return while the step work was held"
+        return original(self, *args)
+
     model = _model()
-    opt = asteria.SOAP(model.parameters(), runtime=asteria.RuntimeConfig(fold_statistics="backward"))
-    try:
-        for step in range(2):
-            opt.zero_grad()
-            model(torch.randn(4, 16)).sum().backward()
-            if step == 1:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
-                with pytest.raises(RuntimeError, match="changed between backward"):
-                    opt.step()
-            else:
-                opt.step()
-    finally:
-        opt.close()
-
-
-def test_two_backwards_before_step_are_refused():
-    model = _model()
-    opt = asteria.Shampoo(model.parameters(), runtime=asteria.RuntimeConfig(refresh="sync", fold_statistics="backward"))
+    rt = asteria.RuntimeConfig(refresh="sync", fold_statistics="backward", worker_cpus=[max(os.sched_getaffinity(0))])
+    opt = cls(model.parameters(), lr=1e-2, precondition_frequency=3, runtime=rt)
     try:
         opt.zero_grad()
-        model(torch.randn(4, 16)).sum().backward()
+        model(torch.randn(8, 16)).pow(2).mean().backward()
+        opt.step()  # the first step creates the state
+        monkeypatch.setattr(cls, "_precompute", gated)
+        opt.zero_grad()
+        model(torch.randn(8, 16)).pow(2).mean().backward()
+        release.set()  # backward returned with the work held on the helper
         opt.step()
-        model(torch.randn(4, 16)).sum().backward()
-        with pytest.raises(RuntimeError, match="backward\\(\\) ran twice"):
-            model(torch.randn(4, 16)).sum().backward()
+        assert threads and all(name.startswith(INSTALL_THREAD_NAME) for name in threads)
+        assert opt.runtime.stats()["backward_steps"]["used"] == 4
+    finally:
+        release.set()
+        opt.close()
+
+
+def _loop(cls, fold, loop, steps=8):
+    model = _model()
+    rt = asteria.RuntimeConfig(refresh="async", staleness=1, fold_statistics=fold,
+                               worker_cpus=[max(os.sched_getaffinity(0))])
+    opt = cls(model.parameters(), lr=1e-2, precondition_frequency=3, runtime=rt)
+    gen = torch.Generator().manual_seed(1)
+    try:
+        for _ in range(steps):
+            opt.zero_grad()
+            after_step = loop(model, opt, gen)
+            opt.step()
+            if after_step is not None:
+                after_step()
+        stats = opt.runtime.stats()["backward_steps"]
     finally:
         opt.close()
+    return [p.detach().clone() for p in model.parameters()], stats
+
+
+def _clipped(model, opt, gen):
+    model(torch.randn(32, 16, generator=gen)).pow(2).mean().backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+
+
+def _accumulated(model, opt, gen):
+    for _ in range(3):
+        (model(torch.randn(16, 16, generator=gen)).pow(2).mean() / 3).backward()
+
+
+def _scaled(model, opt, gen):
+    if not hasattr(opt, "scaler"):
+        opt.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**6, growth_interval=10**6)
+    opt.scaler.scale(model(torch.randn(32, 16, generator=gen)).pow(2).mean()).backward()
+    opt.scaler.unscale_(opt)
+    return opt.scaler.update  # (the loop calls opt.step() itself: no Inf here, so scaler.step would too)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("loop", [_clipped, _accumulated, _scaled], ids=["clipping", "accumulation", "grad-scaler"])
+def test_real_loops_give_the_numbers_of_the_step_fold(cls, loop):
+    """Clipping and GradScaler un-scaling change the gradients after backward: step() sees it and computes the step
+    itself (counted as recomputed); gradient accumulation computes again after every backward and uses the last
+    backward's work. Either way the parameters are the step fold's, bit for bit."""
+    ref, _ = _loop(cls, "step", loop)
+    got, stats = _loop(cls, "backward", loop)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    if loop is _accumulated:
+        assert stats["used"] == 4 * 7 and stats["recomputed"] == 0
+    else:
+        assert stats["used"] == 0 and stats["recomputed"] == 4 * 7
 
 
 def test_backward_fold_needs_hooks():

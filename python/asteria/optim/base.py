@@ -243,6 +243,24 @@ class _Rows:
         self._replaced = set()
 
 
+def _fingerprint(grad: torch.Tensor) -> tuple[int, float]:
+    """What tells whether a gradient changed between backward and ``step()``: its version counter (clipping,
+    accumulation and all-reduce write it in place) and the float64 sum of its magnitudes (GradScaler's ``unscale_``
+    multiplies gradients without bumping the version). CPU tensors only: on a GPU the sum would synchronise."""
+    return grad._version, float(torch.linalg.vector_norm(grad.detach(), 1, dtype=torch.float64))
+
+
+@dataclasses.dataclass
+class _Precomputed:
+    """A bucket's step work started during backward (``fold_statistics="backward"``): the step key it is for, the
+    gradients (tensor, version) it reads, and its future on the helper thread (None: computed inline, ``value``)."""
+
+    key: Any
+    grads: list[tuple[torch.Tensor, int]]
+    future: Any
+    value: Any = None
+
+
 class _WeakInstaller:
     """The installer of one refresh batch: calls ``opt._install_batch(tag, results)`` through a weak reference.
 
@@ -367,7 +385,10 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._dist = _dist.DistributedCoordinator.attach(self)
         # fold_statistics="backward": per-row statistics computed in the hooks, committed by step()
         self._fold_backward = self.runtime.config.fold_statistics == "backward"
-        self._folded: dict[tuple[int, int], tuple[Bucket, torch.Tensor, int, dict[str, torch.Tensor]]] = {}
+        self._pre: dict[int, _Precomputed] = {}  # by id(bucket): the step work started during backward
+        self._ready: dict[int, set[int]] = {}  # by id(bucket): rows whose gradient is final in this backward
+        self._backward_counts = {"used": 0, "recomputed": 0}
+        self.runtime.add_stats_source("backward_steps", lambda: dict(me()._backward_counts) if me() is not None else {})
         self._members_by_param: dict[int, list[tuple[Bucket, int]]] | None = None
         if self._fold_backward and not self.runtime.config.hooks:
             raise ValueError("RuntimeConfig(fold_statistics='backward') folds in the gradient hooks; it needs hooks=True")
@@ -504,6 +525,9 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_failed_step", None)
         self.__dict__.setdefault("_state_touched", False)
         self.__dict__.setdefault("_stepping", False)
+        self.__dict__.setdefault("_pre", {})
+        self.__dict__.setdefault("_ready", {})
+        self.__dict__.setdefault("_backward_counts", {"used": 0, "recomputed": 0})
 
     @staticmethod
     def _param_name(group: dict[str, Any], gi: int, pi: int) -> str:
@@ -544,7 +568,9 @@ class BlockOptimizer(torch.optim.Optimizer):
                 pstate["blocks"] = [{} for _ in layout.blocks]
                 pstate["_restore"] = old_blocks
                 for blk in layout.blocks:
-                    key = (gi, blk.shape, p.device, layout.factored)
+                    # fold_statistics="backward": one bucket per parameter, so that a bucket's gradients are final
+                    # as soon as its parameter's are, while backward still runs
+                    key = (gi, blk.shape, p.device, layout.factored, pi if self._fold_backward else -1)
                     bucket = table.get(key)
                     if bucket is None:
                         bucket = table[key] = Bucket(gi, blk.shape, layout.factored, p.device, [])
@@ -614,8 +640,8 @@ class BlockOptimizer(torch.optim.Optimizer):
             buckets = self._ensure_buckets()
             if self._dist is not None:
                 self._dist.before_step(self)
-            if self._folded:
-                self._check_folded()
+            if self._fold_backward:
+                _refuse_fold_when_distributed()
             self._step_buckets(buckets)
             if self._dist is not None:
                 self._dist.after_step(self)
@@ -631,7 +657,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             raise
         finally:
             self._stepping = False
-            self._folded.clear()
+            self._settle_precomputes()
             self.runtime.end_step()
         return loss
 
@@ -653,59 +679,88 @@ class BlockOptimizer(torch.optim.Optimizer):
             raise
 
     # -- fold_statistics="backward" ----------------------------------------------------------------------------
-    def _fold_in_backward(self, param: torch.Tensor) -> None:
-        """Computes the statistics of ``param``'s blocks from its fresh gradient (committed by `step`).
-
-        The first step of a parameter folds in ``step()`` (it also creates the state). A second backward
-        before ``step()`` (gradient accumulation) raises: the hook would fold a partial gradient.
-        """
-        _refuse_fold_when_distributed()
-        if self._buckets is None or param.grad is None or not self._has_stepped(self.state[param]):
-            return
+    def _param_members(self) -> dict[int, list[tuple[Bucket, int]]]:
+        """The (bucket, row) of every block of every parameter, by the parameter's id."""
         if self._members_by_param is None:
             table: dict[int, list[tuple[Bucket, int]]] = defaultdict(list)
             for (gi, pi, _), (bucket, row) in self._member_index.items():
                 table[id(self.param_groups[gi]["params"][pi])].append((bucket, row))
             self._members_by_param = dict(table)
-        with torch.no_grad():
-            for bucket, row in self._members_by_param.get(id(param), []):
-                if (id(bucket), row) in self._folded:
-                    raise RuntimeError(
-                        f"{type(self).__name__}: backward() ran twice before step() for {bucket.members[row].label}; "
-                        "RuntimeConfig(fold_statistics='backward') supports one backward per step (no gradient "
-                        "accumulation); use fold_statistics='step'"
-                    )
-                group = self.param_groups[bucket.group_index]
-                rows = _Rows(bucket, [row])
-                G, _ = self.stacked_grads(rows, group["state_dtype"])
-                with ops.compute_dtype(group.get("compute_dtype")):
-                    stats = self._statistics(bucket, rows, G, group)
-                self._folded[(id(bucket), row)] = (bucket, param.grad, param.grad._version, stats)
+        return self._members_by_param
 
-    def _has_stepped(self, pstate: dict[str, Any]) -> bool:
-        """Whether the parameter's state exists and its next step is an ordinary one (folding applies)."""
-        return pstate.get("step", 0) > 0
-
-    def _check_folded(self) -> None:
-        """Refuses a step whose gradients changed after the hooks folded them (clipping, un-scaling, all-reduce)."""
+    def _fold_in_backward(self, param: torch.Tensor) -> None:
+        """``param``'s gradient is final: once every block of a bucket has its gradient, the bucket's step is computed
+        (`_schedule_precompute`), on the install helper thread while backward goes on. `step` stores it when the
+        gradients are still the ones it was computed from, and computes the step itself otherwise (a gradient
+        clipped, un-scaled, accumulated by a second backward or all-reduced since), so the numbers never depend on
+        where the work ran. A second backward before ``step()`` (gradient accumulation) computes the buckets again
+        from the accumulated gradients: the work of the last backward is the one used."""
         _refuse_fold_when_distributed()
-        for (_, row), (bucket, grad, version, _) in self._folded.items():
-            p = bucket.members[row].param
-            if p.grad is not grad or grad._version != version:
-                self._folded.clear()
-                raise RuntimeError(
-                    f"{type(self).__name__}: the gradient of {bucket.members[row].label} changed between backward() "
-                    "and step() (clipping, GradScaler un-scaling, an all-reduce or accumulation); "
-                    "RuntimeConfig(fold_statistics='backward') needs the gradient backward produced: use "
-                    "fold_statistics='step' (the default)"
-                )
+        if self._buckets is None or param.grad is None:
+            return
+        for bucket, row in self._param_members().get(id(param), []):
+            ready = self._ready.setdefault(id(bucket), set())
+            ready.add(row)
+            if len(ready) == bucket.size:
+                del self._ready[id(bucket)]
+                self._schedule_precompute(bucket)
 
-    def step_statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The rows' statistics after this step's gradient (not stored, not masked): those the hooks folded, else
-        computed now. The caller stores them with `accept_rows` for the rows `acceptance` accepts."""
-        stats = self.folded_statistics(bucket, rows)
+    def _schedule_precompute(self, bucket: Bucket) -> None:
+        if bucket.device.type != "cpu":  # GPU state: step() computes it (a fingerprint would synchronise the device)
+            return
+        states = self.__dict__["state"]  # (not the property: it would wait for the installs on the helper thread)
+        keys = {repr(self._row_key(states[m.param])) for m in bucket.members}
+        if len(keys) != 1:  # rows at different steps (a parameter added later): step() computes them
+            return
+        key = self._row_key(states[bucket.members[0].param])
+        group = self.param_groups[bucket.group_index]
+        rows = _Rows(bucket, list(range(bucket.size)))
+        grads = [(m.param.grad, _fingerprint(m.param.grad)) for m in bucket.members]
+        helper = self.runtime.runtime.install_helper() if self._installs_thread_safe() else None
+        if helper is not None:  # after the previous step's installs, which run on the same thread (FIFO)
+            self._pre[id(bucket)] = _Precomputed(key, grads, helper.submit(self._precompute, bucket, rows, key, group))
+        else:  # CUDA or tiered state: here, on the training thread (the work leaves step(), it is not overlapped)
+            self._finish_installs()
+            with torch.no_grad():
+                self._pre[id(bucket)] = _Precomputed(key, grads, None, self._precompute(bucket, rows, key, group))
+
+    def _precompute(self, bucket: Bucket, rows: _Rows, key: Any, group: dict[str, Any]) -> Any:  # pragma: no cover
+        """The work of a bucket's step that may run during backward (pure: reads the state, stores nothing)."""
+        raise NotImplementedError
+
+    def precomputed(self, bucket: Bucket, rows: _Rows, key: Any) -> Any:
+        """What backward computed for ``bucket`` at step key ``key`` (waiting for it), or None when step() must compute
+        it: nothing was computed, for other rows or another step, or a gradient changed since."""
+        pre = self._pre.pop(id(bucket), None)
+        if pre is None:
+            return None
+        value = pre.future.result() if pre.future is not None else pre.value
+        if not rows.full or repr(pre.key) != repr(key) or value is None:
+            return None
+        for m, (grad, seen) in zip(bucket.members, pre.grads):
+            if m.param.grad is not grad or _fingerprint(grad) != seen:
+                self._backward_counts["recomputed"] += 1
+                return None
+        self._backward_counts["used"] += 1
+        return value
+
+    def _settle_precomputes(self) -> None:
+        """Waits for the work backward started and step() did not use (so none runs into the next step)."""
+        for pre in self._pre.values():
+            if pre.future is not None:
+                pre.future.exception()
+        self._pre.clear()
+        self._ready.clear()
+
+    def step_statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, group: dict[str, Any],
+                        key: Any = None) -> dict[str, torch.Tensor]:
+        """The rows' statistics after this step's gradient (not stored, not masked): those computed during backward
+        (``fold_statistics="backward"``), else computed now. The caller stores them with `accept_rows` for the
+        rows `acceptance` accepts."""
+        stats = self.precomputed(bucket, rows, key) if self._pre else None
         if stats is None:
-            stats = self._statistics(bucket, rows, G, group)
+            with ops.compute_dtype(group.get("compute_dtype")):
+                stats = self._statistics(bucket, rows, G, group)
         return stats
 
     @staticmethod
@@ -797,16 +852,6 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.write_accepted_params(rows, ok, W, W_new)
         self.accept_rows(rows, ok, updates)
         rows.commit()
-
-    def folded_statistics(self, bucket: Bucket, rows: _Rows) -> dict[str, torch.Tensor] | None:
-        """The statistics the hooks folded for these rows, stacked; None unless every row was folded."""
-        if not self._folded:
-            return None
-        entries = [self._folded.get((id(bucket), r)) for r in rows.rows]
-        if any(e is None for e in entries):
-            return None
-        keys = entries[0][3].keys()
-        return {k: torch.cat([e[3][k] for e in entries]) for k in keys}
 
     def _statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:  # pragma: no cover
         """The rows' statistics after folding G (pure and unmasked: reads the state, returns new values)."""

@@ -9,6 +9,7 @@ The optimizer-specific math (direction, statistics, install) is in pure function
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +23,24 @@ from asteria.optim.blocking import ParamLayout, soap_layout
 from asteria.optim.results import all_finite, outputs_checked, stack_results, to_device
 from asteria.runtime.pipeline import RefreshJob
 
-__all__ = ["EigenbasisOptimizer", "eigh_ridge_for", "result_problem"]
+__all__ = ["EigenbasisOptimizer", "RowsUpdate", "eigh_ridge_for", "result_problem"]
+
+
+@dataclasses.dataclass
+class RowsUpdate:
+    """One step of some rows of a bucket, computed and not stored yet (`EigenbasisOptimizer._compute_rows`).
+
+    Attributes:
+        finite: ``(B,)`` rows whose gradient was finite.
+        updates: The rows' new state tensors (moments, statistics), unmasked.
+        W: The rows' parameters before the step (stacked, state dtype).
+        W_new: Their new values.
+    """
+
+    finite: torch.Tensor
+    updates: dict[str, torch.Tensor]
+    W: torch.Tensor
+    W_new: torch.Tensor
 
 
 def eigh_ridge_for(trace: float, n: int, ridge: float | None) -> float:
@@ -121,9 +139,6 @@ class EigenbasisOptimizer(BlockOptimizer):
     def _row_key(self, param_state: dict[str, Any]) -> Any:
         return (bool(param_state["initialized"]), int(param_state["step"]))
 
-    def _has_stepped(self, pstate: dict[str, Any]) -> bool:
-        return bool(pstate.get("initialized", False))
-
     def _advance_param_state(self, pstate: dict[str, Any]) -> None:
         if not pstate["initialized"]:
             pstate["initialized"] = True  # the first call does not count as a step (reference semantics)
@@ -147,8 +162,29 @@ class EigenbasisOptimizer(BlockOptimizer):
         """The factors after the first call's gradient, by state key (pure and unmasked: not stored)."""
         raise NotImplementedError
 
-    def _update_rows(self, bucket: Bucket, rows: _Rows, t: int, group: dict[str, Any]) -> None:
+    def _compute_rows(self, bucket: Bucket, rows: _Rows, t: int, group: dict[str, Any]) -> RowsUpdate:
+        """Step t of the rows, computed from the state and the gradients without storing anything (pure)."""
         raise NotImplementedError
+
+    def _update_rows(self, bucket: Bucket, rows: _Rows, t: int, group: dict[str, Any],
+                     done: RowsUpdate | None = None) -> None:
+        """Step t of the rows: `_compute_rows` (or ``done``, computed during backward), then stored: the accepted
+        rows take their new state and parameters (`commit_rows`), and a refresh is snapshotted when due."""
+        if done is None:
+            with ops.compute_dtype(group.get("compute_dtype")):
+                done = self._compute_rows(bucket, rows, t, group)
+        self.commit_rows(rows, done.finite, done.updates, done.W, done.W_new)
+        if bucket.factored and self._refresh_due(t, group):
+            self._submit_refresh(bucket, rows, t, group)
+
+    def _precompute(self, bucket: Bucket, rows: _Rows, key: Any, group: dict[str, Any]) -> RowsUpdate | None:
+        """What ``fold_statistics="backward"`` computes during backward for a bucket whose gradients are final: the
+        whole step of an initialized bucket (`_compute_rows`), or None for a first call."""
+        initialized, step = key
+        if not initialized:
+            return None
+        with ops.compute_dtype(group.get("compute_dtype")):
+            return self._compute_rows(bucket, rows, step + 1, group)
 
     def _install_rows(
         self,
@@ -183,11 +219,10 @@ class EigenbasisOptimizer(BlockOptimizer):
                 continue
             t = step + 1
             boundary = max(boundary, t + 1)
-            with ops.compute_dtype(group.get("compute_dtype")):
-                self._update_rows(bucket, rows, t, group)
-        # the results are used from the next step on: their installs may overlap the next forward and backward,
-        # unless backward reads the state (statistics folded in hooks)
-        self.runtime.install_due(boundary, overlap=not self._fold_backward)
+            self._update_rows(bucket, rows, t, group, self.precomputed(bucket, rows, (initialized, step)))
+        # the results are used from the next step on: their installs may overlap the next forward and backward (with
+        # fold_statistics="backward", the work computed during backward runs after them on the same helper thread)
+        self.runtime.install_due(boundary, overlap=True)
 
     def _submit_initial_bases(self, bucket: Bucket, rows: _Rows, group: dict[str, Any]) -> None:
         jobs = []

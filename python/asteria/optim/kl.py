@@ -13,7 +13,7 @@ import torch
 
 from asteria.optim import tensor_ops as ops
 from asteria.optim.base import Bucket, _Rows, check_range
-from asteria.optim.eigenbasis import EigenbasisOptimizer
+from asteria.optim.eigenbasis import EigenbasisOptimizer, RowsUpdate
 from asteria.optim.soap import adam_in_basis, apply_post_update_weight_decay, rotate_into_new_bases
 from asteria.runtime.config import RuntimeConfig
 
@@ -272,7 +272,7 @@ class _KLBase(EigenbasisOptimizer):
             out[f"factor_{i}"] = S.mul(beta).add_(ops.mode_gram(G, i), alpha=(1.0 - beta) / (numel // d))
         return out
 
-    def _update_rows(self, bucket: Bucket, rows: _Rows, t: int, group: dict[str, Any]) -> None:
+    def _compute_rows(self, bucket: Bucket, rows: _Rows, t: int, group: dict[str, Any]) -> RowsUpdate:
         st = rows.state
         beta1, beta2 = group["betas"]
         G, finite = self.stacked_grads(rows, group["state_dtype"])
@@ -295,10 +295,8 @@ class _KLBase(EigenbasisOptimizer):
             W_new = apply_post_update_weight_decay(W, U, group["lr"], group["lr"], group["weight_decay"], None)
             # statistics (consumed by the next step's direction and by refreshes); they use the state of the
             # step start, so computing them before anything is stored changes nothing
-            updates.update(self.step_statistics(bucket, rows, G, group))
-        self.commit_rows(rows, finite, updates, W, W_new)
-        if bucket.factored and self._refresh_due(t, group):
-            self._submit_refresh(bucket, rows, t, group)
+            updates.update(self._statistics(bucket, rows, G, group))
+        return RowsUpdate(finite, updates, W, W_new)
 
     def _statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The factors and eigenvalue estimates after folding G (pure and unmasked: reads the state, returns new values)."""

@@ -313,7 +313,7 @@ class Shampoo(BlockOptimizer):
             G, finite = self.stacked_grads(rows, group["state_dtype"])
             dims, exps = self._dims(bucket, group)
             with torch.profiler.record_function("asteria.Shampoo.factors"), ops.compute_dtype(group.get("compute_dtype")):
-                updates = self.step_statistics(bucket, rows, G, group)
+                updates = self.step_statistics(bucket, rows, G, group, step)
                 updates.update(self._moments(rows, G, group))
                 ok = self.acceptance(finite, updates)
                 self.accept_rows(rows, ok, updates)
@@ -328,6 +328,13 @@ class Shampoo(BlockOptimizer):
             with ops.compute_dtype(group.get("compute_dtype")):
                 self._direction_and_update(bucket, rows, G, ok, t, group)
             rows.commit()
+
+    def _precompute(self, bucket: Bucket, rows: _Rows, key: Any, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """During backward (``fold_statistics="backward"``): the bucket's factors after this step's gradient. The
+        rest of Shampoo's step needs the roots the step itself installs, so it stays in ``step()``."""
+        G, _ = self.stacked_grads(rows, group["state_dtype"])
+        with ops.compute_dtype(group.get("compute_dtype")):
+            return self._statistics(bucket, rows, G, group)
 
     def _moments(self, rows: _Rows, G: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The grafting accumulator and the first moment after folding G (pure and unmasked: returns new values)."""

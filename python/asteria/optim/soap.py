@@ -9,7 +9,7 @@ import torch
 
 from asteria.optim import tensor_ops as ops
 from asteria.optim.base import Bucket, _Rows
-from asteria.optim.eigenbasis import EigenbasisOptimizer
+from asteria.optim.eigenbasis import EigenbasisOptimizer, RowsUpdate
 from asteria.runtime.config import RuntimeConfig
 
 __all__ = [
@@ -247,7 +247,7 @@ class SOAP(EigenbasisOptimizer):
         # SOAP's first call folds G like every later step (called for factored buckets only)
         return self._statistics(bucket, rows, G, group)
 
-    def _update_rows(self, bucket: Bucket, rows: _Rows, t: int, group: dict[str, Any]) -> None:
+    def _compute_rows(self, bucket: Bucket, rows: _Rows, t: int, group: dict[str, Any]) -> RowsUpdate:
         st = rows.state
         beta1, beta2 = group["betas"]
         G, finite = self.stacked_grads(rows, group["state_dtype"])
@@ -262,10 +262,8 @@ class SOAP(EigenbasisOptimizer):
         # the statistics are folded after the parameter update (they do not depend on it)
         updates = {"exp_avg": m, "exp_avg_sq": v}
         if bucket.factored:
-            updates.update(self.step_statistics(bucket, rows, G, group))
-        self.commit_rows(rows, finite, updates, W, W_new)
-        if bucket.factored and self._refresh_due(t, group):
-            self._submit_refresh(bucket, rows, t, group)
+            updates.update(self._statistics(bucket, rows, G, group))
+        return RowsUpdate(finite, updates, W, W_new)
 
     def _statistics(self, bucket: Bucket, rows: _Rows, G: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The factors after folding G (pure and unmasked: reads the state, returns new values)."""
