@@ -39,6 +39,7 @@ from asteria.runtime.distributed import (
     assign_owners,
     check_loadable,
     job_bytes,
+    job_spec,
     rank_loads,
 )
 from asteria.runtime.distributed import _pack_job, _unpack_job  # noqa: PLC2701 - the wire format itself
@@ -211,6 +212,51 @@ def test_wire_format_round_trip_failures_and_mismatched_outputs():
     assert "expected float64(2, 2)" in received[3].message and received[3].message == installed[3].message
     assert "expected float64(3, 3)" in received[4].message
     assert received[0].latency_s == 0.25 and received[0].version == 4 and received[0].deadline == 7
+    for got, owner in zip(received, installed):  # the owner installs the bytes every other rank receives
+        assert type(owner) is type(got) and owner.ok == got.ok and owner.message == got.message
+        assert sorted(owner.outputs) == sorted(got.outputs)
+        assert all(np.array_equal(owner.outputs[k], got.outputs[k]) for k in got.outputs)
+
+
+def test_wire_format_carries_the_rotation_and_the_owner_installs_what_it_sent():
+    rng = np.random.default_rng(1)
+    spec = ("eigenbasis_refresh+rotation", 4, "float32")
+    basis = rng.standard_normal((4, 4)).astype(np.float32)
+    rotation = np.asfortranarray(rng.standard_normal((4, 4)).astype(np.float32))  # any layout: travels C-contiguous
+    results = [
+        _Result(True, {"basis": basis, "permutation": np.arange(4), "rotation": rotation}),
+        _Result(True, {"basis": basis, "permutation": np.arange(4)}),  # computed no rotation: installed with none
+        _Result(True, {"basis": basis, "permutation": np.arange(4), "rotation": np.eye(3, dtype=np.float32)}),
+    ]
+    assert job_bytes(spec) == job_bytes(("eigenbasis_refresh", 4, "float32")) + 4 * 4 * 4
+    buf = np.zeros(len(results) * job_bytes(spec), np.uint8)
+    pos, installed = 0, []
+    for res in results:
+        pos, canonical = _pack_job(buf, pos, spec, res)
+        installed.append(canonical)
+    pos, received = 0, []
+    for _ in results:
+        pos, res = _unpack_job(buf, pos, spec, 4, 7)
+        received.append(res)
+    assert [r.ok for r in received] == [True, True, False] == [r.ok for r in installed]
+    assert np.array_equal(received[0].outputs["rotation"], rotation) and received[0].outputs["rotation"].flags.c_contiguous
+    assert "rotation" not in received[1].outputs and "rotation" not in installed[1].outputs
+    assert "'rotation' is float32(3, 3)" in received[2].message
+    for got, owner in zip(received, installed):
+        assert sorted(owner.outputs) == sorted(got.outputs)
+        assert all(np.array_equal(owner.outputs[k], got.outputs[k]) for k in got.outputs)
+
+
+def test_job_spec_names_the_rotation_a_host_refresh_computes():
+    from asteria.runtime.pipeline import RefreshJob
+
+    a = np.zeros((5, 5), np.float64)
+    soap = RefreshJob("eigenbasis_refresh", 1, 0, 4, 7, a, a, {"sort": True})
+    kl = RefreshJob("eigenbasis_refresh", 1, 0, 4, 7, a, a, {"sort": False, "rotation": False})
+    eigh = RefreshJob("eigh", 1, 0, 0, 1, a, None, {"ridge": 0.0})
+    assert job_spec(soap) == ("eigenbasis_refresh+rotation", 5, "float64")
+    assert job_spec(kl) == ("eigenbasis_refresh", 5, "float64")
+    assert job_spec(eigh) == ("eigh", 5, "float64")
 
 
 def test_plan_names_one_owner_per_block_and_a_signature():
