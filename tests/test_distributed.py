@@ -6,7 +6,8 @@ tests/distributed_worker.py once per rank with a file store and kills every rank
 so a bug fails the test instead of hanging CI. What they check, per optimizer: parameters after N steps equal
 a single-process run on the full batch (float64 to rtol 1e-8, float32 to 1e-3 relative displacement) at
 staleness 0 and 2, with and without sharded state, with DDP and with a manual all-reduce; the replicas are
-bit-identical after every step; every refresh is computed by exactly one rank; with 2 nodes x 2 ranks the
+bit-identical after every step, also for a GPT of real shapes under DDP with one rank's memory layout perturbed; on
+the same batch everywhere that GPT's parameters equal the single process's bit for bit; every refresh is computed by exactly one rank; with 2 nodes x 2 ranks the
 inter-node bytes are half those of a flat exchange and each result enters each other node once; per-rank
 optimizer memory with sharded state is at most 1.25 x total / world size; a dead or silent rank is a clear
 error within the timeout; a configuration mismatch is reported at the first step; failed refreshes reach
@@ -356,6 +357,51 @@ def test_two_ranks_equal_one_process_on_the_full_batch(name):
     runs = check_runs(results, rtol=1e-8)
     exchanged = [r["dist"] for r in runs if not r["config"][1]]
     assert all(d["rounds"] > 0 and d["jobs_received"] > 0 for d in exchanged)
+
+
+# the GPT of tests/distributed_worker.py (GPT_CONFIG): 2 layers, d_model 128, 4 heads, context 64, untied output
+# projection, a global batch of 8 sequences split over the ranks. Its 512 x 128 and 128 x 512 MLP weights, 384 x 128 QKV
+# weights and 64 x 128 position embedding are blocks whose bucket can be owned entirely by one rank.
+GPT_CONFIGS = {  # (staleness, shard_state): 0 is the synchronous runtime
+    "SOAP": [(0, False), (2, False), (2, True)],
+    "KLSOAP": [(0, False), (2, False)],
+    "Shampoo": [(2, False)],
+    "KLShampoo": [(0, False), (2, True)],
+}
+
+
+@pytest.mark.distributed
+@needs_gloo
+@pytest.mark.parametrize("name", NAMES)
+def test_replicas_of_a_ddp_gpt_are_bit_identical_after_every_step_whatever_the_memory_layout(name):
+    # rank 1 keeps odd-sized allocations alive, holds its parameters at odd offsets of one flat buffer and its
+    # gradients at odd offsets of fresh buffers; rank 0 does not: every parameter's bytes must still agree every step
+    results = launch("gpt_replicas", 2, name=name, configs=GPT_CONFIGS[name], steps=6, perturb=True)
+    differ = {}
+    for runs in zip(*results):
+        staleness, shard = runs[0]["config"]
+        assert all(r["steps"] == 6 for r in runs)
+        if runs[0]["differ"]:
+            differ[f"staleness={staleness} shard_state={shard}"] = runs[0]["differ"]
+        assert sum(r["jobs_submitted"] for r in runs) > 0
+        if not shard:  # refresh results crossed between the ranks in both directions
+            assert all(r["dist"]["rounds"] > 0 and r["dist"]["jobs_received"] > 0 for r in runs)
+    assert not differ, f"{name}: parameters differ between the ranks (first differing step per parameter): {differ}"
+
+
+@pytest.mark.distributed
+@needs_gloo
+@pytest.mark.parametrize("name", ["SOAP", "KLSOAP"])
+def test_on_the_same_batch_a_ddp_gpt_equals_one_process_bit_for_bit(name):
+    # every rank the whole batch: DDP's average of equal gradients is exact, so the distributed optimizer (ownership,
+    # exchange, sharded state) gets the single process's gradients and must produce its parameters, bit for bit; what
+    # separates a run on split batches from one process is the gradients' rounding alone (README, "Distributed training")
+    configs = [(2, False), (0, True)] if name == "SOAP" else [(2, False)]
+    results = launch("gpt_same_batch", 2, name=name, configs=configs, steps=6)
+    assert all(run["steps"] == 6 for run in results[0])
+    differ = {str(run["config"]): run["differ"] for run in results[0] if run["differ"]}
+    assert not differ, f"{name}: first step per parameter that differs from one process, per (staleness, shard_state): " \
+        f"{differ}"
 
 
 @pytest.mark.distributed
