@@ -399,8 +399,8 @@ def misalign_grads(model, shift):
 
 
 def param_digests(model):
-    return [hashlib.blake2b(p.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes(), digest_size=8).digest()
-            for p in model.parameters()]
+    return [hashlib.blake2b(p.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes(),
+                            digest_size=8).digest() for p in model.parameters()]
 
 
 def gpt_run(name, staleness, shard, steps, rank, world, *, perturb=False, same_batch=False, group="auto"):
@@ -468,8 +468,8 @@ def gpt_same_batch(rank, world, name, configs, steps=6):
     return out
 
 
-SCENARIOS = {f.__name__: f for f in (equivalence, failure, mismatch, refresh_failure, checkpoint, four_ranks, gpt_replicas,
-                                     gpt_same_batch)}
+SCENARIOS = {f.__name__: f for f in (equivalence, failure, mismatch, refresh_failure, checkpoint, four_ranks,
+                                     gpt_replicas, gpt_same_batch)}
 
 
 def main() -> None:

@@ -395,13 +395,14 @@ def test_replicas_of_a_ddp_gpt_are_bit_identical_after_every_step_whatever_the_m
 def test_on_the_same_batch_a_ddp_gpt_equals_one_process_bit_for_bit(name):
     # every rank the whole batch: DDP's average of equal gradients is exact, so the distributed optimizer (ownership,
     # exchange, sharded state) gets the single process's gradients and must produce its parameters, bit for bit; what
-    # separates a run on split batches from one process is the gradients' rounding alone (README, "Distributed training")
+    # separates a run on split batches from one process is the gradients' rounding alone (README, "Distributed
+    # training")
     configs = [(2, False), (0, True)] if name == "SOAP" else [(2, False)]
     results = launch("gpt_same_batch", 2, name=name, configs=configs, steps=6)
     assert all(run["steps"] == 6 for run in results[0])
     differ = {str(run["config"]): run["differ"] for run in results[0] if run["differ"]}
-    assert not differ, f"{name}: first step per parameter that differs from one process, per (staleness, shard_state): " \
-        f"{differ}"
+    assert not differ, f"{name}: first step per parameter that differs from one process, per (staleness, " \
+        f"shard_state): {differ}"
 
 
 @pytest.mark.distributed
