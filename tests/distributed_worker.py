@@ -30,6 +30,7 @@ import torch.nn as nn  # noqa: E402
 import asteria  # noqa: E402
 from asteria.optim import KLSOAP, SOAP, KLShampoo, Shampoo  # noqa: E402
 from asteria.runtime import RefreshPipeline, RuntimeConfig  # noqa: E402
+from asteria.train.model import GPT, ModelConfig  # noqa: E402
 from models import TinyGPT, lm_loss  # noqa: E402  (tests/ is the script's directory)
 
 F = 2  # precondition_frequency: several refresh rounds in a few steps
@@ -351,7 +352,124 @@ def four_ranks(rank, world, **kwargs):
     return out
 
 
-SCENARIOS = {f.__name__: f for f in (equivalence, failure, mismatch, refresh_failure, checkpoint, four_ranks)}
+# ------------------------------------------------------------------------------------------------
+# a real model shape: the GPT of the replica report (2 layers, d_model 128, 4 heads, context 64, untied)
+# ------------------------------------------------------------------------------------------------
+GPT_CONFIG = ModelConfig(n_layer=2, n_head=4, d_model=128, context=64, tie_embeddings=False)
+GPT_BATCH = 8  # sequences in the global batch, split over the ranks
+
+
+def gpt_batch(step):
+    g = torch.Generator().manual_seed(2000 + step)
+    return torch.randint(0, GPT_CONFIG.vocab_size, (GPT_BATCH, GPT_CONFIG.context + 1), generator=g)
+
+
+def gpt_optimizer(name, params, staleness, shard, group="auto"):
+    """The reported settings (lr 3e-3, asynchronous runtime with staleness S), refreshing every 2 steps so that a few
+    steps install several refreshes."""
+    runtime = RuntimeConfig(refresh="sync" if staleness == 0 else "async", staleness=staleness, workers=1,
+                            process_group=group, shard_state=shard, dist_timeout=60.0)
+    if name == "Shampoo":
+        return Shampoo(params, lr=3e-3, precondition_frequency=2, start_preconditioning_step=2, runtime=runtime)
+    cls = {"SOAP": SOAP, "KLSOAP": KLSOAP, "KLShampoo": KLShampoo}[name]
+    return cls(params, lr=3e-3, precondition_frequency=2, runtime=runtime)
+
+
+def move_parameters(model, offset):
+    """Moves every parameter into one flat buffer, each at an odd element offset (``offset`` first): storage no longer
+    64-byte aligned, at addresses unlike another rank's. Returns the buffer."""
+    params = list(model.parameters())
+    flat = torch.empty(sum(p.numel() + 3 for p in params) + offset, dtype=params[0].dtype)
+    pos = offset
+    for p in params:
+        view = flat[pos : pos + p.numel()].view(p.shape)
+        view.copy_(p.detach())
+        p.data = view
+        pos += p.numel() + 3
+    return flat
+
+
+def misalign_grads(model, shift):
+    """Replaces every gradient by a copy at an element offset ``shift`` into a fresh buffer (the same values)."""
+    for p in model.parameters():
+        buf = torch.empty(p.grad.numel() + shift, dtype=p.grad.dtype)
+        view = buf[shift:].view(p.grad.shape)
+        view.copy_(p.grad)
+        p.grad = view
+
+
+def param_digests(model):
+    return [hashlib.blake2b(p.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes(),
+                            digest_size=8).digest() for p in model.parameters()]
+
+
+def gpt_run(name, staleness, shard, steps, rank, world, *, perturb=False, same_batch=False, group="auto"):
+    """Trains the GPT under DDP (plain, ``world`` 1) for ``steps`` steps; returns the per-step parameter digests and
+    the optimizer's stats. ``perturb`` changes this process's memory layout first (odd-sized allocations kept alive,
+    parameters at odd offsets, misaligned gradients); ``same_batch``: every rank takes the whole batch."""
+    junk = [torch.empty(n) for n in (1, 3, 17, 1001, 4099)] if perturb else []
+    torch.manual_seed(0)
+    model = GPT(GPT_CONFIG)
+    flat = move_parameters(model, 1 + rank) if perturb else None
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt = gpt_optimizer(name, list(model.parameters()), staleness, shard, group=group if world > 1 else None)
+    per = GPT_BATCH // world
+    rows = slice(0, GPT_BATCH) if same_batch else slice(rank * per, (rank + 1) * per)
+    digests = []
+    for t in range(steps):
+        idx = gpt_batch(t)[rows]
+        opt.zero_grad(set_to_none=True)
+        _, loss = net(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        if perturb:
+            misalign_grads(model, 1 + (t + rank) % 3)
+        opt.step()
+        digests.append(param_digests(model))
+    stats = opt.runtime.stats()
+    opt.close()
+    del junk, flat
+    return digests, stats
+
+
+def first_differences(everyone, names):
+    """Per parameter that differs between the ranks' digests, the first step (1-based) it differs at."""
+    out = {}
+    for t, per_rank in enumerate(zip(*everyone)):
+        for i, name in enumerate(names):
+            if len({d[i] for d in per_rank}) > 1 and name not in out:
+                out[name] = t + 1
+    return out
+
+
+def gpt_replicas(rank, world, name, configs, steps=8, perturb=True):
+    """Per configuration ``(staleness, shard_state)``: the GPT under DDP, rank 1's memory layout perturbed; returns the
+    first step at which each parameter's bytes differ between the ranks (empty: bit-identical after every step)."""
+    names = [n for n, _ in GPT(GPT_CONFIG).named_parameters()]
+    out = []
+    for staleness, shard in configs:
+        digests, stats = gpt_run(name, staleness, shard, steps, rank, world, perturb=perturb and rank == 1)
+        everyone = [None] * world
+        dist.all_gather_object(everyone, digests)
+        out.append({"config": (staleness, shard), "differ": first_differences(everyone, names), "steps": len(digests),
+                    "dist": stats["distributed"], "jobs_submitted": stats["jobs_submitted"]})
+    return out
+
+
+def gpt_same_batch(rank, world, name, configs, steps=6):
+    """Every rank trains on the whole batch (DDP's average of equal gradients is exact), rank 0 also alone: the
+    distributed run must equal the single process bit for bit after every step."""
+    names = [n for n, _ in GPT(GPT_CONFIG).named_parameters()]
+    out = []
+    for staleness, shard in configs:
+        digests, _ = gpt_run(name, staleness, shard, steps, rank, world, same_batch=True)
+        single = gpt_run(name, staleness, False, steps, 0, 1)[0] if rank == 0 else None
+        out.append({"config": (staleness, shard), "steps": len(digests),
+                    "differ": first_differences([digests, single], names) if rank == 0 else None})
+    return out
+
+
+SCENARIOS = {f.__name__: f for f in (equivalence, failure, mismatch, refresh_failure, checkpoint, four_ranks,
+                                     gpt_replicas, gpt_same_batch)}
 
 
 def main() -> None:

@@ -6,7 +6,8 @@ tests/distributed_worker.py once per rank with a file store and kills every rank
 so a bug fails the test instead of hanging CI. What they check, per optimizer: parameters after N steps equal
 a single-process run on the full batch (float64 to rtol 1e-8, float32 to 1e-3 relative displacement) at
 staleness 0 and 2, with and without sharded state, with DDP and with a manual all-reduce; the replicas are
-bit-identical after every step; every refresh is computed by exactly one rank; with 2 nodes x 2 ranks the
+bit-identical after every step, also for a GPT of real shapes under DDP with one rank's memory layout perturbed; on
+the same batch everywhere that GPT's parameters equal the single process's bit for bit; every refresh is computed by exactly one rank; with 2 nodes x 2 ranks the
 inter-node bytes are half those of a flat exchange and each result enters each other node once; per-rank
 optimizer memory with sharded state is at most 1.25 x total / world size; a dead or silent rank is a clear
 error within the timeout; a configuration mismatch is reported at the first step; failed refreshes reach
@@ -39,6 +40,7 @@ from asteria.runtime.distributed import (
     assign_owners,
     check_loadable,
     job_bytes,
+    job_spec,
     rank_loads,
 )
 from asteria.runtime.distributed import _pack_job, _unpack_job  # noqa: PLC2701 - the wire format itself
@@ -211,6 +213,51 @@ def test_wire_format_round_trip_failures_and_mismatched_outputs():
     assert "expected float64(2, 2)" in received[3].message and received[3].message == installed[3].message
     assert "expected float64(3, 3)" in received[4].message
     assert received[0].latency_s == 0.25 and received[0].version == 4 and received[0].deadline == 7
+    for got, owner in zip(received, installed):  # the owner installs the bytes every other rank receives
+        assert type(owner) is type(got) and owner.ok == got.ok and owner.message == got.message
+        assert sorted(owner.outputs) == sorted(got.outputs)
+        assert all(np.array_equal(owner.outputs[k], got.outputs[k]) for k in got.outputs)
+
+
+def test_wire_format_carries_the_rotation_and_the_owner_installs_what_it_sent():
+    rng = np.random.default_rng(1)
+    spec = ("eigenbasis_refresh+rotation", 4, "float32")
+    basis = rng.standard_normal((4, 4)).astype(np.float32)
+    rotation = np.asfortranarray(rng.standard_normal((4, 4)).astype(np.float32))  # any layout: travels C-contiguous
+    results = [
+        _Result(True, {"basis": basis, "permutation": np.arange(4), "rotation": rotation}),
+        _Result(True, {"basis": basis, "permutation": np.arange(4)}),  # computed no rotation: installed with none
+        _Result(True, {"basis": basis, "permutation": np.arange(4), "rotation": np.eye(3, dtype=np.float32)}),
+    ]
+    assert job_bytes(spec) == job_bytes(("eigenbasis_refresh", 4, "float32")) + 4 * 4 * 4
+    buf = np.zeros(len(results) * job_bytes(spec), np.uint8)
+    pos, installed = 0, []
+    for res in results:
+        pos, canonical = _pack_job(buf, pos, spec, res)
+        installed.append(canonical)
+    pos, received = 0, []
+    for _ in results:
+        pos, res = _unpack_job(buf, pos, spec, 4, 7)
+        received.append(res)
+    assert [r.ok for r in received] == [True, True, False] == [r.ok for r in installed]
+    assert np.array_equal(received[0].outputs["rotation"], rotation) and received[0].outputs["rotation"].flags.c_contiguous
+    assert "rotation" not in received[1].outputs and "rotation" not in installed[1].outputs
+    assert "'rotation' is float32(3, 3)" in received[2].message
+    for got, owner in zip(received, installed):
+        assert sorted(owner.outputs) == sorted(got.outputs)
+        assert all(np.array_equal(owner.outputs[k], got.outputs[k]) for k in got.outputs)
+
+
+def test_job_spec_names_the_rotation_a_host_refresh_computes():
+    from asteria.runtime.pipeline import RefreshJob
+
+    a = np.zeros((5, 5), np.float64)
+    soap = RefreshJob("eigenbasis_refresh", 1, 0, 4, 7, a, a, {"sort": True})
+    kl = RefreshJob("eigenbasis_refresh", 1, 0, 4, 7, a, a, {"sort": False, "rotation": False})
+    eigh = RefreshJob("eigh", 1, 0, 0, 1, a, None, {"ridge": 0.0})
+    assert job_spec(soap) == ("eigenbasis_refresh+rotation", 5, "float64")
+    assert job_spec(kl) == ("eigenbasis_refresh", 5, "float64")
+    assert job_spec(eigh) == ("eigh", 5, "float64")
 
 
 def test_plan_names_one_owner_per_block_and_a_signature():
@@ -310,6 +357,52 @@ def test_two_ranks_equal_one_process_on_the_full_batch(name):
     runs = check_runs(results, rtol=1e-8)
     exchanged = [r["dist"] for r in runs if not r["config"][1]]
     assert all(d["rounds"] > 0 and d["jobs_received"] > 0 for d in exchanged)
+
+
+# the GPT of tests/distributed_worker.py (GPT_CONFIG): 2 layers, d_model 128, 4 heads, context 64, untied output
+# projection, a global batch of 8 sequences split over the ranks. Its 512 x 128 and 128 x 512 MLP weights, 384 x 128 QKV
+# weights and 64 x 128 position embedding are blocks whose bucket can be owned entirely by one rank.
+GPT_CONFIGS = {  # (staleness, shard_state): 0 is the synchronous runtime
+    "SOAP": [(0, False), (2, False), (2, True)],
+    "KLSOAP": [(0, False), (2, False)],
+    "Shampoo": [(2, False)],
+    "KLShampoo": [(0, False), (2, True)],
+}
+
+
+@pytest.mark.distributed
+@needs_gloo
+@pytest.mark.parametrize("name", NAMES)
+def test_replicas_of_a_ddp_gpt_are_bit_identical_after_every_step_whatever_the_memory_layout(name):
+    # rank 1 keeps odd-sized allocations alive, holds its parameters at odd offsets of one flat buffer and its
+    # gradients at odd offsets of fresh buffers; rank 0 does not: every parameter's bytes must still agree every step
+    results = launch("gpt_replicas", 2, name=name, configs=GPT_CONFIGS[name], steps=6, perturb=True)
+    differ = {}
+    for runs in zip(*results):
+        staleness, shard = runs[0]["config"]
+        assert all(r["steps"] == 6 for r in runs)
+        if runs[0]["differ"]:
+            differ[f"staleness={staleness} shard_state={shard}"] = runs[0]["differ"]
+        assert sum(r["jobs_submitted"] for r in runs) > 0
+        if not shard:  # refresh results crossed between the ranks in both directions
+            assert all(r["dist"]["rounds"] > 0 and r["dist"]["jobs_received"] > 0 for r in runs)
+    assert not differ, f"{name}: parameters differ between the ranks (first differing step per parameter): {differ}"
+
+
+@pytest.mark.distributed
+@needs_gloo
+@pytest.mark.parametrize("name", ["SOAP", "KLSOAP"])
+def test_on_the_same_batch_a_ddp_gpt_equals_one_process_bit_for_bit(name):
+    # every rank the whole batch: DDP's average of equal gradients is exact, so the distributed optimizer (ownership,
+    # exchange, sharded state) gets the single process's gradients and must produce its parameters, bit for bit; what
+    # separates a run on split batches from one process is the gradients' rounding alone (README, "Distributed
+    # training")
+    configs = [(2, False), (0, True)] if name == "SOAP" else [(2, False)]
+    results = launch("gpt_same_batch", 2, name=name, configs=configs, steps=6)
+    assert all(run["steps"] == 6 for run in results[0])
+    differ = {str(run["config"]): run["differ"] for run in results[0] if run["differ"]}
+    assert not differ, f"{name}: first step per parameter that differs from one process, per (staleness, " \
+        f"shard_state): {differ}"
 
 
 @pytest.mark.distributed

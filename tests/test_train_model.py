@@ -74,3 +74,26 @@ def test_param_groups_split_matrices_and_vectors():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim == 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_untied_output_projection_is_its_own_weight():
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=1, n_head=2, d_model=16, context=8, tie_embeddings=False)
+    model = GPT(cfg)
+    assert model.num_parameters() == cfg.num_parameters() == preset_count(cfg) + 256 * 16
+    assert model.head.weight.shape == (256, 16) and model.head.weight is not model.tok_emb.weight
+    x = torch.randint(0, 256, (2, 8))
+    _, loss = model(x, x)
+    loss.backward()
+    assert model.head.weight.grad is not None and model.tok_emb.weight.grad is not None
+    with torch.no_grad():
+        model.head.weight.zero_()
+        logits, _ = model(x)
+    assert torch.equal(logits, torch.zeros_like(logits))  # the logits come from the head, not the embedding
+    with pytest.raises(ValueError, match="tie_embeddings"):
+        ModelConfig(n_layer=1, n_head=1, d_model=8, tie_embeddings=1)
+
+
+def preset_count(cfg):
+    """The parameter count of the tied model of the same shape."""
+    return ModelConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model, context=cfg.context).num_parameters()

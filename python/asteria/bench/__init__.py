@@ -6,6 +6,7 @@ Subcommands:
     optimizer  per-step optimizer time against torch.optim.AdamW on GPT layer shapes
     overhead   training step time of sync vs async refresh vs no refresh (how much is hidden)
     distributed  DDP on several processes: AdamW vs SOAP sync/async/sharded (step time, bytes, memory)
+    fidelity   DDP replicas bit for bit, and the distance of a DDP run to one process on the full batch
     transfer   host<->device bandwidth of the runtime's pinned copies vs torch's (CUDA)
     pager      swap-file bandwidth of the pager (io_uring, threads) against fio, 1-16 MiB extents, QD 1/8/32
     reference  step-by-step agreement with third-party implementations (the README's cross-check table)
@@ -84,6 +85,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=32, help="sequence length (default: %(default)s)")
     p.add_argument("--batch", type=int, default=8, help="sequences per step and rank (default: %(default)s)")
     p.add_argument("--out", default="bench-distributed", help="folder for distributed.json (default: %(default)s)")
+    p = sub.add_parser("fidelity", help="DDP replicas bit for bit, and the distance of a DDP run to one process")
+    p.add_argument("--world", type=int, default=2, help="processes (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default: %(default)s)")
+    p.add_argument("--optimizer", default="soap", help="soap, kl-soap, shampoo or kl-shampoo (default: %(default)s)")
+    p.add_argument("--dtypes", default="float32,float64", help="parameter and state dtypes (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=20, help="training steps (default: %(default)s)")
+    p.add_argument("--at", default="2,5,20", help="steps after which distances are reported (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=3e-3, help="default: %(default)s")
+    p.add_argument("--frequency", type=int, default=4, help="precondition_frequency (default: %(default)s)")
+    p.add_argument("--staleness", type=int, default=2, help="0: synchronous refresh (default: %(default)s)")
+    p.add_argument("--shard-state", action="store_true", help="RuntimeConfig(shard_state=True)")
+    p.add_argument("--eigh-ridge", type=float, default=None, help="eigh_ridge of the eigenbasis optimizers")
+    p.add_argument("--max-preconditioner-dim", type=int, default=None, help="block size (default: the optimizer's)")
+    p.add_argument("--layers", type=int, default=2, help="transformer blocks (default: %(default)s)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads (default: %(default)s)")
+    p.add_argument("--d-model", type=int, default=128, help="width (default: %(default)s)")
+    p.add_argument("--context", type=int, default=64, help="sequence length (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=8, help="sequences in the global batch (default: %(default)s)")
+    p.add_argument("--out", default="bench-fidelity", help="folder for fidelity.json (default: %(default)s)")
     p = sub.add_parser("pager", help="pager read/write bandwidth vs fio (same files system, sizes and depths)")
     p.add_argument("--dir", help="directory on the drive to measure (default: $ASTERIA_BENCH_DIR or the temp dir)")
     p.add_argument("--sizes", default="1,4,16", help="extent sizes in MiB (default: %(default)s)")
@@ -110,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         from .overhead import run
     elif args.command == "distributed":
         from .distributed import run
+    elif args.command == "fidelity":
+        from .fidelity import run
     elif args.command == "transfer":
         from .transfer import run
     else:

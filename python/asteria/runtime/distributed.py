@@ -17,8 +17,11 @@ gradients, so every rank would compute the same refreshes. asteria computes each
   then per job a 128-byte header with the ok flag, status, latency and message, then the outputs),
   broadcast inside each node, exchanged between node leaders (each result crosses between two nodes
   once), and broadcast by each leader inside its node. Failed jobs travel as failures, so every rank
-  takes the same decision. The owners' buffers are checked against the round header (step and a hash
-  of the planned jobs), so ranks that disagree raise instead of installing garbage. With ``staleness=0``
+  takes the same decision. Every output an install reads travels, the rotation ``R = Q_oldᵀ·Q_new`` of
+  SOAP's and KL-SOAP's host refreshes included, and the owner installs the result read back from its
+  own buffer, as the other ranks read it: every rank installs the same bytes through the same code.
+  The owners' buffers are checked against the round header (step and a hash of the planned jobs), so
+  ranks that disagree raise instead of installing garbage. With ``staleness=0``
   this is the synchronous algorithm; with S > 0 the owners compute while training goes on.
 * **Sharded state** (``shard_state=True``): each rank keeps the per-step state of its own blocks only
   (its buckets hold only those rows), updates them, and the parameters are all-gathered after every
@@ -63,6 +66,7 @@ __all__ = [
     "assign_owners",
     "gather_state_dict",
     "job_bytes",
+    "job_spec",
     "rank_loads",
     "resolve_process_group",
 ]
@@ -262,15 +266,23 @@ def rank_loads(blocks: Sequence[BlockCost], owners: Sequence[int], world_size: i
 # --------------------------------------------------------------------------------------------------
 # wire format of refresh results
 # --------------------------------------------------------------------------------------------------
-#: Output arrays of each job kind: (name, rank of the array, dtype or None for the job's dtype).
-_OUTPUTS: dict[str, tuple[tuple[str, int, str | None], ...]] = {
-    "eigh": (("eigenvalues", 1, None), ("eigenvectors", 2, None)),
-    "inverse_root": (("root", 2, None),),
-    "eigenbasis_refresh": (("basis", 2, None), ("permutation", 1, "int64")),
+#: Output arrays of each job kind: (name, rank of the array, dtype or None for the job's dtype, optional).
+#: An optional output has its space reserved in the buffer and a bit in the job header saying whether it was
+#: written; a result without it is installed without it on every rank.
+_OUTPUTS: dict[str, tuple[tuple[str, int, str | None, bool], ...]] = {
+    "eigh": (("eigenvalues", 1, None, False), ("eigenvectors", 2, None, False)),
+    "inverse_root": (("root", 2, None, False),),
+    "eigenbasis_refresh": (("basis", 2, None, False), ("permutation", 1, "int64", False)),
+    # a host refresh that also computed R = Q_oldᵀ·Q_new (SOAP, KL-SOAP): R travels with the basis, so that every
+    # rank rotates the first moment with the owner's R instead of some ranks recomputing it at install
+    "eigenbasis_refresh+rotation": (
+        ("basis", 2, None, False), ("permutation", 1, "int64", False), ("rotation", 2, None, True),
+    ),
 }
 _STATUSES = ("ok", "failed", "cancelled")
 _ROUND_HEADER = 16  # signature (8 bytes) + step (8 bytes)
-_JOB_HEADER = 128  # ok (1), status (1), message length (2), pad (4), latency f64 (8), message (112)
+_JOB_HEADER = 128  # ok (1), status (1), message length (2), optional outputs written (1), pad (3), latency f64 (8),
+# message (112)
 _MESSAGE_BYTES = _JOB_HEADER - 16
 
 
@@ -278,14 +290,28 @@ def _align(n: int) -> int:
     return (n + 7) & ~7
 
 
-def _output_layout(spec: tuple[str, int, str]) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+def _output_layout(spec: tuple[str, int, str]) -> list[tuple[str, tuple[int, ...], np.dtype, bool]]:
     kind, n, dtype = spec
-    return [(name, (n,) * dims, np.dtype(dt or dtype)) for name, dims, dt in _OUTPUTS[kind]]
+    return [(name, (n,) * dims, np.dtype(dt or dtype), optional) for name, dims, dt, optional in _OUTPUTS[kind]]
+
+
+def job_spec(job: Any) -> tuple[str, int, str]:
+    """``(kind, n, dtype)`` of a `RefreshJob`'s result in the exchange (fixes its size in the buffer).
+
+    A host eigenbasis refresh computes the rotation ``R = Q_oldᵀ·Q_new`` unless its options say
+    ``rotation=False`` (the scheduler's default is True); device refreshes compute none.
+    """
+    a = job.a  # a host array, or a CUDA tensor on the device route
+    kind = str(job.kind)
+    on_device = isinstance(a, torch.Tensor) and a.is_cuda
+    if kind == "eigenbasis_refresh" and not on_device and bool(job.options.get("rotation", True)):
+        kind = "eigenbasis_refresh+rotation"
+    return (kind, int(a.shape[0]), str(a.dtype).replace("torch.", ""))
 
 
 def job_bytes(spec: tuple[str, int, str]) -> int:
     """Bytes one job takes in an exchange buffer (header plus its outputs, each 8-byte aligned)."""
-    return _JOB_HEADER + sum(_align(int(np.prod(shape)) * dt.itemsize) for _, shape, dt in _output_layout(spec))
+    return _JOB_HEADER + sum(_align(int(np.prod(shape)) * dt.itemsize) for _, shape, dt, _ in _output_layout(spec))
 
 
 def _stable_hash(value: Any) -> int:
@@ -319,21 +345,26 @@ class BatchPlan:
         return cls(tuple(int(o) for o in d["owners"]), specs, int(d["signature"]))
 
 
-def _pack_job(buf: np.ndarray, offset: int, spec: tuple[str, int, str], res: Any) -> tuple[int, Any]:
+def _pack_job(buf: np.ndarray, offset: int, spec: tuple[str, int, str], res: Any) -> tuple[int, StoredResult]:
     """Writes one owned result at ``offset``; returns the next offset and the result every rank will install.
 
-    A result whose outputs do not match the plan travels (and is installed) as a failure.
+    The owner installs what it wrote, read back from the buffer as every other rank reads it (`_unpack_job`):
+    the same outputs, dtypes and layout, whatever else its local result holds. A result whose outputs do not
+    match the plan travels (and is installed) as a failure; a missing optional output travels as missing.
     """
     layout = _output_layout(spec)
     ok = bool(res.ok)
     message = str(res.message)
-    arrays: list[np.ndarray] = []
+    arrays: list[np.ndarray | None] = []
     if ok:
         outputs = res.outputs
-        for name, shape, dt in layout:
+        for name, shape, dt, optional in layout:
             arr = outputs.get(name)
             if isinstance(arr, torch.Tensor):
                 arr = arr.detach().cpu().numpy()
+            if arr is None and optional:
+                arrays.append(None)
+                continue
             if arr is None or tuple(np.shape(arr)) != shape or np.asarray(arr).dtype != dt:
                 got = None if arr is None else f"{np.asarray(arr).dtype}{tuple(np.shape(arr))}"
                 ok, message = False, f"refresh output {name!r} is {got}, expected {dt}{shape}"
@@ -350,15 +381,15 @@ def _pack_job(buf: np.ndarray, offset: int, spec: tuple[str, int, str], res: Any
     head[8:16] = np.frombuffer(np.float64(float(getattr(res, "latency_s", 0.0))).tobytes(), np.uint8)
     head[16 : 16 + len(encoded)] = np.frombuffer(encoded, np.uint8)
     pos = offset + _JOB_HEADER
-    for (name, shape, dt), arr in zip(layout, arrays):
+    written = 0
+    for bit, ((name, shape, dt, optional), arr) in enumerate(zip(layout, arrays)):
         nbytes = int(np.prod(shape)) * dt.itemsize
-        buf[pos : pos + nbytes] = arr.reshape(-1).view(np.uint8)
+        if arr is not None:
+            buf[pos : pos + nbytes] = arr.reshape(-1).view(np.uint8)
+            written |= 1 << bit
         pos += _align(nbytes)
-    end = offset + job_bytes(spec)
-    if ok:
-        return end, res
-    latency = float(getattr(res, "latency_s", 0.0))
-    return end, StoredResult(False, status, message, {}, int(res.version), int(res.deadline), latency_s=latency)
+    head[4] = written
+    return _unpack_job(buf, offset, spec, int(res.version), int(res.deadline))
 
 
 def _unpack_job(
@@ -369,13 +400,14 @@ def _unpack_job(
     ok = bool(head[0])
     status = _STATUSES[int(head[1])] if int(head[1]) < len(_STATUSES) else "failed"
     length = int(np.frombuffer(head[2:4].tobytes(), np.uint16)[0])
+    written = int(head[4])
     latency = float(np.frombuffer(head[8:16].tobytes(), np.float64)[0])
     message = head[16 : 16 + length].tobytes().decode("utf-8", "replace")
     outputs: dict[str, np.ndarray] = {}
     pos = offset + _JOB_HEADER
-    for name, shape, dt in _output_layout(spec):
+    for bit, (name, shape, dt, _) in enumerate(_output_layout(spec)):
         nbytes = int(np.prod(shape)) * dt.itemsize
-        if ok:
+        if ok and written >> bit & 1:
             outputs[name] = buf[pos : pos + nbytes].copy().view(dt).reshape(shape)
         pos += _align(nbytes)
     return offset + job_bytes(spec), StoredResult(ok, status, message, outputs, version, deadline, latency_s=latency)
@@ -529,8 +561,7 @@ class ResultExchange:
             owner = self._owner_of_block.get(int(job.block_id))
             if owner is None:
                 raise RuntimeError(f"[ResultExchange.plan] block {job.block_id} has no owner (buckets not partitioned)")
-            a = job.a  # a host array, or a CUDA tensor on the device route
-            spec = (str(job.kind), int(a.shape[0]), str(a.dtype).replace("torch.", ""))
+            spec = job_spec(job)
             owners.append(owner)
             specs.append(spec)
             ident.append((int(job.block_id), int(job.factor), spec))
@@ -802,10 +833,13 @@ class DistributedCoordinator:
         factors = [int(v.shape[-1]) for k, v in state.items() if k.startswith("factor_") and v.dim() == 3]
         itemsize = torch.empty((), dtype=group.get("state_dtype", torch.float32)).element_size()
         numel = int(math.prod(bucket.shape))
+        # a refresh result is one (d, d) matrix and a (d,) vector, plus the rotation R where the refresh computes one
+        options = opt._refresh_options() if hasattr(opt, "_refresh_options") else {"rotation": False}
+        matrices = 2 if options.get("rotation", True) else 1
         return BlockCost(
             key=key,
             refresh_flops=float(sum(d**3 for d in factors)),
-            result_bytes=sum(_JOB_HEADER + _align(d * d * itemsize) + _align(d * 8) for d in factors),
+            result_bytes=sum(_JOB_HEADER + matrices * _align(d * d * itemsize) + _align(d * 8) for d in factors),
             step_flops=float(numel * (2 * sum(factors) + 10)),
             state_bytes=int(sum(v.numel() * v.element_size() for v in state.values())),
             refresh_interval=float(group.get("precondition_frequency", 1) or 1),

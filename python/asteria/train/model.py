@@ -8,7 +8,8 @@ Architecture (GPT-2 style, pre-LayerNorm):
   and ``mlp`` is ``Linear(d, 4d) -> GELU -> Linear(4d, d)``;
 * a final LayerNorm and an output projection **tied** to the token embedding (the same
   ``Parameter``; with a byte vocabulary the embedding is small, and tying is the GPT-2
-  choice). Every optimizer sees it as one 256 x d matrix.
+  choice). Every optimizer sees it as one 256 x d matrix. ``tie_embeddings=False`` gives the
+  projection its own ``vocab x d`` weight (``head``).
 * No dropout, so a forward pass is a deterministic function of the weights and the batch.
 
 Initialisation follows GPT-2: normal(0, 0.02) weights, zero biases, and the residual output
@@ -37,6 +38,7 @@ class ModelConfig:
         d_model: residual width, >= 8.
         context: maximum sequence length (size of the position embedding), >= 2.
         vocab_size: vocabulary size (256 for bytes).
+        tie_embeddings: the output projection is the token embedding (True) or its own weight.
     """
 
     n_layer: int
@@ -44,6 +46,7 @@ class ModelConfig:
     d_model: int
     context: int = 128
     vocab_size: int = VOCAB_SIZE
+    tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
         for name, low in (("n_layer", 1), ("n_head", 1), ("d_model", 8), ("context", 2),
@@ -51,13 +54,15 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"ModelConfig.{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"ModelConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
         if self.d_model % self.n_head:
             raise ValueError(
                 f"ModelConfig.d_model ({self.d_model}) must be divisible by n_head ({self.n_head})"
             )
 
     def num_parameters(self) -> int:
-        """Parameter count of :class:`GPT` with this shape (tied embedding counted once)."""
+        """Parameter count of :class:`GPT` with this shape (a tied embedding counted once)."""
         d, v, t = self.d_model, self.vocab_size, self.context
         per_block = (
             2 * 2 * d  # two LayerNorms (weight + bias)
@@ -66,7 +71,8 @@ class ModelConfig:
             + d * 4 * d + 4 * d  # MLP up
             + 4 * d * d + d  # MLP down
         )
-        return v * d + t * d + self.n_layer * per_block + 2 * d
+        head = 0 if self.tie_embeddings else v * d
+        return v * d + t * d + self.n_layer * per_block + 2 * d + head
 
 
 #: Model presets selectable with ``--model`` (the context is set separately).
@@ -139,6 +145,7 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(cfg.context, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(self._init)
         for name, p in self.named_parameters():
             if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
@@ -180,7 +187,8 @@ class GPT(nn.Module):
         x = self.tok_emb(idx) + self.pos_emb(pos)
         for block in self.blocks:
             x = block(x)
-        logits = F.linear(self.ln_f(x), self.tok_emb.weight)  # tied output projection
+        out = self.tok_emb.weight if self.head is None else self.head.weight  # tied or own output projection
+        logits = F.linear(self.ln_f(x), out)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
