@@ -468,8 +468,25 @@ def gpt_same_batch(rank, world, name, configs, steps=6):
     return out
 
 
+def auto_staleness(rank, world, name="SOAP", steps=24, delays=(0.0, 0.2)):
+    """staleness="auto" with a refresh worker slowed differently on each rank (each measures its own jobs): every
+    rank must choose the same S, the largest, at the same step, and the replicas stay identical."""
+    from asteria import _core
+
+    sched = _core.RefreshScheduler(workers=1, test_delay_s=float(delays[rank % len(delays)]))
+    runtime = asteria.Runtime(RuntimeConfig(staleness="auto", workers=1, dist_timeout=60.0), scheduler=sched)
+    model, opt, digests = train(name, runtime, steps, torch.float64, rank, world, kind="mlp")
+    stats = opt.runtime.stats()
+    everyone = [None] * world
+    dist.all_gather_object(everyone, digests)
+    opt.close()
+    runtime.close()
+    return {"chosen": stats["staleness_auto"]["chosen"], "staleness": stats["staleness"],
+            "identical": all(d == everyone[0] for d in everyone)}
+
+
 SCENARIOS = {f.__name__: f for f in (equivalence, failure, mismatch, refresh_failure, checkpoint, four_ranks,
-                                     gpt_replicas, gpt_same_batch)}
+                                     gpt_replicas, gpt_same_batch, auto_staleness)}
 
 
 def main() -> None:

@@ -509,3 +509,16 @@ def test_asteria_train_under_torchrun_writes_one_report_and_a_checkpoint_any_wor
                              timeout=240)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+@needs_gloo
+@pytest.mark.distributed
+def test_ranks_agree_on_the_staleness_they_choose():
+    """Each rank times its own refresh jobs (rank 1's worker is slowed to 0.2 s per job): all take the largest S, at
+    the same step, so they keep installing at the same steps and the replicas stay bit-identical."""
+    r0, r1 = launch("auto_staleness", 2, timeout=240.0)
+    assert r0["chosen"] is not None and r1["chosen"] is not None
+    assert r0["chosen"]["staleness"] == r1["chosen"]["staleness"] == r0["staleness"] == r1["staleness"]
+    assert r0["chosen"]["at_step"] == r1["chosen"]["at_step"]
+    assert r1["chosen"]["latency_s"] >= 0.2 and r0["staleness"] >= 2  # rank 1's slow jobs decided it
+    assert r0["identical"] and r1["identical"]
