@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--model", choices=list(PRESETS), help="model preset (default: tiny)")
     what.add_argument("--lr", type=_positive_float,
                       help="peak learning rate (default: per optimizer, tuned for the "
-                           "demo: adamw 3e-3, muon 6e-3, the second-order optimizers 1.2e-2)")
+                           "demo: adamw 3e-3, muon 2.4e-2, the second-order optimizers 1.2e-2)")
     what.add_argument("--weight-decay", type=float, help="decoupled weight decay of matrices "
                       "(default: 0.1)")
     what.add_argument("--refresh", choices=["sync", "async"],
