@@ -10,6 +10,7 @@ Subcommands:
     transfer   host<->device bandwidth of the runtime's pinned copies vs torch's (CUDA)
     pager      swap-file bandwidth of the pager (io_uring, threads) against fio, 1-16 MiB extents, QD 1/8/32
     reference  step-by-step agreement with third-party implementations (the README's cross-check table)
+    race       wall-clock to a target loss: AdamW, Muon and the second-order optimizers side by side
 
 Each speed measurement prints ratios against its baseline; absolute times drift on shared machines, ratios hold.
 """
@@ -117,9 +118,32 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: %(default)s)")
     p.add_argument("--no-fio", action="store_true", help="skip the fio comparison")
     sub.add_parser("reference", help="agreement with pytorch-optimizer, heavyball and the ASTERIA_REF_* references")
+    p = sub.add_parser("race", help="time to a target loss: AdamW, Muon and the second-order optimizers in lockstep")
+    p.add_argument("--configs", default="adamw,muon,soap:sync,soap:async,soap:backward,kl-soap:async",
+                   help="NAME[:MODE], modes sync, async, async5, backward, bf16 (default: %(default)s)")
+    p.add_argument("--lr", action="append", metavar="NAME=LR",
+                   help="learning rate of a configuration or optimizer, e.g. muon=2.4e-2 (repeatable; AdamW 1e-3)")
+    p.add_argument("--lr-default", type=float, default=3e-3, help="every other configuration (default: %(default)s)")
+    p.add_argument("--layers", type=int, default=4, help="default: %(default)s")
+    p.add_argument("--heads", type=int, default=4, help="default: %(default)s")
+    p.add_argument("--d-model", type=int, default=256, help="default: %(default)s")
+    p.add_argument("--context", type=int, default=128, help="default: %(default)s")
+    p.add_argument("--batch", type=int, default=16, help="default: %(default)s")
+    p.add_argument("--steps", type=int, default=300, help="default: %(default)s")
+    p.add_argument("--warmup", type=int, default=20, help="linear learning-rate warm-up steps (default: %(default)s)")
+    p.add_argument("--skip", type=int, default=10, help="first steps left out of the step times (default: %(default)s)")
+    p.add_argument("--frequency", type=int, default=10, help="precondition_frequency (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="default: %(default)s")
+    p.add_argument("--target", type=float, default=1.8, help="smoothed training loss to reach (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of every configuration (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="model and data seed (default: %(default)s)")
+    p.add_argument("--eval-batches", type=int, default=16, help="validation batches at the end (default: %(default)s)")
+    p.add_argument("--out", default="bench-race", help="folder for race.json (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.command == "reference":
         from .reference import run
+    elif args.command == "race":
+        from .race import run
     elif args.command == "pager":
         from .pager import run
     elif args.command == "linalg":
