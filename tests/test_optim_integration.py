@@ -140,6 +140,18 @@ def test_grad_scaler_clipping_and_accumulation(name):
     assert losses[-1] < losses[0]
 
 
+def _losses(opt, forward, idx, steps):
+    """Trains ``steps`` steps on one batch; returns the loss of each."""
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = lm_loss(forward, idx)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["Shampoo", "KLSOAP"])
 def test_compiled_model(name):
@@ -165,14 +177,7 @@ def test_compiled_model(name):
             p.register_post_accumulate_grad_hook(lambda p, fired=fired: fired.append(1))
         forward = torch.compile(model) if mode == "compiled" else model
         opt = FACTORIES[name](model.parameters())
-        idx = torch.randint(0, 16, (4, 7))
-        losses = []
-        for _ in range(8):
-            opt.zero_grad()
-            loss = lm_loss(forward, idx)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        losses = _losses(opt, forward, torch.randint(0, 16, (4, 7)), 8)
         stats = opt.runtime.stats()
         opt.close()
         runs[mode] = (losses, len(fired), stats["jobs_submitted"], stats["batches_installed"])
@@ -254,14 +259,7 @@ def test_compute_dtype(name):
         torch.manual_seed(0)
         model = TinyGPT()
         opt = FACTORIES[name](model.parameters(), compute_dtype=dtype, runtime=RuntimeConfig(refresh="sync"))
-        idx = torch.randint(0, 16, (4, 7))
-        losses = []
-        for _ in range(6):
-            opt.zero_grad()
-            loss = lm_loss(model, idx)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        losses = _losses(opt, model, torch.randint(0, 16, (4, 7)), 6)
         dtypes = {v.dtype for p in model.parameters() for blk in opt.state[p]["blocks"] for v in blk.values()
                   if v.is_floating_point()}
         opt.close()

@@ -34,7 +34,8 @@ struct PinnedPoolOptions {
   std::size_t budget_bytes = std::size_t{1} << 30;
   // Try to page-lock memory (mlock) so DMA and O_DIRECT never fault.
   bool lock = true;
-  // Most bytes to lock; unset means the RLIMIT_MEMLOCK soft limit (unlimited for privileged users).
+  // Most bytes to lock; unset means the RLIMIT_MEMLOCK soft limit, for privileged processes too (the pool keeps
+  // to the limit the administrator set even where CAP_IPC_LOCK would let mlock exceed it).
   std::optional<std::size_t> max_locked_bytes;
   // Keep released mappings for reuse by a later lease of the same size (bounded by the budget).
   bool cache_released = true;

@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads of every configuration (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="model and data seed (default: %(default)s)")
     p.add_argument("--eval-batches", type=int, default=16, help="validation batches at the end (default: %(default)s)")
+    p.add_argument("--emulate-bf16", action="store_true",
+                   help="the bf16 mode's products with bf16 rounding at fp32 speed (loss studies on CPUs without bf16)")
     p.add_argument("--out", default="bench-race", help="folder for race.json (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.command == "reference":

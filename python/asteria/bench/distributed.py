@@ -21,12 +21,14 @@ bytes per rank); and the optimizer memory of each rank (tensors in ``opt.state``
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,17 +90,24 @@ def _run_config(name: str, rank: int, world: int, opts: dict[str, Any]) -> dict[
     return out
 
 
-def _worker(rank: int, world: int, store: str, opts: dict[str, Any], out_dir: str) -> None:
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, store: str, threads: int) -> Iterator[None]:
+    """A benchmark rank's process: ``threads`` torch threads and a gloo group through the file ``store``."""
     import torch.distributed as dist
 
-    torch.set_num_threads(opts["threads"])
+    torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=600))
     try:
-        results = {name: _run_config(name, rank, world, opts) for name in opts["configs"]}
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        yield
     finally:
         dist.destroy_process_group()
+
+
+def _worker(rank: int, world: int, store: str, opts: dict[str, Any], out_dir: str) -> None:
+    with gloo_group(rank, world, store, opts["threads"]):
+        results = {name: _run_config(name, rank, world, opts) for name in opts["configs"]}
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
 
 
 def _pct(values: list[float], q: float) -> float:

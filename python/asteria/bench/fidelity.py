@@ -28,7 +28,6 @@ displacement). Results go to ``fidelity.json`` in ``--out``.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import os
@@ -177,20 +176,15 @@ def _first_factors(opts: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
 
 
 def _worker(rank: int, world: int, store: str, opts: dict[str, Any], out_dir: str) -> None:
-    import torch.distributed as dist
+    from asteria.bench.distributed import gloo_group
 
-    torch.set_num_threads(opts["threads"])
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=600))
-    try:
+    with gloo_group(rank, world, store, opts["threads"]):
         for dtype_name in opts["dtypes"]:
             dtype = getattr(torch, dtype_name)
             for same in (False, True):
                 res = _train(opts, dtype, rank, world, same_batch=same)
                 keep = res if rank == 0 else {"digests": res["digests"]}
                 torch.save(keep, Path(out_dir, f"{dtype_name}-{'same' if same else 'split'}-rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _displacements(a: dict[str, Any], b: dict[str, Any], step: int) -> list[float]:

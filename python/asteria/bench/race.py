@@ -14,6 +14,11 @@ Configurations (``--configs``, comma-separated ``NAME[:MODE]``):
   ``fold_statistics="backward"``: the step computed on the helper thread during backward), ``bf16`` (async with
   ``compute_dtype=torch.bfloat16``).
 
+``--emulate-bf16`` runs the ``bf16`` products at fp32 speed with the same rounding where the CPU has no fast bf16
+path (an AVX2 CPU, where torch's bf16 matmul is ~100x slower than fp32): operands rounded to bf16, the product
+accumulated in fp32 and rounded to bf16, which is what oneDNN and tensor cores compute up to the order of the
+accumulation. It measures the loss of ``compute_dtype=torch.bfloat16``, not its speed.
+
 Per configuration it reports the median and mean step time (forward, backward and ``step()``), the time of
 ``opt.step()`` alone (the optimizer's part of the critical path; with ``backward`` the work done on the helper
 during backward is not in it), the first step whose smoothed training loss (the no-lag moving average of
@@ -154,9 +159,29 @@ def _lrs(args: Any) -> dict[str, float]:
     return out
 
 
+def _emulated_bf16_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A bf16 product's rounding at fp32 speed (see the module docstring)."""
+    from asteria.optim import tensor_ops as ops
+
+    dtype = getattr(ops._COMPUTE, "dtype", None)
+    if dtype != torch.bfloat16 or a.dtype == torch.bfloat16:
+        return _SHIPPED_MATMUL(a, b)
+    product = torch.matmul(a.bfloat16().to(a.dtype), b.bfloat16().to(a.dtype))
+    return product.bfloat16().to(a.dtype)
+
+
+_SHIPPED_MATMUL = None
+
+
 def run(args: Any) -> list[dict[str, Any]]:
     from asteria.train.corpus import load_corpus
 
+    global _SHIPPED_MATMUL
+    if getattr(args, "emulate_bf16", False):
+        from asteria.optim import tensor_ops as ops
+
+        _SHIPPED_MATMUL = ops.matmul
+        ops.matmul = _emulated_bf16_matmul  # contract() and mode_gram() call it through the module
     torch.set_num_threads(args.threads)
     configs = parse_configs(args.configs)
     lrs = _lrs(args)
