@@ -6,7 +6,8 @@ is not finite *or* when what the step would store is not finite (a finite 1e30 g
 in fp32); a refresh result that is not installable is never installed (the previous preconditioner is kept,
 the failure counted, the 4th failure in a row raises); odd parameter sets get a clear error or just work.
 
-Asynchronous runs use the default runtime (staleness 5) with ``install="deterministic"``. Small shapes and
+Asynchronous runs use a fixed staleness of 5 (``DEFAULT_STALENESS``, where ``"auto"`` starts) with
+``install="deterministic"``. Small shapes and
 ``precondition_frequency=2`` keep the whole file at about 25 s on 2 cores.
 """
 
@@ -18,6 +19,7 @@ import torch
 
 import asteria
 from asteria import _core
+from asteria.runtime.config import DEFAULT_STALENESS
 from asteria.optim import RefreshFailureError
 from asteria.optim.kl import eigenvalue_ema
 from asteria.optim.tensor_ops import finite_blocks
@@ -32,7 +34,7 @@ ALLOW_REFRESH_WARNINGS = pytest.mark.filterwarnings("ignore::asteria.runtime.pip
 def runtime_config(refresh: str, **kw) -> asteria.RuntimeConfig:
     if refresh == "sync":
         return asteria.RuntimeConfig(refresh="sync", **kw)
-    return asteria.RuntimeConfig(install="deterministic", **kw)
+    return asteria.RuntimeConfig(install="deterministic", staleness=DEFAULT_STALENESS, **kw)
 
 
 def make(name: str, params, refresh: str = "sync", *, runtime=None, **kw):
