@@ -143,3 +143,14 @@ def test_smooth_has_no_lag():
     y = np.arange(100, dtype=float)
     assert np.allclose(smooth(y), y)  # a centred mean of a line is the line
     assert smooth([]).size == 0
+
+
+def test_the_table_says_how_many_threads_trained_and_the_staleness_chosen():
+    runs = _runs()[:2]
+    runs[0].config = RunConfig(name="adamw", optimizer="adamw", steps=40, threads=1)
+    runs[1].config = RunConfig(name="soap:async", optimizer="soap", refresh="async", steps=40, threads=1)
+    runs[1].runtime_stats = {"scheduler": {"worker_busy_s": [0.5]}, "staleness": 2,
+                             "staleness_auto": {"auto": True, "chosen": {"staleness": 2}}}
+    table = format_table(summarize(runs))
+    assert "threads: 1 training thread(s) in every configuration; the refresh runtime of the second-order ones ran 1" in table
+    assert "soap:async S=2 (chosen from the measured refresh latency)" in table

@@ -107,6 +107,7 @@ def summarize_run(result: RunResult) -> dict[str, Any]:
         "training_threads": cfg.threads,
         "runtime_workers": len(workers) if rs else None,
         "staleness": rs.get("staleness") if rs and cfg.refresh == "async" else None,
+        "staleness_auto": rs.get("staleness_auto") if rs and cfg.refresh == "async" else None,
         "optimizer": cfg.optimizer,
         "refresh": cfg.refresh,
         "status": result.status,
@@ -317,7 +318,13 @@ def _setup_lines(summary: dict[str, Any]) -> list[str]:
         if workers:
             line += f"; the refresh runtime of the second-order ones ran {'/'.join(map(str, workers))} worker(s)"
         out.append(line + ".")
-    stale = [f"{s['name']} S={s['staleness']}" for s in runs if s.get("staleness") is not None]
+    def how(s: dict[str, Any]) -> str:
+        auto = s.get("staleness_auto") or {}
+        if not auto.get("auto"):
+            return ""
+        return " (chosen from the measured refresh latency)" if auto.get("chosen") else " (auto: still measuring)"
+
+    stale = [f"{s['name']} S={s['staleness']}{how(s)}" for s in runs if s.get("staleness") is not None]
     if stale:
         out.append("staleness of the asynchronous runs: " + ", ".join(stale) + ".")
     return out
