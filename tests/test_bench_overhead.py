@@ -37,3 +37,43 @@ def test_summary_p99_is_an_observed_step():
     times = [float(i) for i in range(1, 201)]
     s = _summary(times)
     assert s["p99"] == 198.0 and s["max"] == 200.0 and s["median"] == 100.5 and s["mean"] == 100.5
+
+
+def test_modes_take_a_bf16_suffix_and_unknown_ones_are_refused():
+    from asteria.bench.overhead import parse_mode
+
+    assert parse_mode("async-gpu+bf16") == ("async-gpu", True)
+    assert parse_mode("floor") == ("floor", False)
+    for bad in ("fast", "async+fp8", "async-gpu+"):
+        with pytest.raises(SystemExit, match="unknown mode"):
+            parse_mode(bad)
+
+
+def test_target_is_a_loss_or_adamw():
+    from asteria.bench.overhead import parse_target
+
+    assert parse_target("adamw") is None and parse_target("AdamW") is None
+    assert parse_target("2.5") == 2.5 and parse_target(1.8) == 1.8
+    with pytest.raises(SystemExit, match="--target"):
+        parse_target("low")
+
+
+def test_time_to_target_sums_the_steps_up_to_the_first_smoothed_hit():
+    from asteria.bench.overhead import time_to_target
+
+    losses = [5.0] * 10 + [1.0] * 30  # the centred average crosses 3.0 a little before step 11
+    times = [0.1] * 40
+    step, seconds = time_to_target(times, losses, 3.0)
+    assert 8 <= step <= 11 and seconds == pytest.approx(0.1 * step)
+    assert time_to_target(times, losses, 0.5) == (None, None)
+
+
+def test_hidden_fraction_of_a_bf16_mode_uses_the_bf16_sync_and_floor():
+    from asteria.bench.overhead import _hidden_references
+
+    table = {k: {"k": k} for k in ("soap:sync", "soap:floor", "soap:sync+bf16", "soap:floor+bf16")}
+    assert _hidden_references("soap", "async-gpu", table) == (table["soap:sync"], table["soap:floor"])
+    assert _hidden_references("soap", "async+bf16", table) == (table["soap:sync+bf16"], table["soap:floor+bf16"])
+    assert _hidden_references("soap", "sync", table) is None
+    assert _hidden_references("muon", "-", table) is None
+    assert _hidden_references("kl-soap", "async", table) is None  # its sync and floor were not run

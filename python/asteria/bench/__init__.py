@@ -11,6 +11,7 @@ Subcommands:
     pager      swap-file bandwidth of the pager (io_uring, threads) against fio, 1-16 MiB extents, QD 1/8/32
     reference  step-by-step agreement with third-party implementations (the README's cross-check table)
     race       wall-clock to a target loss: AdamW, Muon and the second-order optimizers side by side
+    memory     peak RSS (and GPU memory) per optimizer and mode, each in a fresh process, against AdamW
 
 Each speed measurement prints ratios against its baseline; absolute times drift on shared machines, ratios hold.
 """
@@ -54,7 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8, help="sequences per step (default: %(default)s)")
     p.add_argument("--staleness", type=int, default=5, help="S of the async modes (default: %(default)s)")
     p.add_argument("--modes", default="sync,async,floor",
-                   help="comma-separated among sync, async, eager, floor, sync-gpu, async-gpu (default: %(default)s)")
+                   help="comma-separated among sync, async, eager, floor, sync-gpu, async-gpu, each optionally with "
+                        "'+bf16' (compute_dtype=torch.bfloat16) (default: %(default)s)")
+    p.add_argument("--baselines", default="adamw",
+                   help="first-order baselines, comma-separated among adamw (always run) and muon (default: %(default)s)")
+    p.add_argument("--muon-lr", type=float, default=6e-3, help="Muon's learning rate unless --lr (default: %(default)s)")
+    p.add_argument("--target", default="adamw",
+                   help="smoothed training loss each configuration's time to target is measured to, or 'adamw': "
+                        "AdamW's at its last step (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the training loop (default: %(default)s)")
     p.add_argument("--data", choices=("corpus", "random"), default="corpus",
@@ -71,6 +79,25 @@ def main(argv: list[str] | None = None) -> int:
                    help="install every refresh batch on the training thread (RuntimeConfig.parallel_install=False), "
                         "to compare the 'install' column with the default")
     p.add_argument("--out", default="bench-overhead", help="folder for overhead.json and the PNG (default: %(default)s)")
+    p = sub.add_parser("memory", help="peak RSS and GPU memory per optimizer and mode, each in a fresh process")
+    p.add_argument("--configs", default="muon,soap:sync,soap:async,kl-soap:async",
+                   help="NAME[:MODE] as in overhead; AdamW always runs first (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--device-budget", default=None,
+                   help="also run every second-order configuration with RuntimeConfig(device_budget=...), e.g. 16MiB")
+    p.add_argument("--host-budget", default="1GiB",
+                   help="the host_budget (pinned memory) of the --device-budget runs (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=30, help="training steps per configuration (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=5, help="first steps left out of the step times (default: %(default)s)")
+    p.add_argument("--frequency", type=int, default=10, help="precondition_frequency (default: %(default)s)")
+    p.add_argument("--staleness", type=int, default=5, help="S of the async modes (default: %(default)s)")
+    p.add_argument("--layers", type=int, default=2, help="transformer blocks (default: %(default)s)")
+    p.add_argument("--d-model", type=int, default=256, help="width (default: %(default)s)")
+    p.add_argument("--context", type=int, default=64, help="sequence length (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per configuration (default: %(default)s)")
+    p.add_argument("--out", default="bench-memory", help="folder for memory.json (default: %(default)s)")
     p = sub.add_parser("transfer", help="host<->device copy bandwidth: runtime leases vs torch pinned memory (CUDA)")
     p.add_argument("--sizes", default="4,16,64,256", help="comma-separated MiB (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=9, help="median of this many alternated runs (default: %(default)s)")
@@ -160,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         from .fidelity import run
     elif args.command == "transfer":
         from .transfer import run
+    elif args.command == "memory":
+        from .memory import run
     else:
         from .optimizer import run
     run(args)

@@ -11,7 +11,13 @@ for each second-order optimizer in three modes:
 * ``floor``: the same optimizer with every refresh after the first basis/root disabled: the per-step cost
   with nothing to hide (what async would achieve if the refresh were free);
 * ``sync-gpu`` / ``async-gpu`` (``--device cuda`` with the CUDA backend): the refreshes run on the GPU
-  (cuSOLVER on a low-priority stream) instead of the host workers.
+  (cuSOLVER on a low-priority stream) instead of the host workers;
+* any mode with a ``+bf16`` suffix (``async-gpu+bf16``): the same with ``compute_dtype=torch.bfloat16`` (the
+  per-step products in bf16; fast on GPUs and on CPUs with AVX-512-BF16/AMX, ~100x slower on other CPUs).
+
+The first-order baselines (``--baselines``): ``adamw`` (``torch.optim.AdamW``, always run: the reference of the
+memory and time ratios) and ``muon`` (``torch.optim.Muon`` on the hidden 2-D weights and AdamW elsewhere,
+`asteria.train.optimizers.MuonWithAdamW`, at ``--muon-lr``).
 
 With ``--device cuda`` the model trains on the GPU and each step is timed up to a device synchronisation
 (the benchmark's, not the runtime's), so the step time includes the kernels it queued.
@@ -31,6 +37,12 @@ gives a second, *robust* hidden fraction. On a shared machine a neighbour may sl
 configuration by 10-20%, which moves a mean by several points of the hidden fraction; the medians drop such
 periods and keep the refresh work, which recurs at the same positions every period. The hidden fraction of each
 round is in ``overhead.json`` (``hidden_fraction_rounds``).
+
+Every configuration's training losses are kept (read back once, at the end of the run: no per-step
+synchronisation on a GPU), and the *time to target* is the training time of the steps up to the first one whose
+smoothed loss (asteria-train's no-lag moving average) reaches ``--target``: a loss, or ``adamw`` (the default),
+the smoothed loss AdamW reaches at its last step, so that every configuration is timed to what the baseline
+achieves in the run.
 
 On the corpus, each run ends with the validation loss on fixed held-out batches (outside the timed steps).
 Round ``r`` uses seed ``r`` for every configuration, so the synchronous rounds give the seed-to-seed spread σ
@@ -52,6 +64,10 @@ import torch
 
 _NAMES = {"shampoo": "Shampoo", "soap": "SOAP", "kl-shampoo": "KLShampoo", "kl-soap": "KLSOAP"}
 _MODES = ("sync", "async", "eager", "floor", "sync-gpu", "async-gpu")
+_BASELINES = ("adamw", "muon")
+#: Muon's default learning rate here: 6x AdamW's 1e-3 (its update is scaled to AdamW's RMS; on the race's GPT the
+#: best rates were 6e-3 against AdamW's 1e-3, see BENCHMARKS.md).
+_MUON_LR = 6e-3
 _COLORS = {"sync": "tab:red", "async": "tab:blue", "eager": "tab:cyan", "floor": "tab:green", "sync-gpu": "tab:orange",
            "async-gpu": "tab:purple"}
 
@@ -69,30 +85,49 @@ def _no_refresh(cls: type) -> type:
     return Floor
 
 
+def parse_mode(mode: str) -> tuple[str, bool]:
+    """``"async-gpu+bf16"`` → ``("async-gpu", True)``; raises SystemExit naming the choices for an unknown mode."""
+    base, plus, suffix = mode.partition("+")
+    if base not in _MODES or (plus and suffix != "bf16"):
+        raise SystemExit(f"asteria-bench overhead: unknown mode {mode!r}; choose from {', '.join(_MODES)}, "
+                         "each optionally with '+bf16'")
+    return base, bool(plus)
+
+
 def _build(name: str, mode: str, model: torch.nn.Module, freq: int, staleness: int = 5,
            lr: float | None = None, worker_cpus: tuple[int, ...] | None = None,
-           parallel_install: bool = True) -> torch.optim.Optimizer:
+           parallel_install: bool = True, muon_lr: float = _MUON_LR,
+           budgets: dict[str, Any] | None = None) -> torch.optim.Optimizer:
     import asteria
 
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr or 1e-3, weight_decay=0.01)
+    if name == "muon":
+        from asteria.train.optimizers import MuonWithAdamW
+
+        groups = [{"params": list(model.parameters()), "weight_decay": 0.01}]
+        return MuonWithAdamW(groups, model.hidden_matrices(), lr=lr or muon_lr, weight_decay=0.01, betas=(0.9, 0.999))
     cls = getattr(asteria, _NAMES[name])
+    mode, bf16 = parse_mode(mode)
     kw: dict[str, Any] = dict(precondition_frequency=freq)
+    if bf16:
+        kw["compute_dtype"] = torch.bfloat16
     if name == "shampoo":
         kw["start_preconditioning_step"] = freq
     refresh, _, where = mode.partition("-")
     route = "gpu" if where == "gpu" else "host"
+    extra = dict(budgets or {})
     if refresh == "floor":
         cls = _no_refresh(cls)
         runtime = asteria.RuntimeConfig(refresh="sync", refresh_device=route, worker_cpus=worker_cpus,
-                                        parallel_install=parallel_install)
+                                        parallel_install=parallel_install, **extra)
     elif refresh == "sync":
         runtime = asteria.RuntimeConfig(refresh="sync", refresh_device=route, worker_cpus=worker_cpus,
-                                        parallel_install=parallel_install)
+                                        parallel_install=parallel_install, **extra)
     else:
         runtime = asteria.RuntimeConfig(refresh="async", staleness=staleness, refresh_device=route,
                                         install="eager" if refresh == "eager" else "deterministic",
-                                        worker_cpus=worker_cpus, parallel_install=parallel_install)
+                                        worker_cpus=worker_cpus, parallel_install=parallel_install, **extra)
     lr = lr or (1e-4 if name.startswith("kl") else 1e-3)
     return cls(model.parameters(), lr=lr, runtime=runtime, **kw)
 
@@ -117,10 +152,12 @@ class _Run:
         self.cfg = ModelConfig(n_layer=args.layers, n_head=4, d_model=args.d_model, context=args.context)
         self.model = GPT(self.cfg).to(self.device)
         self.opt = _build(name, mode, self.model, args.frequency, getattr(args, "staleness", 5), getattr(args, "lr", None),
-                          getattr(args, "worker_cpus", None), getattr(args, "parallel_install", True))
+                          getattr(args, "worker_cpus", None), getattr(args, "parallel_install", True),
+                          getattr(args, "muon_lr", _MUON_LR))
         self.gen = torch.Generator().manual_seed(seed)
         self.corpus = _corpus() if getattr(args, "data", "random") == "corpus" else None
         self.times: list[float] = []
+        self.losses: list[torch.Tensor] = []  # on the device; read back once in finish()
         self.loss = torch.zeros(())
 
     def advance(self, steps: int) -> None:
@@ -143,6 +180,7 @@ class _Run:
             if cuda:
                 torch.cuda.synchronize(device)
             self.times.append(time.perf_counter() - t0)
+            self.losses.append(self.loss.detach())
 
     def finish(self) -> dict[str, Any]:
         """Evaluates, collects the runtime's stats and closes the optimizer."""
@@ -151,7 +189,8 @@ class _Run:
 
         args = self.args
         try:
-            out: dict[str, Any] = {"times": self.times, "loss": float(self.loss.detach())}
+            losses = torch.stack(self.losses).float().cpu().tolist() if self.losses else []
+            out: dict[str, Any] = {"times": self.times, "loss": float(self.loss.detach()), "losses": losses}
             if self.corpus is not None:
                 batches = val_batches(self.corpus.val, args.batch, args.context, getattr(args, "eval_batches", 16))
                 out["val_loss"] = evaluate(self.model, batches, str(self.device))
@@ -234,9 +273,13 @@ def run(args: Any) -> dict[str, Any]:
     opts = [o.strip() for o in args.optimizers.split(",") if o.strip()]
     modes = [m.strip() for m in getattr(args, "modes", "sync,async,floor").split(",") if m.strip()]
     for m in modes:
-        if m not in _MODES:
-            raise SystemExit(f"asteria-bench overhead: unknown mode {m!r}; choose from {', '.join(_MODES)}")
-    configs = [("adamw", "-")] + [(o, m) for o in opts for m in modes]
+        parse_mode(m)
+    baselines = [b.strip() for b in getattr(args, "baselines", "adamw").split(",") if b.strip()]
+    for b in baselines:
+        if b not in _BASELINES:
+            raise SystemExit(f"asteria-bench overhead: unknown baseline {b!r}; choose from {', '.join(_BASELINES)}")
+    configs = [("adamw", "-")] + [(b, "-") for b in baselines if b != "adamw"] + [(o, m) for o in opts for m in modes]
+    target = parse_target(getattr(args, "target", "adamw"))
     import asteria
 
     pinned = ""
@@ -284,46 +327,102 @@ def run(args: Any) -> dict[str, Any]:
         if "val_loss" in results[0]:
             row["val_loss"] = [res["val_loss"] for res in results]
         table[f"{name}:{mode}"] = row
+    _times_to_target(table, rounds, target)
     print()
-    print(f"{'configuration':<18}{'median ms':>10}{'p99 ms':>10}{'max ms':>10}{'mean ms':>10}{'p99/med':>8}{'stall s':>9}"
-          f"{'hidden':>8}{'robust':>8}")
+    print(f"{'configuration':<22}{'median ms':>10}{'p99 ms':>10}{'max ms':>10}{'mean ms':>10}{'p99/med':>8}{'stall s':>9}"
+          f"{'hidden':>8}{'robust':>8}{'to target':>11}")
     for name, mode in configs:
         row = table[f"{name}:{mode}"]
         hidden = robust = ""
-        if mode.startswith(("async", "eager")) and f"{name}:sync" in table and f"{name}:floor" in table:
-            sync, floor = table[f"{name}:sync"], table[f"{name}:floor"]
+        refs = _hidden_references(name, mode, table)
+        if refs is not None:
+            sync, floor = refs
             row["hidden_fraction"] = hidden_fraction(sync["mean"], row["mean"], floor["mean"])
             row["hidden_fraction_robust"] = hidden_fraction(sync["profile_mean"], row["profile_mean"], floor["profile_mean"])
             row["hidden_fraction_rounds"] = [hidden_fraction(*m) for m in zip(sync["means"], row["means"], floor["means"])]
             hidden = f"{row['hidden_fraction'] * 100:7.0f}%" if row["hidden_fraction"] is not None else ""
             robust = f"{row['hidden_fraction_robust'] * 100:7.0f}%" if row["hidden_fraction_robust"] is not None else ""
         stall = f"{row['stall_s']:9.3f}" if "stall_s" in row else f"{'':>9}"
-        print(f"{name + ':' + mode:<18}{row['median'] * 1e3:10.2f}{row['p99'] * 1e3:10.2f}{row['max'] * 1e3:10.2f}"
-              f"{row['mean'] * 1e3:10.2f}{row['p99'] / row['median']:8.2f}{stall}{hidden:>8}{robust:>8}")
+        reach = f"{row['target_time_s']:9.2f} s" if row.get("target_time_s") is not None else f"{'never':>11}"
+        print(f"{name + ':' + mode:<22}{row['median'] * 1e3:10.2f}{row['p99'] * 1e3:10.2f}{row['max'] * 1e3:10.2f}"
+              f"{row['mean'] * 1e3:10.2f}{row['p99'] / row['median']:8.2f}{stall}{hidden:>8}{robust:>8}{reach}")
+    if table["adamw:-"].get("target") is not None:
+        print(f"to target: training time (median over rounds) to a smoothed training loss of "
+              f"{table['adamw:-']['target']:.3f} ({'AdamW at its last step' if target is None else '--target'})")
     _print_profiles(table, configs, args.frequency)
     losses = _loss_check(table, configs)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "overhead.json").write_text(json.dumps(
-        {"args": vars(args), "workers": workers, "table": table, "val_loss_check": losses,
+        {"args": vars(args), "device": where, "workers": workers, "table": table, "val_loss_check": losses,
          "timelines": {f"{n}:{m}": rounds[(n, m)][0]["times"] for n, m in configs}}, indent=1))
     png = _plot(rounds, configs, opts, out_dir / "overhead_timeline.png")
     print(f"\nwrote {out_dir / 'overhead.json'}" + (f" and {png}" if png else " (matplotlib missing: no PNG)"))
     return table
 
 
+def parse_target(text: str | float) -> float | None:
+    """``--target``: a loss, or ``"adamw"`` (None: AdamW's smoothed loss at its last step)."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    if text.strip().lower() == "adamw":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise SystemExit(f"asteria-bench overhead: --target must be a loss or 'adamw', got {text!r}") from None
+
+
+def time_to_target(times: list[float], losses: list[float], target: float) -> tuple[int | None, float | None]:
+    """The first step (1-based) whose smoothed loss is at most ``target``, and the training time of the steps up to
+    it; ``(None, None)`` when no step reaches it."""
+    from asteria.train.report import smooth
+
+    smoothed = smooth(losses)
+    hit = next((i for i, v in enumerate(smoothed) if v <= target), None)
+    return (None, None) if hit is None else (hit + 1, float(sum(times[: hit + 1])))
+
+
+def _times_to_target(table: dict[str, dict[str, Any]], rounds: dict, target: float | None) -> None:
+    """Adds ``target``, ``target_step`` and ``target_time_s`` (medians over the rounds; None when a round never
+    reaches it) to every row; ``target`` None: AdamW's smoothed loss at its last step, per round."""
+    from asteria.train.report import smooth
+
+    adamw = rounds[("adamw", "-")]
+    if not adamw[0]["losses"]:
+        return
+    goals = [target if target is not None else float(smooth(res["losses"])[-1]) for res in adamw]
+    for (name, mode), results in rounds.items():
+        hits = [time_to_target(res["times"], res["losses"], goal) for res, goal in zip(results, goals)]
+        row = table[f"{name}:{mode}"]
+        row["target"] = statistics.median(goals)
+        row["target_step"] = None if any(h[0] is None for h in hits) else statistics.median(h[0] for h in hits)
+        row["target_time_s"] = None if any(h[1] is None for h in hits) else statistics.median(h[1] for h in hits)
+
+
+def _hidden_references(name: str, mode: str, table: dict[str, dict[str, Any]]) -> tuple[dict, dict] | None:
+    """The sync and floor rows a hidden fraction of ``name:mode`` is computed against (same ``+bf16`` suffix), or
+    None (not an async/eager mode, or they were not run)."""
+    base, bf16 = parse_mode(mode) if name in _NAMES else (mode, False)
+    if not base.startswith(("async", "eager")):
+        return None
+    suffix = "+bf16" if bf16 else ""
+    sync, floor = table.get(f"{name}:sync{suffix}"), table.get(f"{name}:floor{suffix}")
+    return None if sync is None or floor is None else (sync, floor)
+
+
 def _print_profiles(table: dict[str, dict[str, Any]], configs: list, frequency: int) -> None:
     """Prints each configuration's `period_profile` (medians over rounds) and its cost per period over the floor."""
     print(f"\nstep time (ms) by position in the refresh period: median over the periods, then over the rounds; "
           f"'robust' hidden uses the mean of these")
-    print(f"{'configuration':<18}" + "".join(f"{p:>7}" for p in range(frequency))
+    print(f"{'configuration':<22}" + "".join(f"{p:>7}" for p in range(frequency))
           + f"{'mean':>8}{'+/period':>10}{'submit':>8}{'install':>8}")
     for name, mode in configs:
         row = table[f"{name}:{mode}"]
-        floor = table.get(f"{name}:floor")
+        floor = table.get(f"{name}:floor{'+bf16' if mode.endswith('+bf16') else ''}")
         extra = f"{(row['profile_mean'] - floor['profile_mean']) * frequency * 1e3:10.1f}" if floor else f"{'':>10}"
         own = "".join(f"{row[k] * 1e3:8.1f}" for k in ("submit_s_per_period", "install_s_per_period") if k in row)
-        print(f"{name + ':' + mode:<18}" + "".join(f"{x * 1e3:7.1f}" for x in row["profile"])
+        print(f"{name + ':' + mode:<22}" + "".join(f"{x * 1e3:7.1f}" for x in row["profile"])
               + f"{row['profile_mean'] * 1e3:8.2f}{extra}{own}")
     print("+/period: the profile's cost per refresh period over the floor; submit, install: the runtime's own time on "
           "the training thread per period (snapshots and submissions; installs without stalls), from opt.runtime.stats()")
@@ -337,7 +436,7 @@ def _loss_check(table: dict[str, dict[str, Any]], configs: list) -> dict[str, An
     """
     checks: dict[str, Any] = {}
     for name, mode in configs:
-        if not mode.startswith(("async", "eager")) or "val_loss" not in table[f"{name}:{mode}"]:
+        if name not in _NAMES or not mode.startswith(("async", "eager")) or "val_loss" not in table[f"{name}:{mode}"]:
             continue
         sync_key = f"{name}:{mode.replace('async', 'sync').replace('eager', 'sync')}"
         if sync_key not in table or "val_loss" not in table[sync_key]:
@@ -368,12 +467,17 @@ def _plot(rounds: dict, configs: list, opts: list[str], path: Path) -> Path | No
         return None
     fig, axes = plt.subplots(len(opts), 1, figsize=(11, 2.6 * len(opts)), sharex=True, squeeze=False)
     adamw = [t * 1e3 for t in rounds[("adamw", "-")][0]["times"]]
+    muon = rounds.get(("muon", "-"))
     for ax, name in zip(axes[:, 0], opts):
         ax.plot(adamw, color="0.7", lw=0.8, label="adamw")
-        for mode, color in _COLORS.items():
-            if (name, mode) not in rounds:
+        if muon:
+            ax.plot([t * 1e3 for t in muon[0]["times"]], color="0.4", lw=0.8, label="muon")
+        for key, results in rounds.items():
+            if key[0] != name:
                 continue
-            ax.plot([t * 1e3 for t in rounds[(name, mode)][0]["times"]], lw=0.9, color=color, label=f"{name}:{mode}")
+            base, bf16 = parse_mode(key[1])
+            ax.plot([t * 1e3 for t in results[0]["times"]], lw=0.9, color=_COLORS[base], ls="--" if bf16 else "-",
+                    label=f"{name}:{key[1]}")
         ax.set_ylabel("step ms")
         ax.set_yscale("log")
         ax.legend(loc="upper right", fontsize=7, ncol=4)

@@ -1,0 +1,203 @@
+"""``asteria-bench memory``: peak memory of training with each optimizer, as users measure it.
+
+Each configuration trains the GPT of `asteria.train.model` for ``--steps`` steps in a fresh child process (so
+that one configuration's peak is not another's), on random tokens, and reports:
+
+* peak RSS of the process (``VmHWM``) and its growth over AdamW's (the same model, data and steps);
+* on ``--device cuda``: peak GPU memory allocated and reserved by torch's caching allocator
+  (``torch.cuda.max_memory_allocated`` / ``max_memory_reserved``) and the growth over AdamW's;
+* the optimizer's own bytes: ``opt.runtime.memory_report()`` for asteria (state and refresh buffers per tier),
+  the bytes of ``optimizer.state``'s tensors for torch's optimizers;
+* median and p99 step time (forward, backward, ``step()``; on a GPU up to a device synchronisation).
+
+Configurations (``--configs``): ``adamw`` (always run: the baseline), ``muon``, and ``NAME:MODE`` for the four
+second-order optimizers with the modes of ``asteria-bench overhead`` (``sync``, ``async``, ``async-gpu``, ...,
+optionally ``+bf16``). With ``--device-budget`` every second-order configuration runs a second time with
+``RuntimeConfig(device_budget=..., host_budget=--host-budget)`` (the state beyond it in pinned host memory); the
+step-time ratio of the two
+runs is the cost of the budget, the difference of their peaks what it saves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+_MIB = 1 << 20
+
+
+def parse_configs(text: str) -> list[str]:
+    """``"muon,soap:async"`` → ``["adamw", "muon", "soap:async"]`` (AdamW first, added when missing); raises
+    SystemExit naming the choices for an unknown name or mode."""
+    from .overhead import _BASELINES, _NAMES, parse_mode
+
+    out = ["adamw"]
+    for entry in (e.strip() for e in text.split(",") if e.strip()):
+        name, _, mode = entry.partition(":")
+        if name in _BASELINES:
+            if mode:
+                raise SystemExit(f"asteria-bench memory: {entry!r}: {name} takes no mode")
+        elif name in _NAMES:
+            parse_mode(mode or "async")
+            entry = f"{name}:{mode or 'async'}"
+        else:
+            raise SystemExit(f"asteria-bench memory: unknown optimizer {name!r}; choose from "
+                             f"{', '.join(_BASELINES + tuple(_NAMES))}")
+        if entry not in out:
+            out.append(entry)
+    return out
+
+
+def _status_kib(field: str) -> int:
+    """A ``/proc/self/status`` field in KiB (0 where there is no procfs)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _optimizer_bytes(opt: Any) -> int:
+    runtime = getattr(opt, "runtime", None)
+    if runtime is not None and hasattr(runtime, "memory_report"):
+        return int(runtime.memory_report()["total_bytes"])
+    import torch
+
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+               if isinstance(t, torch.Tensor))
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """One configuration's run in this process (the child's side); returns the measurements."""
+    import torch
+
+    from asteria.train.model import GPT, ModelConfig
+
+    from .overhead import _build
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    device = torch.device(spec["device"])
+    cuda = device.type == "cuda"
+    cfg = ModelConfig(n_layer=spec["layers"], n_head=4, d_model=spec["d_model"], context=spec["context"])
+    model = GPT(cfg).to(device)
+    name, _, mode = spec["config"].partition(":")
+    budgets = ({"device_budget": spec["device_budget"], "host_budget": spec["host_budget"]}
+               if spec.get("device_budget") else None)
+    opt = _build(name, mode or "-", model, spec["frequency"], spec["staleness"], None, None, True, budgets=budgets)
+    gen = torch.Generator().manual_seed(0)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    try:
+        for _ in range(spec["steps"]):
+            idx = torch.randint(0, cfg.vocab_size, (spec["batch"], spec["context"] + 1), generator=gen).to(device)
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            _, loss = model(idx[:, :-1], idx[:, 1:])
+            loss.backward()
+            opt.step()
+            if cuda:
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        out: dict[str, Any] = {
+            "config": label(spec),
+            "peak_rss_bytes": _status_kib("VmHWM") * 1024,
+            "optimizer_bytes": _optimizer_bytes(opt),
+            "loss": float(loss.detach()),
+        }
+        if cuda:
+            out["gpu_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+            out["gpu_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+        kept = sorted(times[spec["warmup"]:]) or sorted(times)
+        out["median_step_s"] = statistics.median(kept)
+        out["p99_step_s"] = kept[min(len(kept) - 1, max(0, round(0.99 * len(kept)) - 1))]
+        return out
+    finally:
+        close = getattr(opt, "close", None)
+        if callable(close):
+            close()
+
+
+def label(spec: dict[str, Any]) -> str:
+    """A configuration's name in the table: ``soap:async`` or ``soap:async@device_budget=16MiB``."""
+    return spec["config"] + (f"@device_budget={spec['device_budget']}" if spec.get("device_budget") else "")
+
+
+def _child(spec: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    """Runs `measure` in a fresh interpreter; a failure becomes ``{"config": ..., "error": ...}``."""
+    env = dict(os.environ)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "asteria.bench.memory", json.dumps(spec)], capture_output=True,
+                              text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"config": label(spec), "error": f"timed out after {timeout} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+        return {"config": label(spec), "error": tail[0]}
+    return json.loads(lines[-1])
+
+
+def _mib(n: int | None) -> str:
+    return f"{n / _MIB:9.1f}" if n is not None else f"{'':>9}"
+
+
+def run(args: Any) -> list[dict[str, Any]]:
+    from pathlib import Path
+
+    configs = parse_configs(args.configs)
+    base = dict(device=args.device, layers=args.layers, d_model=args.d_model, context=args.context, batch=args.batch,
+                steps=args.steps, warmup=args.warmup, frequency=args.frequency, staleness=args.staleness,
+                threads=args.threads)
+    specs = [dict(base, config=c) for c in configs]
+    if args.device_budget:
+        specs += [dict(base, config=c, device_budget=args.device_budget, host_budget=args.host_budget) for c in configs if c.split(":")[0] not in
+                  ("adamw", "muon")]
+    print(f"asteria-bench memory: GPT {args.layers} layers, d_model {args.d_model}, context {args.context}, batch "
+          f"{args.batch} on {args.device}; {args.steps} steps per configuration, each in a fresh process", flush=True)
+    results = []
+    for spec in specs:
+        res = _child(spec, args.timeout)
+        results.append(res)
+        print(f"  {res['config']}: " + (f"ERROR {res['error']}" if "error" in res else
+                                        f"peak RSS {res['peak_rss_bytes'] / _MIB:.1f} MiB"), flush=True)
+    ok = {r["config"]: r for r in results if "error" not in r}
+    adamw = ok.get("adamw")
+    for r in ok.values():
+        if adamw is not None:
+            r["rss_over_adamw_bytes"] = r["peak_rss_bytes"] - adamw["peak_rss_bytes"]
+            if "gpu_peak_allocated_bytes" in r:
+                r["gpu_over_adamw_bytes"] = r["gpu_peak_allocated_bytes"] - adamw["gpu_peak_allocated_bytes"]
+        plain = ok.get(r["config"].split("@")[0]) if "@" in r["config"] else None
+        if plain is not None:
+            r["step_vs_no_budget"] = r["median_step_s"] / plain["median_step_s"]
+    print(f"\n{'configuration':<34}{'step ms':>9}{'vs plain':>9}{'RSS MiB':>9}{'+AdamW':>9}{'GPU MiB':>9}{'+AdamW':>9}"
+          f"{'opt MiB':>9}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['config']:<34}  failed: {r['error']}")
+            continue
+        ratio = f"{r['step_vs_no_budget']:8.2f}x" if "step_vs_no_budget" in r else f"{'':>9}"
+        print(f"{r['config']:<34}{r['median_step_s'] * 1e3:9.2f}{ratio}{_mib(r['peak_rss_bytes'])}"
+              f"{_mib(r.get('rss_over_adamw_bytes'))}{_mib(r.get('gpu_peak_allocated_bytes'))}"
+              f"{_mib(r.get('gpu_over_adamw_bytes'))}{_mib(r['optimizer_bytes'])}")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "memory.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1, default=str))
+    print(f"\nwrote {out_dir / 'memory.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(json.loads(sys.argv[1]))), flush=True)

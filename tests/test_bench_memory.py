@@ -1,0 +1,29 @@
+"""`asteria-bench memory`'s configuration parsing and its child-process measurement."""
+
+import pytest
+
+from asteria.bench.memory import _child, label, parse_configs
+
+
+def test_adamw_always_runs_first_and_a_mode_defaults_to_async():
+    assert parse_configs("muon,soap,kl-soap:sync+bf16") == ["adamw", "muon", "soap:async", "kl-soap:sync+bf16"]
+    assert parse_configs("adamw,soap:async,soap") == ["adamw", "soap:async"]
+
+
+@pytest.mark.parametrize(("text", "message"), [("lion", "unknown optimizer"), ("muon:sync", "takes no mode"),
+                                               ("soap:fast", "unknown mode")])
+def test_bad_configurations_are_refused_with_the_choices(text, message):
+    with pytest.raises(SystemExit, match=message):
+        parse_configs(text)
+
+
+def test_a_configuration_is_measured_in_a_child_and_a_failure_is_reported():
+    spec = dict(device="cpu", layers=1, d_model=32, context=8, batch=2, steps=4, warmup=1, frequency=2, staleness=1,
+                threads=1, config="soap:async")
+    res = _child(spec, timeout=240)
+    assert res["config"] == "soap:async" and res["peak_rss_bytes"] > 0 and res["optimizer_bytes"] > 0
+    assert res["median_step_s"] > 0 and "gpu_peak_allocated_bytes" not in res
+    tight = dict(spec, device_budget="1KiB", host_budget=None)  # no host tier, no NVMe: refused clearly
+    assert label(tight) == "soap:async@device_budget=1KiB"
+    res = _child(tight, timeout=240)
+    assert res["config"] == "soap:async@device_budget=1KiB" and "BudgetError" in res["error"]
