@@ -154,3 +154,15 @@ def test_the_table_says_how_many_threads_trained_and_the_staleness_chosen():
     table = format_table(summarize(runs))
     assert "threads: 1 training thread(s) in every configuration; the refresh runtime of the second-order ones ran 1" in table
     assert "soap:async S=2 (chosen from the measured refresh latency)" in table
+
+
+def test_the_table_prints_each_runs_peak_rss_and_the_summary_keeps_it(tmp_path):
+    runs = _runs()[:2]
+    runs[0].memory = {"peak_rss_bytes": 600 * 2**20, "start_rss_bytes": 300 * 2**20}
+    summary = summarize(runs)  # the second run has no measurement (not Linux): '-'
+    by = {s["name"]: s for s in summary["runs"]}
+    assert by["adamw"]["peak_rss_bytes"] == 600 * 2**20 and by["soap"]["peak_rss_bytes"] is None
+    table = format_table(summary)
+    header, _, adamw, soap = table.splitlines()[:4]
+    assert header.split()[-2:] == ["peak", "RSS"] and adamw.split()[-1] == "600.0MiB"
+    assert soap.split()[-1] == "-"

@@ -26,6 +26,7 @@ writes the checkpoint; a second one aborts at once (the last checkpoint on disk 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
 import random
@@ -40,6 +41,7 @@ import torch
 
 from .config import NUMERIC_FIELDS, RunConfig
 from . import distributed as _dist
+from . import rss
 from .corpus import Corpus, train_batch, val_batches
 from .model import GPT, param_groups, preset
 from .optimizers import (
@@ -73,6 +75,9 @@ class RunResult:
         checkpoints_written: checkpoints this session wrote (periodic ones and the last).
         stop_signal: the signal that stopped or aborted the run (``signal.SIGINT`` or
             ``signal.SIGTERM``), 0 when none did.
+        memory: peak memory of the run (`asteria.train.rss.peak`): ``peak_rss_bytes`` (the process's
+            peak resident set during this run, None where it cannot be measured), ``start_rss_bytes``, and
+            on CUDA ``gpu_peak_allocated_bytes``.
     """
 
     config: RunConfig
@@ -88,6 +93,7 @@ class RunResult:
     checkpoint_path: str | None = None
     checkpoints_written: int = 0
     stop_signal: int = 0
+    memory: dict = dataclasses.field(default_factory=dict)
 
 
 def resolve_device(requested: str | None) -> str:
@@ -284,6 +290,8 @@ def train(
     ctx = _dist.init_from_env(device)  # torchrun: join the process group (see asteria.train.distributed)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    gc.collect()
+    mark = rss.reset_peak(device)
     model = GPT(preset(cfg.model, context=cfg.context)).to(device)
     result = RunResult(
         config=cfg, num_parameters=model.num_parameters(), corpus_fingerprint=corpus.fingerprint()
@@ -305,9 +313,11 @@ def train(
         result.status, result.message = "unavailable", str(exc)
         return result
     try:
-        return _run(cfg, corpus, model, opt, result, on_record=on_record, progress=progress and ctx.is_main,
-                    save=save, checkpoint=checkpoint, stop_at=stop_at, position=position, ctx=ctx,
-                    save_every=save_every)
+        out = _run(cfg, corpus, model, opt, result, on_record=on_record, progress=progress and ctx.is_main,
+                   save=save, checkpoint=checkpoint, stop_at=stop_at, position=position, ctx=ctx,
+                   save_every=save_every)
+        out.memory = rss.peak(mark, device)
+        return out
     finally:
         # Stop the refresh worker threads, whatever happened.
         close = getattr(getattr(opt, "runtime", None), "close", None)

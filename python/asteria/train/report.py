@@ -131,6 +131,9 @@ def summarize_run(result: RunResult) -> dict[str, Any]:
         "train_wall_s": recs[-1]["wall"] if recs else 0.0,
         "stall_total_s": float(sum(r.get("stall", 0.0) for r in recs)),
         "optimizer_state_bytes": result.state_bytes,
+        "peak_rss_bytes": result.memory.get("peak_rss_bytes"),
+        "start_rss_bytes": result.memory.get("start_rss_bytes"),
+        "gpu_peak_allocated_bytes": result.memory.get("gpu_peak_allocated_bytes"),
         "tier_bytes": result.tier_bytes,
         "val_history": result.val_history,
         "corpus_fingerprint": result.corpus_fingerprint,
@@ -271,7 +274,7 @@ def verdict(summary: dict[str, Any]) -> list[str]:
 def format_table(summary: dict[str, Any]) -> str:
     """The console summary table plus the verdict lines."""
     header = ["config", "status", "steps", "train", "val", "step med", "p99", "max",
-              "stall", "wall", "to target", "opt state"]
+              "stall", "wall", "to target", "opt state", "peak RSS"]
     rows = [header]
     for s in summary["runs"]:
         hit = s.get("target")
@@ -288,6 +291,7 @@ def format_table(summary: dict[str, Any]) -> str:
             _fmt_time(s["train_wall_s"]),
             f"{hit['step']} / {_fmt_time(hit['wall'])}" if hit else "not reached",
             _fmt_bytes(s["optimizer_state_bytes"]),
+            _fmt_bytes(s.get("peak_rss_bytes")),
         ])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = []
@@ -301,6 +305,8 @@ def format_table(summary: dict[str, Any]) -> str:
         "train: mean loss of the last %d steps; val: final validation loss (nats/byte)." % FINAL_WINDOW,
         "step med/p99/max: step time; wall: training time (evaluation excluded);",
         "to target: step / training time of the first evaluation at or below the target.",
+        "opt state: bytes of the optimizer's state tensors; peak RSS: the process's peak resident set during the",
+        "run (the runs of a comparison share one process: memory one run freed may still be resident in the next).",
     ]
     notes += _setup_lines(summary)
     notes += _tier_lines(summary)
@@ -590,6 +596,8 @@ def load_results(report_dir: str | os.PathLike) -> tuple[list[RunResult], dict[s
             state_bytes=run["optimizer_state_bytes"],
             tier_bytes=run["tier_bytes"],
             corpus_fingerprint=run["corpus_fingerprint"],
+            memory={k: run[k] for k in ("peak_rss_bytes", "start_rss_bytes", "gpu_peak_allocated_bytes")
+                    if run.get(k) is not None},
         ))
     return results, summary
 

@@ -1,0 +1,58 @@
+"""Peak memory of a training run, as users measure it: the process's resident set (and torch's GPU allocator).
+
+Linux keeps the peak resident set size of a process (``VmHWM`` in ``/proc/self/status``) and lets the process
+reset it to the current size (writing ``5`` to ``/proc/self/clear_refs``), so the runs of one ``asteria-train``
+comparison, which share a process, each get their own peak: `reset_peak` before a run, `peak` after it. Where
+either is not available (not Linux, a restricted ``/proc``) the peak is unknown (None), never a wrong number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class PeakMark:
+    """What `reset_peak` found: the resident set when the run started, and whether the peak could be reset."""
+
+    start_rss_bytes: int | None
+    reset: bool
+
+
+def reset_peak(device: str | torch.device = "cpu") -> PeakMark:
+    """Starts a new peak: the process's peak RSS becomes its current RSS, and on a CUDA ``device`` torch's
+    peak-memory statistics are reset."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        reset = True
+    except OSError:
+        reset = False
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return PeakMark(_status_bytes("VmRSS"), reset)
+
+
+def peak(mark: PeakMark, device: str | torch.device = "cpu") -> dict[str, int | None]:
+    """The peaks since ``mark``: ``peak_rss_bytes`` (None when it could not be reset, since the process's
+    earlier peak would be reported), ``start_rss_bytes``, and on CUDA ``gpu_peak_allocated_bytes``."""
+    out: dict[str, int | None] = {
+        "peak_rss_bytes": _status_bytes("VmHWM") if mark.reset else None,
+        "start_rss_bytes": mark.start_rss_bytes,
+    }
+    if torch.device(device).type == "cuda":
+        out["gpu_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return out
