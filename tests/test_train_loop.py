@@ -47,9 +47,9 @@ def test_short_adamw_run(corpus):
     assert result.val_history[-1]["val_loss"] < result.val_history[0]["val_loss"]
     assert result.state_bytes > 2 * 4 * result.num_parameters
     assert not any(r["refresh"] for r in result.records)
-    if sys.platform.startswith("linux"):  # the run's own peak: at least where it started, plus its state
-        mem = result.memory
-        assert mem["peak_rss_bytes"] >= mem["start_rss_bytes"] + result.state_bytes // 2 > 0
+    if sys.platform.startswith("linux"):  # the run's own peak is recorded (how much above its start depends on
+        mem = result.memory                   # what the allocator already held: see tests/test_train_rss.py)
+        assert mem["peak_rss_bytes"] >= mem["start_rss_bytes"] > 0
 
 
 def test_runs_are_reproducible(corpus):

@@ -2,23 +2,32 @@
 
 import sys
 
-import numpy as np
+import mmap
+
 import pytest
 
 from asteria.train import rss
+
+def _touched(size: int) -> mmap.mmap:
+    m = mmap.mmap(-1, size)
+    for off in range(0, size, mmap.PAGESIZE):
+        m[off] = 1
+    return m
+
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and clear_refs are Linux's")
 
 
 @linux
 def test_the_peak_is_the_runs_own_not_the_processes_earlier_one():
-    big = np.ones(64 * 2**20 // 8)  # 64 MiB touched, then freed: the process's peak so far
-    del big
+    # Fresh anonymous mappings, so that the pages are new to the process whatever its allocator already holds.
+    big = _touched(64 * 2**20)  # 64 MiB resident, then unmapped: the process's peak so far
+    big.close()
     mark = rss.reset_peak()
     assert mark.reset and mark.start_rss_bytes > 0
-    small = np.ones(8 * 2**20 // 8)  # this "run" touches 8 MiB
+    small = _touched(8 * 2**20)  # this "run" touches 8 MiB
     got = rss.peak(mark)
-    del small
+    small.close()
     assert got["start_rss_bytes"] == mark.start_rss_bytes
     assert mark.start_rss_bytes + 4 * 2**20 <= got["peak_rss_bytes"] < mark.start_rss_bytes + 48 * 2**20
     assert "gpu_peak_allocated_bytes" not in got
