@@ -22,7 +22,7 @@ CTEST         := $(VENV)/bin/ctest
 APT_PACKAGES  := g++ libgtest-dev libbenchmark-dev liburing-dev ccache pkg-config clang libclang-rt-14-dev
 NVCC          := $(shell command -v nvcc 2>/dev/null || { test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda/bin/nvcc; })
 
-.PHONY: all demo test deps venv build ctest tsan asan fuzz cuda-check pytest wheel-check bench clean help
+.PHONY: all demo test stage-reset deps venv build ctest tsan asan fuzz cuda-check pytest wheel-check bench clean help
 all: build
 
 help:
@@ -110,8 +110,12 @@ pytest: build
 wheel-check: deps venv
 	@$(STAGE) wheel-check -- scripts/wheel-check $(PY) $(WHEEL_DIR) $(TORCH_VERSION)
 
-test: deps venv build ctest tsan asan fuzz cuda-check pytest wheel-check
+test: stage-reset deps venv build ctest tsan asan fuzz cuda-check pytest wheel-check
 	@$(STAGE) --summary
+
+# A run that failed left its stage times behind: the summary of this run starts empty.
+stage-reset:
+	@$(STAGE) --reset
 
 demo: deps venv build
 	@$(STAGE) demo -- $(VENV)/bin/asteria-train
