@@ -77,3 +77,24 @@ def test_hidden_fraction_of_a_bf16_mode_uses_the_bf16_sync_and_floor():
     assert _hidden_references("soap", "sync", table) is None
     assert _hidden_references("muon", "-", table) is None
     assert _hidden_references("kl-soap", "async", table) is None  # its sync and floor were not run
+
+
+def test_times_to_target_take_adamws_last_loss_per_round_and_none_when_a_round_misses():
+    from asteria.bench.overhead import _times_to_target
+
+    down = [5.0 - 0.1 * i for i in range(20)]  # AdamW: its own last smoothed loss is reached at the end
+    fast = [5.0 - 0.3 * i for i in range(20)]  # reaches it about three times sooner
+    flat = [5.0] * 20  # never
+    rounds = {("adamw", "-"): [{"times": [0.1] * 20, "losses": down}] * 2,
+              ("soap", "async"): [{"times": [0.2] * 20, "losses": fast}] * 2,
+              ("soap", "sync"): [{"times": [0.2] * 20, "losses": fast}, {"times": [0.2] * 20, "losses": flat}]}
+    table = {f"{n}:{m}": {} for n, m in rounds}
+    _times_to_target(table, rounds, None)
+    adamw, fast_row, missed = table["adamw:-"], table["soap:async"], table["soap:sync"]
+    assert adamw["target"] == fast_row["target"] == pytest.approx(3.1)  # the window shrinks to the last step
+    assert 17 <= adamw["target_step"] <= 20 and adamw["target_time_s"] == pytest.approx(0.1 * adamw["target_step"])
+    assert fast_row["target_step"] < adamw["target_step"] / 2
+    assert missed["target_step"] is None and missed["target_time_s"] is None  # one round never got there
+    _times_to_target(table, rounds, 4.0)  # an explicit target
+    assert table["soap:sync"]["target"] == 4.0 and table["soap:sync"]["target_step"] is None
+    assert table["soap:async"]["target_step"] <= 5

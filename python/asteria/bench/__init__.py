@@ -23,6 +23,15 @@ import os
 import sys
 
 
+def _model_arguments(p: argparse.ArgumentParser, *, d_model: int, context: int,
+                     batch_help: str = "sequences per step") -> None:
+    """``--layers`` (2), ``--d-model``, ``--context`` and ``--batch`` (8) of the GPT a benchmark trains."""
+    p.add_argument("--layers", type=int, default=2, help="transformer blocks (default: %(default)s)")
+    p.add_argument("--d-model", type=int, default=d_model, help="width (default: %(default)s)")
+    p.add_argument("--context", type=int, default=context, help="sequence length (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=8, help=f"{batch_help} (default: %(default)s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     # Single-threaded BLAS everywhere unless asked otherwise, set before numpy/scipy load.
     threads = os.environ.get("ASTERIA_BENCH_THREADS", "1")
@@ -49,10 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=10, help="first steps left out of the statistics (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds, medians reported (default: %(default)s)")
     p.add_argument("--frequency", type=int, default=10, help="precondition_frequency (default: %(default)s)")
-    p.add_argument("--layers", type=int, default=2, help="transformer blocks (default: %(default)s)")
-    p.add_argument("--d-model", type=int, default=128, help="width (default: %(default)s)")
-    p.add_argument("--context", type=int, default=32, help="sequence length (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=8, help="sequences per step (default: %(default)s)")
+    _model_arguments(p, d_model=128, context=32)
     p.add_argument("--staleness", type=int, default=5, help="S of the async modes (default: %(default)s)")
     p.add_argument("--modes", default="sync,async,floor",
                    help="comma-separated among sync, async, eager, floor, sync-gpu, async-gpu, each optionally with "
@@ -91,10 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of the step times (default: %(default)s)")
     p.add_argument("--frequency", type=int, default=10, help="precondition_frequency (default: %(default)s)")
     p.add_argument("--staleness", type=int, default=5, help="S of the async modes (default: %(default)s)")
-    p.add_argument("--layers", type=int, default=2, help="transformer blocks (default: %(default)s)")
-    p.add_argument("--d-model", type=int, default=256, help="width (default: %(default)s)")
-    p.add_argument("--context", type=int, default=64, help="sequence length (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=8, help="sequences per step (default: %(default)s)")
+    _model_arguments(p, d_model=256, context=64)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per configuration (default: %(default)s)")
     p.add_argument("--out", default="bench-memory", help="folder for memory.json (default: %(default)s)")
@@ -108,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=100, help="training steps per configuration (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of the statistics (default: %(default)s)")
     p.add_argument("--frequency", type=int, default=10, help="precondition_frequency (default: %(default)s)")
-    p.add_argument("--layers", type=int, default=2, help="transformer blocks (default: %(default)s)")
-    p.add_argument("--d-model", type=int, default=128, help="width (default: %(default)s)")
-    p.add_argument("--context", type=int, default=32, help="sequence length (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=8, help="sequences per step and rank (default: %(default)s)")
+    _model_arguments(p, d_model=128, context=32, batch_help="sequences per step and rank")
     p.add_argument("--out", default="bench-distributed", help="folder for distributed.json (default: %(default)s)")
     p = sub.add_parser("fidelity", help="DDP replicas bit for bit, and the distance of a DDP run to one process")
     p.add_argument("--world", type=int, default=2, help="processes (default: %(default)s)")

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from .output import write_json
+
 CONFIGS = ("adamw", "soap:sync", "soap:async", "soap:async+shard")
 
 
@@ -164,10 +166,7 @@ def run(args: Any) -> dict[str, Any]:
         print(f"{name:<18}{row['median_s'] * 1e3:10.1f}{row['p99_s'] * 1e3:10.1f}{row['max_s'] * 1e3:10.1f}"
               f"{row['optimizer_bytes_per_step'] / 1024:14.1f}{row['ddp_gradient_bytes_per_step'] / 1024:14.1f}"
               f"{mem:>14}{jobs:>12}")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "distributed.json").write_text(json.dumps(
-        {"args": vars(args), "table": table, "timelines": {n: [r[n]["times"] for r in ranks] for n in configs}},
-        indent=1))
-    print(f"\nwrote {out_dir / 'distributed.json'}")
+    path = write_json(args.out, "distributed.json", {"args": vars(args), "table": table,
+                                                     "timelines": {n: [r[n]["times"] for r in ranks] for n in configs}})
+    print(f"\nwrote {path}")
     return table

@@ -29,7 +29,6 @@ displacement). Results go to ``fidelity.json`` in ``--out``.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import statistics
 import tempfile
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .output import write_json
 
 NAMES = {"soap": "SOAP", "kl-soap": "KLSOAP", "shampoo": "Shampoo", "kl-shampoo": "KLShampoo"}
 
@@ -274,10 +275,7 @@ def run(args: Any) -> dict[str, Any]:
                                         "vectors": {k: _summary(v, matrices, False) for k, v in rows.items()}}
             report["dtypes"][dtype_name] = entry
             _print(dtype_name, entry, world, at, names, matrices, args.steps)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "fidelity.json").write_text(json.dumps(report, indent=1))
-    print(f"\nwrote {out_dir / 'fidelity.json'}")
+    print(f"\nwrote {write_json(args.out, 'fidelity.json', report)}")
     return report
 
 

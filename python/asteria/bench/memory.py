@@ -21,12 +21,12 @@ runs is the cost of the budget, the difference of their peaks what it saves.
 from __future__ import annotations
 
 import json
-import os
-import statistics
 import subprocess
 import sys
 import time
 from typing import Any
+
+from .output import write_json
 
 _MIB = 1 << 20
 
@@ -53,26 +53,14 @@ def parse_configs(text: str) -> list[str]:
     return out
 
 
-def _status_kib(field: str) -> int:
-    """A ``/proc/self/status`` field in KiB (0 where there is no procfs)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def _optimizer_bytes(opt: Any) -> int:
+    """asteria: ``memory_report()["total_bytes"]`` (state and refresh buffers); torch's: ``optimizer.state``."""
     runtime = getattr(opt, "runtime", None)
     if runtime is not None and hasattr(runtime, "memory_report"):
         return int(runtime.memory_report()["total_bytes"])
-    import torch
+    from asteria.train.optimizers import optimizer_state_bytes
 
-    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
-               if isinstance(t, torch.Tensor))
+    return optimizer_state_bytes(opt)
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
@@ -80,8 +68,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from asteria.train.model import GPT, ModelConfig
+    from asteria.train.rss import process_peak_rss_bytes
 
-    from .overhead import _build
+    from .overhead import _build, _summary
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
@@ -112,16 +101,15 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             times.append(time.perf_counter() - t0)
         out: dict[str, Any] = {
             "config": label(spec),
-            "peak_rss_bytes": _status_kib("VmHWM") * 1024,
+            "peak_rss_bytes": process_peak_rss_bytes() or 0,
             "optimizer_bytes": _optimizer_bytes(opt),
             "loss": float(loss.detach()),
         }
         if cuda:
             out["gpu_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
             out["gpu_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
-        kept = sorted(times[spec["warmup"]:]) or sorted(times)
-        out["median_step_s"] = statistics.median(kept)
-        out["p99_step_s"] = kept[min(len(kept) - 1, max(0, round(0.99 * len(kept)) - 1))]
+        steps = _summary(times[spec["warmup"]:] or times)
+        out["median_step_s"], out["p99_step_s"] = steps["median"], steps["p99"]
         return out
     finally:
         close = getattr(opt, "close", None)
@@ -136,10 +124,9 @@ def label(spec: dict[str, Any]) -> str:
 
 def _child(spec: dict[str, Any], timeout: float | None) -> dict[str, Any]:
     """Runs `measure` in a fresh interpreter; a failure becomes ``{"config": ..., "error": ...}``."""
-    env = dict(os.environ)
     try:
         proc = subprocess.run([sys.executable, "-m", "asteria.bench.memory", json.dumps(spec)], capture_output=True,
-                              text=True, timeout=timeout, env=env)
+                              text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"config": label(spec), "error": f"timed out after {timeout} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -154,8 +141,6 @@ def _mib(n: int | None) -> str:
 
 
 def run(args: Any) -> list[dict[str, Any]]:
-    from pathlib import Path
-
     configs = parse_configs(args.configs)
     base = dict(device=args.device, layers=args.layers, d_model=args.d_model, context=args.context, batch=args.batch,
                 steps=args.steps, warmup=args.warmup, frequency=args.frequency, staleness=args.staleness,
@@ -192,10 +177,8 @@ def run(args: Any) -> list[dict[str, Any]]:
         print(f"{r['config']:<34}{r['median_step_s'] * 1e3:9.2f}{ratio}{_mib(r['peak_rss_bytes'])}"
               f"{_mib(r.get('rss_over_adamw_bytes'))}{_mib(r.get('gpu_peak_allocated_bytes'))}"
               f"{_mib(r.get('gpu_over_adamw_bytes'))}{_mib(r['optimizer_bytes'])}")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "memory.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1, default=str))
-    print(f"\nwrote {out_dir / 'memory.json'}")
+    path = write_json(args.out, "memory.json", {"args": vars(args), "results": results}, default=str)
+    print(f"\nwrote {path}")
     return results
 
 

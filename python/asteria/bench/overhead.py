@@ -53,7 +53,6 @@ nothing measurable when the mean difference over the seeds stays within ``max(0.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import statistics
 import time
@@ -61,6 +60,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .output import write_json
 
 _NAMES = {"shampoo": "Shampoo", "soap": "SOAP", "kl-shampoo": "KLShampoo", "kl-soap": "KLSOAP"}
 _MODES = ("sync", "async", "eager", "floor", "sync-gpu", "async-gpu")
@@ -351,13 +352,11 @@ def run(args: Any) -> dict[str, Any]:
               f"{table['adamw:-']['target']:.3f} ({'AdamW at its last step' if target is None else '--target'})")
     _print_profiles(table, configs, args.frequency)
     losses = _loss_check(table, configs)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "overhead.json").write_text(json.dumps(
-        {"args": vars(args), "device": where, "workers": workers, "table": table, "val_loss_check": losses,
-         "timelines": {f"{n}:{m}": rounds[(n, m)][0]["times"] for n, m in configs}}, indent=1))
-    png = _plot(rounds, configs, opts, out_dir / "overhead_timeline.png")
-    print(f"\nwrote {out_dir / 'overhead.json'}" + (f" and {png}" if png else " (matplotlib missing: no PNG)"))
+    path = write_json(args.out, "overhead.json", {
+        "args": vars(args), "device": where, "workers": workers, "table": table, "val_loss_check": losses,
+        "timelines": {f"{n}:{m}": rounds[(n, m)][0]["times"] for n, m in configs}})
+    png = _plot(rounds, configs, opts, path.parent / "overhead_timeline.png")
+    print(f"\nwrote {path}" + (f" and {png}" if png else " (matplotlib missing: no PNG)"))
     return table
 
 

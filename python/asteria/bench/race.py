@@ -29,13 +29,14 @@ for AdamW, the ``--lr-default`` for the others).
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from .output import write_json
+from .overhead import time_to_target
 
 _ASTERIA = {"shampoo": "Shampoo", "soap": "SOAP", "kl-shampoo": "KLShampoo", "kl-soap": "KLSOAP"}
 _MODES = ("sync", "async", "async5", "backward", "bf16")
@@ -123,20 +124,17 @@ class _Run:
     def finish(self) -> dict[str, Any]:
         from asteria.train.corpus import val_batches
         from asteria.train.loop import evaluate
-        from asteria.train.report import smooth
-
         args = self.args
         try:
             val = evaluate(self.model, val_batches(self.corpus.val, args.batch, args.context, args.eval_batches), "cpu")
-            smoothed = smooth(self.losses)
-            hit = next((i for i, v in enumerate(smoothed) if v <= args.target), None)
+            target_step, target_time = time_to_target(self.times, self.losses, args.target)
             out = {
                 "config": self.label, "lr": self.lr, "val_loss": val,
                 "median_step_s": statistics.median(self.times[args.skip:]),
                 "mean_step_s": statistics.fmean(self.times[args.skip:]),
                 "mean_opt_s": statistics.fmean(self.opt_times[args.skip:]),
-                "target_step": None if hit is None else hit + 1,
-                "target_time_s": None if hit is None else sum(self.times[: hit + 1]),
+                "target_step": target_step,
+                "target_time_s": target_time,
                 "losses": self.losses, "times": self.times,
             }
             runtime = getattr(self.opt, "runtime", None)
@@ -219,9 +217,7 @@ def run(args: Any) -> list[dict[str, Any]]:
         print(f"{r['config']:<18}{r['lr']:>8.0e}{r['median_step_s'] * 1e3:>7.0f}ms{r['mean_step_s'] * 1e3:>7.0f}ms"
               f"{ratio:>9.2f}x{r['mean_opt_s'] * 1e3:>7.0f}ms{ts:>11}{tt:>12}{r['val_loss']:>10.3f}"
               f"{str(r.get('staleness', '')):>4}")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "race.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1, default=str))
-    print(f"\nwrote {out_dir / 'race.json'}")
+    path = write_json(args.out, "race.json", {"args": vars(args), "results": results}, default=str)
+    print(f"\nwrote {path}")
     return results
 

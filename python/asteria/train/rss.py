@@ -24,6 +24,11 @@ def _status_bytes(field: str) -> int | None:
     return None
 
 
+def process_peak_rss_bytes() -> int | None:
+    """The process's peak resident set since it started or since the last `reset_peak` (None: unknown)."""
+    return _status_bytes("VmHWM")
+
+
 @dataclasses.dataclass(frozen=True)
 class PeakMark:
     """What `reset_peak` found: the resident set when the run started, and whether the peak could be reset."""
@@ -50,7 +55,7 @@ def peak(mark: PeakMark, device: str | torch.device = "cpu") -> dict[str, int | 
     """The peaks since ``mark``: ``peak_rss_bytes`` (None when it could not be reset, since the process's
     earlier peak would be reported), ``start_rss_bytes``, and on CUDA ``gpu_peak_allocated_bytes``."""
     out: dict[str, int | None] = {
-        "peak_rss_bytes": _status_bytes("VmHWM") if mark.reset else None,
+        "peak_rss_bytes": process_peak_rss_bytes() if mark.reset else None,
         "start_rss_bytes": mark.start_rss_bytes,
     }
     if torch.device(device).type == "cuda":
