@@ -34,6 +34,9 @@ void init_linalg(py::module_& m) {
         "Switch to the LAPACK provider 'openblas' (linked) or 'mkl' (path of libmkl_rt).");
   l.def("set_num_threads", &asteria::linalg::set_num_threads, py::arg("threads"),
         "Threads each BLAS/LAPACK call may use (1..256).");
+  l.def("scratch_bytes", &asteria::linalg::scratch_bytes,
+        "Bytes of scratch space all threads hold now (each thread's grows to its largest call and is freed "
+        "when the thread exits): the refresh workers' working memory.");
   l.def("set_test_fp32_eigh_failures", &asteria::linalg::set_test_fp32_eigh_failures, py::arg("count"),
         "TEST HOOK: the next `count` fp32 symmetric eigendecompositions report a failed syevd, so the fp64 retry "
         "runs (fp64 ones never fail); 0 disarms it.");

@@ -25,6 +25,11 @@ py::dict result_outputs(const asteria::JobResult& r) {
   return d;
 }
 
+#define REUSE_DOC                                                                                            \
+  "reuse_inputs: write the n×n results over the job's inputs (basis/eigenvectors/root over a, rotation over q), "   \
+  "so the outputs share the inputs' memory (JobResult.reused_bytes); the arrays passed in must not be read "    \
+  "after submitting (a shadow snapshot's views)."
+
 using CopyPtr = std::shared_ptr<asteria::DeferredCopy>;
 using QueuePtr = std::shared_ptr<asteria::CopyQueue>;
 
@@ -103,6 +108,8 @@ void init_scheduler(py::module_& m) {
       .def_property_readonly("status", [](const asteria::JobResult& r) { return asteria::job_status_name(r.status); })
       .def_readonly("message", &asteria::JobResult::message)
       .def_property_readonly("outputs", &result_outputs)
+      .def_readonly("reused_bytes", &asteria::JobResult::reused_bytes,
+                    "Bytes of the outputs written over the job's own inputs (reuse_inputs=True).")
       .def_readonly("queued_s", &asteria::JobResult::queued_seconds)
       .def_readonly("run_s", &asteria::JobResult::run_seconds)
       .def_property_readonly("latency_s", [](const asteria::JobResult& r) { return r.queued_seconds + r.run_seconds; })
@@ -148,8 +155,10 @@ void init_scheduler(py::module_& m) {
       .def(
           "submit_eigh",
           [](RefreshScheduler& s, std::uint64_t block_id, std::int64_t version, std::int64_t deadline,
-             const py::array& a, double ridge, bool descending, std::uintptr_t wait_event, CopyPtr copy, QueuePtr copies) {
+             const py::array& a, double ridge, bool descending, std::uintptr_t wait_event, CopyPtr copy, QueuePtr copies,
+             bool reuse_inputs) {
             auto spec = base_spec(JobKind::kEigh, block_id, version, deadline, wait_event, std::move(copy), std::move(copies));
+            spec.reuse_inputs = reuse_inputs;
             spec.inputs.push_back(square_from_numpy(a, "RefreshScheduler.submit_eigh"));
             spec.eigh.ridge = ridge;
             spec.eigh.descending = descending;
@@ -157,13 +166,16 @@ void init_scheduler(py::module_& m) {
           },
           py::arg("block_id"), py::arg("version"), py::arg("deadline"), py::arg("a"), py::kw_only(),
           py::arg("ridge") = 0.0, py::arg("descending") = false, py::arg("wait_event") = 0, py::arg("copy") = nullptr, py::arg("copies") = nullptr,
-          "Queue a symmetric eigendecomposition; outputs 'eigenvalues' and 'eigenvectors' (in columns). " COPY_DOC)
+          py::arg("reuse_inputs") = false,
+          "Queue a symmetric eigendecomposition; outputs 'eigenvalues' and 'eigenvectors' (in columns). " COPY_DOC
+          " " REUSE_DOC)
       .def(
           "submit_inverse_root",
           [](RefreshScheduler& s, std::uint64_t block_id, std::int64_t version, std::int64_t deadline,
              const py::array& a, double root, double epsilon, const std::string& method, int max_iterations,
-             double tolerance, std::uintptr_t wait_event, CopyPtr copy, QueuePtr copies) {
+             double tolerance, std::uintptr_t wait_event, CopyPtr copy, QueuePtr copies, bool reuse_inputs) {
             auto spec = base_spec(JobKind::kInverseRoot, block_id, version, deadline, wait_event, std::move(copy), std::move(copies));
+            spec.reuse_inputs = reuse_inputs;
             spec.inputs.push_back(square_from_numpy(a, "RefreshScheduler.submit_inverse_root"));
             spec.root = root;
             spec.epsilon = epsilon;
@@ -178,13 +190,14 @@ void init_scheduler(py::module_& m) {
           py::arg("block_id"), py::arg("version"), py::arg("deadline"), py::arg("a"), py::kw_only(), py::arg("root"),
           py::arg("epsilon"), py::arg("method") = "eigh", py::arg("max_iterations") = 100,
           py::arg("tolerance") = 1e-6, py::arg("wait_event") = 0, py::arg("copy") = nullptr, py::arg("copies") = nullptr,
-          "Queue X = (A + eps·I)^(-1/root); output 'root'. " COPY_DOC)
+          py::arg("reuse_inputs") = false, "Queue X = (A + eps·I)^(-1/root); output 'root'. " COPY_DOC " " REUSE_DOC)
       .def(
           "submit_eigenbasis_refresh",
           [](RefreshScheduler& s, std::uint64_t block_id, std::int64_t version, std::int64_t deadline,
              const py::array& a, const py::array& q, bool sort, bool rotation, std::uintptr_t wait_event,
-             CopyPtr copy, QueuePtr copies) {
+             CopyPtr copy, QueuePtr copies, bool reuse_inputs) {
             auto spec = base_spec(JobKind::kEigenbasisRefresh, block_id, version, deadline, wait_event, std::move(copy), std::move(copies));
+            spec.reuse_inputs = reuse_inputs;
             spec.inputs.push_back(square_from_numpy(a, "RefreshScheduler.submit_eigenbasis_refresh"));
             spec.inputs.push_back(square_from_numpy(q, "RefreshScheduler.submit_eigenbasis_refresh"));
             spec.sort = sort;
@@ -193,8 +206,9 @@ void init_scheduler(py::module_& m) {
           },
           py::arg("block_id"), py::arg("version"), py::arg("deadline"), py::arg("a"), py::arg("q"), py::kw_only(),
           py::arg("sort") = true, py::arg("rotation") = true, py::arg("wait_event") = 0, py::arg("copy") = nullptr, py::arg("copies") = nullptr,
+          py::arg("reuse_inputs") = false,
           "Queue a SOAP (sort=True) or KL (sort=False) eigenbasis refresh; outputs 'basis', 'permutation' and, "
-          "with rotation=True, 'rotation' = qᵀ·basis. " COPY_DOC)
+          "with rotation=True, 'rotation' = qᵀ·basis. " COPY_DOC " " REUSE_DOC)
       .def(
           "submit_sleep",
           [](RefreshScheduler& s, std::uint64_t block_id, std::int64_t version, std::int64_t deadline,

@@ -21,7 +21,10 @@ def test_a_configuration_is_measured_in_a_child_and_a_failure_is_reported():
     spec = dict(device="cpu", layers=1, d_model=32, context=8, batch=2, steps=4, warmup=1, frequency=2, staleness=1,
                 threads=1, config="soap:async")
     res = _child(spec, timeout=240)
-    assert res["config"] == "soap:async" and res["peak_rss_bytes"] > 0 and res["optimizer_bytes"] > 0
+    assert res["config"] == "soap:async" and res["peak_rss_bytes"] > 0 and res["state_bytes"] > 0
+    # the runtime's own bytes, split: the shadow pool holds the snapshots, the workers their scratch
+    assert res["runtime_bytes"] == sum(res["runtime"].values()) > 0
+    assert res["runtime"]["shadow_pool"] > 0 and res["runtime"]["worker_scratch"] > 0
     assert res["median_step_s"] > 0 and "gpu_peak_allocated_bytes" not in res
     tight = dict(spec, device_budget="1KiB", host_budget=None)  # no host tier, no NVMe: refused clearly
     assert label(tight) == "soap:async@device_budget=1KiB"

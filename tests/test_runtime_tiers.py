@@ -161,6 +161,32 @@ def test_untiered_report_accounts_for_every_byte():
     opt.close()
 
 
+def test_runtime_bytes_count_pools_results_and_worker_scratch_once():
+    """``runtime`` lists what the runtime holds beyond the state; the results the jobs write over their snapshots
+    are counted once, in the shadow pool, and ``footprint_bytes`` is state plus runtime."""
+    model = _model()
+    opt = _make("soap", model, RuntimeConfig(refresh="async", staleness=2))
+    seen = []
+
+    def each(_):
+        opt.runtime.runtime.collect()
+        rep = opt.runtime.memory_report()
+        seen.append(rep)
+        assert rep["runtime_bytes"] == sum(rep["runtime"].values())
+        assert rep["footprint_bytes"] == rep["state_bytes"] + rep["runtime_bytes"]
+        assert rep["runtime"]["shadow_pool"] >= rep["bytes"]["refresh"]["shadow"]
+
+    _train(opt, model, 6, each=each)
+    pending = [r for r in seen if r["bytes"]["refresh"]["shadow"] > 0]
+    assert pending, "no refresh was pending after any step"
+    for rep in pending:
+        # bases and rotations are in the pool, over the snapshots: outside it only the permutations
+        assert 0 < rep["bytes"]["refresh"]["result"] < rep["bytes"]["refresh"]["shadow"] / 8
+    assert all(r["runtime"]["worker_scratch"] > 0 for r in seen[-2:])
+    assert seen[-1]["runtime"]["state_pool"] == 0 and seen[-1]["runtime"]["results"] >= 0
+    opt.close()
+
+
 def test_refresh_buffers_are_reported_in_async_mode(tmp_path):
     model = _model()
     opt = _make("soap", model, RuntimeConfig(refresh="async", staleness=1, **_budgets("soap", "async"), nvme_path=tmp_path))

@@ -39,6 +39,38 @@ def test_outputs_are_zero_copy_and_usable_from_torch():
         assert torch.isfinite(t).all()  # the array keeps the storage alive
 
 
+@pytest.mark.parametrize("kind", ["eigh", "inverse_root", "eigenbasis_refresh"])
+def test_reused_inputs_hold_the_results_with_the_same_values(kind):
+    """reuse_inputs=True: the n×n results are written over the job's inputs (a shadow snapshot's leases in the
+    pipeline), so a refresh needs no memory of its own; the values are those of results in fresh buffers."""
+    a, q = spd(24, 1), np.linalg.qr(spd(24, 2))[0].copy()
+
+    def run(s, reuse):
+        if kind == "eigh":
+            return s.wait(s.submit_eigh(0, 0, 0, a, descending=True, reuse_inputs=reuse))
+        if kind == "inverse_root":
+            return s.wait(s.submit_inverse_root(0, 0, 0, a, root=4, epsilon=1e-6, reuse_inputs=reuse))
+        return s.wait(s.submit_eigenbasis_refresh(0, 0, 0, a, q, reuse_inputs=reuse))
+
+    with _core.RefreshScheduler() as s:
+        fresh, reused = run(s, False), run(s, True)
+    assert fresh.ok and reused.ok
+    assert fresh.reused_bytes == 0
+    matrices = {"eigh": ["eigenvectors"], "inverse_root": ["root"], "eigenbasis_refresh": ["basis", "rotation"]}[kind]
+    assert reused.reused_bytes == sum(reused.outputs[k].nbytes for k in matrices) == len(matrices) * a.nbytes
+    for k, v in fresh.outputs.items():
+        np.testing.assert_array_equal(reused.outputs[k], v, err_msg=k)
+
+
+def test_worker_scratch_is_counted():
+    before = _core.linalg.scratch_bytes()
+    with _core.RefreshScheduler() as s:
+        assert s.wait(s.submit_eigh(0, 0, 0, spd(96))).ok
+        held = _core.linalg.scratch_bytes()
+    assert held >= before + 96 * 96 * 8  # the worker's copy of the matrix, at least
+    assert _core.linalg.scratch_bytes() == before  # freed with the worker thread
+
+
 def test_failed_job_reports_instead_of_raising():
     with _core.RefreshScheduler() as s:
         bad = spd(4)

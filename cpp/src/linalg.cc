@@ -140,18 +140,39 @@ struct Aligned64 {
   }
 };
 
+// Bytes of per-thread scratch space held by all threads (scratch_bytes()).
+std::atomic<std::size_t> g_scratch_bytes{0};
+
+// One thread's scratch buffers of one element type; they only grow, and their bytes are counted in
+// g_scratch_bytes until the thread exits.
+template <typename T, int Slots>
+struct ScratchSet {
+  std::vector<T, Aligned64<T>> buffers[Slots];
+  T* get(int slot, std::size_t count) {
+    auto& b = buffers[slot];
+    if (b.size() < count) {
+      const std::size_t before = b.capacity();
+      b.resize(count);
+      g_scratch_bytes.fetch_add((b.capacity() - before) * sizeof(T), std::memory_order_relaxed);
+    }
+    return b.data();
+  }
+  ~ScratchSet() {
+    std::size_t held = 0;
+    for (const auto& b : buffers) held += b.capacity() * sizeof(T);
+    g_scratch_bytes.fetch_sub(held, std::memory_order_relaxed);
+  }
+};
+
 // Per-thread scratch space that only grows.
 template <typename T>
 T* scratch(int slot, std::size_t count) {
-  thread_local std::vector<T, Aligned64<T>> buffers[6];
-  auto& b = buffers[slot];
-  if (b.size() < count) b.resize(count);
-  return b.data();
+  thread_local ScratchSet<T, 6> set;
+  return set.get(slot, count);
 }
 int* iscratch(std::size_t count) {
-  thread_local std::vector<int, Aligned64<int>> b;
-  if (b.size() < count) b.resize(count);
-  return b.data();
+  thread_local ScratchSet<int, 1> set;
+  return set.get(0, count);
 }
 
 void check_n(int n, const char* where) {
@@ -398,9 +419,10 @@ NewtonReport newton_inverse_root(int n, const T* a, T* x, int p, double eps, con
   fro = std::sqrt(fro);
   ASTERIA_CHECK(fro > 0, kNumerical, "[linalg::newton_inverse_root] A + eps·I is zero; use epsilon > 0");
   const double z = (p + 1.0) / (2.0 * fro);
+  // M is built before X is written: X may be A's own buffer
+  for (std::size_t k = 0; k < nn; ++k) m[k] = static_cast<T>(z * (a[k] + (k % (n + 1) == 0 ? eps : 0.0)));
   std::fill(x, x + nn, T(0));
   for (int i = 0; i < n; ++i) x[static_cast<std::size_t>(i) * n + i] = static_cast<T>(std::pow(z, 1.0 / p));
-  for (std::size_t k = 0; k < nn; ++k) m[k] = static_cast<T>(z * (a[k] + (k % (n + 1) == 0 ? eps : 0.0)));
   NewtonReport rep;
   auto residual = [&]() {
     double worst = 0;
@@ -447,6 +469,17 @@ void matmul_tn(int n, const T* a, const T* b, T* c) {
 }
 
 template <typename T>
+void matmul_tn_into_a(int n, T* a, const T* b) {
+  ASTERIA_CHECK(n >= 1, kInvalidArgument, "[linalg::matmul_tn_into_a] n must be >= 1, got " << n);
+  const std::size_t nn = static_cast<std::size_t>(n) * n;
+  T* c = scratch<T>(0, nn);
+  matmul_tn<T>(n, a, b, c);
+  std::copy(c, c + nn, a);
+}
+
+std::size_t scratch_bytes() noexcept { return g_scratch_bytes.load(std::memory_order_relaxed); }
+
+template <typename T>
 void eigenbasis_refresh(int n, const T* l, const T* q, T* q_new, std::int64_t* perm, bool sort) {
   check_n(n, "eigenbasis_refresh");
   const std::size_t nn = static_cast<std::size_t>(n) * n;
@@ -486,7 +519,8 @@ void eigenbasis_refresh(int n, const T* l, const T* q, T* q_new, std::int64_t* p
   template void inverse_root<T>(int, const T*, T*, double, double, bool);                         \
   template NewtonReport newton_inverse_root<T>(int, const T*, T*, int, double, const NewtonOptions&); \
   template void eigenbasis_refresh<T>(int, const T*, const T*, T*, std::int64_t*, bool);            \
-  template void matmul_tn<T>(int, const T*, const T*, T*);
+  template void matmul_tn<T>(int, const T*, const T*, T*);                                          \
+  template void matmul_tn_into_a<T>(int, T*, const T*);
 ASTERIA_LINALG_INSTANTIATE(float)
 ASTERIA_LINALG_INSTANTIATE(double)
 

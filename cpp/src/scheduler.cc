@@ -119,14 +119,14 @@ std::vector<std::pair<std::string, HostTensor>> run_typed(const JobSpec& s) {
   switch (s.kind) {
     case JobKind::kEigh: {
       auto w = HostTensor::empty(dt, {n});
-      auto v = HostTensor::empty(dt, {n, n});
+      auto v = s.reuse_inputs ? a : HostTensor::empty(dt, {n, n});
       linalg::eigh<T>(n, a.ptr<T>(), w.ptr<T>(), v.ptr<T>(), s.eigh);
       out.emplace_back("eigenvalues", std::move(w));
       out.emplace_back("eigenvectors", std::move(v));
       break;
     }
     case JobKind::kInverseRoot: {
-      auto x = HostTensor::empty(dt, {n, n});
+      auto x = s.reuse_inputs ? a : HostTensor::empty(dt, {n, n});
       if (s.use_newton) {
         linalg::newton_inverse_root<T>(n, a.ptr<T>(), x.ptr<T>(), static_cast<int>(s.root), s.epsilon, s.newton);
       } else {
@@ -136,14 +136,19 @@ std::vector<std::pair<std::string, HostTensor>> run_typed(const JobSpec& s) {
       break;
     }
     case JobKind::kEigenbasisRefresh: {
-      auto q = HostTensor::empty(dt, {n, n});
+      auto q = s.reuse_inputs ? a : HostTensor::empty(dt, {n, n});
       auto p = HostTensor::empty(DType::kInt64, {n});
       linalg::eigenbasis_refresh<T>(n, a.ptr<T>(), s.inputs[1].ptr<T>(), q.ptr<T>(), p.ptr<std::int64_t>(), s.sort);
       std::optional<HostTensor> r;
       if (s.rotation) {
         // R = Q_oldᵀ·Q_new: what the install rotates the first moment with, computed here, off the training thread
-        r = HostTensor::empty(dt, {n, n});
-        linalg::matmul_tn<T>(n, s.inputs[1].ptr<T>(), q.ptr<T>(), r->ptr<T>());
+        if (s.reuse_inputs) {
+          r = s.inputs[1];
+          linalg::matmul_tn_into_a<T>(n, r->ptr<T>(), q.ptr<T>());
+        } else {
+          r = HostTensor::empty(dt, {n, n});
+          linalg::matmul_tn<T>(n, s.inputs[1].ptr<T>(), q.ptr<T>(), r->ptr<T>());
+        }
       }
       out.emplace_back("basis", std::move(q));
       out.emplace_back("permutation", std::move(p));
@@ -250,6 +255,18 @@ std::string failure_message(JobId id, const JobSpec& spec, const char* why) noex
   } catch (...) {
     return "out of memory";
   }
+}
+
+// Bytes of the outputs that share an input's storage (JobSpec::reuse_inputs).
+std::size_t reused_bytes(const JobSpec& spec, const std::vector<std::pair<std::string, HostTensor>>& outputs) {
+  std::size_t n = 0;
+  for (const auto& [name, t] : outputs)
+    for (const auto& in : spec.inputs)
+      if (t.storage && t.data() == in.data()) {
+        n += t.nbytes();
+        break;
+      }
+  return n;
 }
 
 }  // namespace
@@ -594,6 +611,7 @@ void RefreshScheduler::worker_main(int index) {
         r.message = "cancelled during the test delay by shutdown";
       } else {
         r.outputs = run_with_fault(spec, take_fault(spec));
+        r.reused_bytes = reused_bytes(spec, r.outputs);
       }
     } catch (const std::bad_alloc&) {
       r.status = JobStatus::kFailed;

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <limits>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "asteria/errors.h"
@@ -143,6 +144,66 @@ TEST(Linalg, EigenbasisRefreshSortsAndOrthonormalises) {
   // Without sort the permutation is the identity.
   asteria::linalg::eigenbasis_refresh<double>(n, l.data(), q.data(), qn.data(), perm.data(), false);
   for (int j = 0; j < n; ++j) EXPECT_EQ(perm[j], j);
+}
+
+// The refresh jobs write their results over their private snapshots (JobSpec::reuse_inputs): every
+// function whose output may be its input's buffer gives the same bits in place as into a fresh buffer.
+TEST(Linalg, OutputsWrittenOverTheInputAreBitIdenticalToFreshBuffers) {
+  const int n = 37;
+  const Mat a = random_spd(n, n, 0.5, 21);
+  Mat q(a.size(), 0.0);
+  for (int i = 0; i < n; ++i) q[i * n + i] = 1.0;
+  {
+    Mat w(n), v(a.size()), in_place = a, w2(n);
+    asteria::linalg::EighOptions o;
+    o.descending = true;
+    o.ridge = 1e-3;
+    asteria::linalg::eigh<double>(n, a.data(), w.data(), v.data(), o);
+    asteria::linalg::eigh<double>(n, in_place.data(), w2.data(), in_place.data(), o);
+    EXPECT_EQ(v, in_place);
+    EXPECT_EQ(w, w2);
+  }
+  {
+    Mat x(a.size()), in_place = a;
+    asteria::linalg::inverse_root<double>(n, a.data(), x.data(), 4.0, 1e-6);
+    asteria::linalg::inverse_root<double>(n, in_place.data(), in_place.data(), 4.0, 1e-6);
+    EXPECT_EQ(x, in_place);
+  }
+  {
+    Mat x(a.size()), in_place = a;
+    asteria::linalg::newton_inverse_root<double>(n, a.data(), x.data(), 4, 1e-6);
+    asteria::linalg::newton_inverse_root<double>(n, in_place.data(), in_place.data(), 4, 1e-6);
+    EXPECT_EQ(x, in_place);
+  }
+  {
+    // a slightly rotated basis, so the rotation is not the identity
+    Mat w(n), q0(a.size());
+    asteria::linalg::eigh<double>(n, random_spd(n, n, 0.1, 22).data(), w.data(), q0.data());
+    Mat qn(a.size()), r(a.size()), l_in_place = a, q_in_place = q0;
+    std::vector<std::int64_t> p1(n), p2(n);
+    asteria::linalg::eigenbasis_refresh<double>(n, a.data(), q0.data(), qn.data(), p1.data(), true);
+    asteria::linalg::matmul_tn<double>(n, q0.data(), qn.data(), r.data());
+    asteria::linalg::eigenbasis_refresh<double>(n, l_in_place.data(), q_in_place.data(), l_in_place.data(), p2.data(), true);
+    asteria::linalg::matmul_tn_into_a<double>(n, q_in_place.data(), l_in_place.data());
+    EXPECT_EQ(qn, l_in_place);
+    EXPECT_EQ(r, q_in_place);
+    EXPECT_EQ(p1, p2);
+  }
+}
+
+TEST(Linalg, ScratchBytesCountEachThreadsWorkspaceUntilItExits) {
+  const std::size_t before = asteria::linalg::scratch_bytes();
+  std::size_t during = 0;
+  std::thread t([&] {
+    const int n = 64;
+    Mat a = random_spd(n, n, 0.5, 23), w(n), v(a.size());
+    asteria::linalg::eigh<double>(n, a.data(), w.data(), v.data());
+    during = asteria::linalg::scratch_bytes();
+  });
+  t.join();
+  // the thread's copy of the matrix alone is n² doubles
+  EXPECT_GE(during, before + 64 * 64 * sizeof(double));
+  EXPECT_EQ(asteria::linalg::scratch_bytes(), before);
 }
 
 TEST(Linalg, RepeatedRefreshConvergesToEigenvectors) {

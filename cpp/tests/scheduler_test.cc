@@ -7,6 +7,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -70,6 +71,44 @@ TEST(Scheduler, EighJobReturnsOutputsAndMetadata) {
   EXPECT_EQ(r.outputs[0].first, "eigenvalues");
   EXPECT_EQ(r.outputs[1].second.shape, (std::vector<std::int64_t>{8, 8}));
   EXPECT_THROW(s.wait(id), asteria::Error);  // collected exactly once
+}
+
+// reuse_inputs: the results are written over the job's own inputs and share their storage, with the
+// same values as results in fresh buffers.
+TEST(Scheduler, ReusedInputsHoldTheResultsAndAreCounted) {
+  asteria::RefreshScheduler s(workers(1));
+  auto run = [&](asteria::JobKind kind, bool reuse) {
+    asteria::JobSpec spec;
+    spec.kind = kind;
+    spec.inputs.push_back(spd(16, 3));
+    if (kind == asteria::JobKind::kEigenbasisRefresh) spec.inputs.push_back(spd(16, 4));
+    if (kind == asteria::JobKind::kInverseRoot) spec.root = 2.0;
+    spec.reuse_inputs = reuse;
+    std::vector<const void*> in;
+    for (const auto& t : spec.inputs) in.push_back(t.data());
+    auto r = s.wait(s.submit(std::move(spec)));
+    EXPECT_EQ(r.status, asteria::JobStatus::kOk) << r.message;
+    return std::make_pair(std::move(r), in);
+  };
+  for (auto kind : {asteria::JobKind::kEigh, asteria::JobKind::kInverseRoot, asteria::JobKind::kEigenbasisRefresh}) {
+    auto [fresh, fresh_in] = run(kind, false);
+    auto [reused, reused_in] = run(kind, true);
+    EXPECT_EQ(fresh.reused_bytes, 0u);
+    ASSERT_EQ(fresh.outputs.size(), reused.outputs.size());
+    std::size_t shared = 0;
+    for (std::size_t k = 0; k < fresh.outputs.size(); ++k) {
+      const auto& a = fresh.outputs[k].second;
+      const auto& b = reused.outputs[k].second;
+      ASSERT_EQ(a.nbytes(), b.nbytes());
+      EXPECT_EQ(std::memcmp(a.data(), b.data(), a.nbytes()), 0) << fresh.outputs[k].first;
+      for (const void* p : reused_in)
+        if (b.data() == p) shared += b.nbytes();
+    }
+    // the n×n outputs (eigenvectors; root; basis and rotation) are the inputs' memory
+    const std::size_t matrix = 16 * 16 * sizeof(double);
+    EXPECT_EQ(shared, kind == asteria::JobKind::kEigenbasisRefresh ? 2 * matrix : matrix);
+    EXPECT_EQ(reused.reused_bytes, shared);
+  }
 }
 
 TEST(Scheduler, PrerequisiteRunsOnTheWorkerBeforeTheJob) {

@@ -4,7 +4,9 @@
 //
 // Conventions: matrices are n×n, row-major and contiguous (as numpy/torch hand them over);
 // "eigenvectors" are returned in the COLUMNS of a row-major matrix, like torch.linalg.eigh.
-// Outputs go to caller-provided buffers; scratch space is a per-thread workspace that only grows.
+// Outputs go to caller-provided buffers; scratch space is a per-thread workspace that only grows
+// (scratch_bytes() counts it). An output may be the input's own buffer where a function says so: the
+// refresh jobs then write their results over their private snapshot instead of allocating new ones.
 // Thread safety: every function may be called concurrently from several threads. Failures
 // (non-finite input, solver failure that the fp64 retry does not fix) throw asteria::Error with
 // category kNumerical; bad sizes throw kInvalidArgument.
@@ -57,12 +59,13 @@ struct EighOptions {
 
 // Symmetric eigendecomposition of `a` (only the lower triangle in row-major terms is read, like
 // torch.linalg.eigh). Writes n eigenvalues to `w` and the eigenvectors to the columns of `v`.
+// `v` may be `a` (a is read only before v is written).
 template <typename T>
 void eigh(int n, const T* a, T* w, T* v, const EighOptions& opts = {});
 
 // X = (A + eps·I)^(-1/root) through eigh, with Distributed Shampoo's stabilisation: after adding
 // eps, if the smallest eigenvalue λ_min < eps, every eigenvalue is shifted by eps − λ_min.
-// root > 0, eps >= 0.
+// root > 0, eps >= 0. `x` may be `a`.
 template <typename T>
 void inverse_root(int n, const T* a, T* x, double root, double eps, bool fp64_retry = true);
 
@@ -76,7 +79,7 @@ struct NewtonReport {
   bool converged = false;
 };
 // Coupled Newton iteration for X = (A + eps·I)^(-1/p), p a positive integer (Distributed
-// Shampoo's CoupledNewtonConfig).
+// Shampoo's CoupledNewtonConfig). `x` may be `a`.
 template <typename T>
 NewtonReport newton_inverse_root(int n, const T* a, T* x, int p, double eps, const NewtonOptions& opts = {});
 
@@ -84,7 +87,8 @@ NewtonReport newton_inverse_root(int n, const T* a, T* x, int p, double eps, con
 // columns). With sort (SOAP): Rayleigh quotients e_j = q_jᵀ L q_j, π = stable argsort of e,
 // descending; the columns of q are permuted by π, then one power step and a QR give
 // q_new = qr(L·q[:, π]).Q. Without sort (KL): q_new = qr(L·q).Q and π is the identity.
-// `perm[j]` is the old column that new column j came from.
+// `perm[j]` is the old column that new column j came from. `q_new` may be `l` or `q` (both are read
+// only before q_new is written).
 template <typename T>
 void eigenbasis_refresh(int n, const T* l, const T* q, T* q_new, std::int64_t* perm, bool sort);
 
@@ -92,6 +96,14 @@ void eigenbasis_refresh(int n, const T* l, const T* q, T* q_new, std::int64_t* p
 // into a refreshed basis with R = Q_oldᵀ·Q_new; the refresh job computes R off the training thread.
 template <typename T>
 void matmul_tn(int n, const T* a, const T* b, T* c);
+
+// a <- aᵀ·b (through the calling thread's scratch space): the rotation written over the old basis.
+template <typename T>
+void matmul_tn_into_a(int n, T* a, const T* b);
+
+// Bytes of scratch space all threads hold now (each thread's grows to its largest call and is freed
+// when the thread exits): the refresh workers' working memory, reported by the runtime.
+std::size_t scratch_bytes() noexcept;
 
 // True when all n·m values are finite.
 template <typename T>

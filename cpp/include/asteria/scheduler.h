@@ -94,6 +94,11 @@ struct JobSpec {
   // kEigenbasisRefresh
   bool sort = true;
   bool rotation = true;  // also return R = Qᵀ·basis (what SOAP rotates its first moment with); KL-Shampoo needs none
+  // The outputs may overwrite the inputs (the inputs are this job's private copies, e.g. shadow
+  // snapshots): the n×n result is written over inputs[0] ('eigenvectors', 'root', 'basis') and the
+  // rotation over inputs[1], and those outputs share the inputs' storage, so a refresh round needs no
+  // memory beyond its snapshots. The caller must not read the inputs after submit().
+  bool reuse_inputs = false;
   // kTask
   std::function<void()> task;
   // Optional: run by the worker right before the job (any kind), e.g. to wait for the asynchronous
@@ -109,6 +114,7 @@ struct JobResult {
   JobStatus status = JobStatus::kOk;
   std::string message;  // empty on success
   std::vector<std::pair<std::string, HostTensor>> outputs;
+  std::size_t reused_bytes = 0;  // bytes of `outputs` that share an input's storage (JobSpec::reuse_inputs)
   double queued_seconds = 0;  // submit -> start
   double run_seconds = 0;     // start -> done
 };

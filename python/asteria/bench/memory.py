@@ -6,8 +6,10 @@ that one configuration's peak is not another's), on random tokens, and reports:
 * peak RSS of the process (``VmHWM``) and its growth over AdamW's (the same model, data and steps);
 * on ``--device cuda``: peak GPU memory allocated and reserved by torch's caching allocator
   (``torch.cuda.max_memory_allocated`` / ``max_memory_reserved``) and the growth over AdamW's;
-* the optimizer's own bytes: ``opt.runtime.memory_report()`` for asteria (state and refresh buffers per tier),
-  the bytes of ``optimizer.state``'s tensors for torch's optimizers;
+* the optimizer's own bytes: for asteria ``memory_report()``'s ``state_bytes`` and ``runtime_bytes`` (pools,
+  results, the workers' scratch), for torch's optimizers the bytes of ``optimizer.state``'s tensors; and what
+  the measured growth over AdamW leaves unaccounted (``unaccounted``: the growth minus the optimizer's bytes
+  beyond AdamW's state: the allocator's retention, per-step temporaries);
 * median and p99 step time (forward, backward, ``step()``; on a GPU up to a device synchronisation).
 
 Configurations (``--configs``): ``adamw`` (always run: the baseline), ``muon``, and ``NAME:MODE`` for the four
@@ -53,14 +55,17 @@ def parse_configs(text: str) -> list[str]:
     return out
 
 
-def _optimizer_bytes(opt: Any) -> int:
-    """asteria: ``memory_report()["total_bytes"]`` (state and refresh buffers); torch's: ``optimizer.state``."""
+def _optimizer_bytes(opt: Any) -> dict[str, Any]:
+    """The optimizer's own bytes: ``state_bytes`` and ``runtime_bytes`` (asteria: `memory_report`'s, with the
+    ``runtime`` split; torch's optimizers: the bytes of ``optimizer.state`` and no runtime)."""
     runtime = getattr(opt, "runtime", None)
     if runtime is not None and hasattr(runtime, "memory_report"):
-        return int(runtime.memory_report()["total_bytes"])
+        rep = runtime.memory_report()
+        return {"state_bytes": int(rep["state_bytes"]), "runtime_bytes": int(rep["runtime_bytes"]),
+                "runtime": dict(rep["runtime"])}
     from asteria.train.optimizers import optimizer_state_bytes
 
-    return optimizer_state_bytes(opt)
+    return {"state_bytes": optimizer_state_bytes(opt), "runtime_bytes": 0, "runtime": {}}
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
@@ -102,7 +107,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {
             "config": label(spec),
             "peak_rss_bytes": process_peak_rss_bytes() or 0,
-            "optimizer_bytes": _optimizer_bytes(opt),
+            **_optimizer_bytes(opt),
             "loss": float(loss.detach()),
         }
         if cuda:
@@ -160,15 +165,19 @@ def run(args: Any) -> list[dict[str, Any]]:
     ok = {r["config"]: r for r in results if "error" not in r}
     adamw = ok.get("adamw")
     for r in ok.values():
+        r["optimizer_bytes"] = r["state_bytes"] + r["runtime_bytes"]
         if adamw is not None:
             r["rss_over_adamw_bytes"] = r["peak_rss_bytes"] - adamw["peak_rss_bytes"]
+            # what the optimizer's own accounting says it adds over AdamW, and what the measurement leaves over
+            r["accounted_over_adamw_bytes"] = r["state_bytes"] + r["runtime_bytes"] - adamw["state_bytes"]
+            r["unaccounted_bytes"] = r["rss_over_adamw_bytes"] - r["accounted_over_adamw_bytes"]
             if "gpu_peak_allocated_bytes" in r:
                 r["gpu_over_adamw_bytes"] = r["gpu_peak_allocated_bytes"] - adamw["gpu_peak_allocated_bytes"]
         plain = ok.get(r["config"].split("@")[0]) if "@" in r["config"] else None
         if plain is not None:
             r["step_vs_no_budget"] = r["median_step_s"] / plain["median_step_s"]
     print(f"\n{'configuration':<34}{'step ms':>9}{'vs plain':>9}{'RSS MiB':>9}{'+AdamW':>9}{'GPU MiB':>9}{'+AdamW':>9}"
-          f"{'opt MiB':>9}")
+          f"{'state':>9}{'runtime':>9}{'unacc.':>9}")
     for r in results:
         if "error" in r:
             print(f"{r['config']:<34}  failed: {r['error']}")
@@ -176,7 +185,8 @@ def run(args: Any) -> list[dict[str, Any]]:
         ratio = f"{r['step_vs_no_budget']:8.2f}x" if "step_vs_no_budget" in r else f"{'':>9}"
         print(f"{r['config']:<34}{r['median_step_s'] * 1e3:9.2f}{ratio}{_mib(r['peak_rss_bytes'])}"
               f"{_mib(r.get('rss_over_adamw_bytes'))}{_mib(r.get('gpu_peak_allocated_bytes'))}"
-              f"{_mib(r.get('gpu_over_adamw_bytes'))}{_mib(r['optimizer_bytes'])}")
+              f"{_mib(r.get('gpu_over_adamw_bytes'))}{_mib(r['state_bytes'])}{_mib(r['runtime_bytes'])}"
+              f"{_mib(r.get('unaccounted_bytes'))}")
     path = write_json(args.out, "memory.json", {"args": vars(args), "results": results}, default=str)
     print(f"\nwrote {path}")
     return results

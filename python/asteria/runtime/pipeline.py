@@ -116,8 +116,10 @@ class RefreshJob:
         deadline: Step boundary at which the result is installed (s + o + S).
         a: The (n, n) float32/float64 snapshot (`RefreshPipeline.snapshot`): a numpy view of a pinned lease
             (host route; the scheduler reads it in place) or any C-contiguous array (copied at submit), or a
-            CUDA tensor (device route).
-        q: The installed basis for ``"eigenbasis_refresh"``, else None (same kind as ``a``).
+            CUDA tensor (device route). On the host route the job writes its n×n result (eigenvectors, root,
+            basis) over it, so a lease view must not be read after the job is submitted.
+        q: The installed basis for ``"eigenbasis_refresh"``, else None (same kind as ``a``); the host route writes
+            the rotation over it.
         options: Keyword options for the scheduler call (ridge, descending, root, epsilon, sort, ...).
         ready: The CUDA event of the snapshot's device-to-host copy, waited for by the worker (host route of
             CUDA statistics), else None.
@@ -725,15 +727,16 @@ class RefreshPipeline:
         return fn()
 
     def refresh_buffer_bytes(self) -> dict[str, int]:
-        """Bytes the refresh runtime holds for this pipeline's pending batches: ``shadow`` (snapshots of jobs not
-        finished: the shadow pool's leases in use, for the whole runtime) and ``result`` (finished results waiting
-        for their install step)."""
+        """Bytes the refresh runtime holds for this pipeline's pending batches: ``shadow`` (the shadow pool's leases
+        in use, for the whole runtime: the snapshots, and the results the jobs wrote over them, until installed)
+        and ``result`` (results waiting for their install step outside the pool: permutations, eigenvalues, and
+        results restored from a checkpoint)."""
         result = 0
         for p in self._pending:
             items = p.results if p.results is not None else [self._runtime.result_of(j) for j in p.job_ids if j is not None]
             for r in items:
-                if r is not None:
-                    result += sum(int(getattr(v, "nbytes", 0)) for v in r.outputs.values())
+                if r is not None:  # outputs written over the job's snapshot are in the pool, counted as shadow
+                    result += sum(int(getattr(v, "nbytes", 0)) for v in r.outputs.values()) - int(getattr(r, "reused_bytes", 0))
         pool = getattr(self._runtime, "_pool", None)
         shadow = int(pool.stats()["in_use"]) if pool is not None and self._pending else 0
         return {"shadow": shadow, "result": result}

@@ -1488,7 +1488,11 @@ def memory_report(opt: Any) -> dict[str, Any]:
         extents, ``reserved_bytes`` of disk space the swap file holds). ``pinned`` has, for the pool of shadow
         snapshots and for the host tier's pool (``"shadow"``, ``"state"``), the bytes mapped, page-locked and not
         (``unlocked_bytes``: memory meant to be pinned that is pageable, see `PinnedMemoryWarning`) and the pool's
-        warning.
+        warning. ``runtime`` splits the memory the runtime holds beyond the state (``shadow_pool``, ``state_pool``,
+        ``results``, ``worker_scratch``, see `_runtime_bytes`), ``runtime_bytes`` is its sum and
+        ``footprint_bytes`` = ``state_bytes`` + ``runtime_bytes``: what the optimizer adds to the process's memory,
+        the figure to compare with a measured growth of RSS (pools count what they have mapped, not only what is
+        in use).
     """
     tiers = getattr(opt, "_tiers", None)
     if tiers is not None:
@@ -1514,5 +1518,30 @@ def memory_report(opt: Any) -> dict[str, Any]:
         "shadow": runtime.pinned_report() if hasattr(runtime, "pinned_report") else pool_report(None),
         "state": tiers.pinned_report() if tiers is not None else pool_report(None),
     }
+    out["runtime"] = _runtime_bytes(out, tiers is not None)
+    out["runtime_bytes"] = sum(out["runtime"].values())
+    out["footprint_bytes"] = out["state_bytes"] + out["runtime_bytes"]
     return out
+
+
+def _runtime_bytes(report: dict[str, Any], tiered: bool) -> dict[str, int]:
+    """The memory the runtime holds beyond the state itself, as the process sees it (mapped, not only in use).
+
+    * ``shadow_pool``: the shadow pool's mappings (snapshots, the results the jobs write over them, and the free
+      arenas the pool keeps for the next round);
+    * ``state_pool``: the host tier's pool beyond the host-tier state it holds (staging and work buffers, free
+      arenas);
+    * ``results``: refresh results waiting for their install step outside the pool;
+    * ``worker_scratch``: the refresh workers' LAPACK and BLAS working memory (per thread, its largest job's;
+      process-wide, shared by every optimizer of the process).
+    """
+    from asteria import _core  # noqa: PLC0415 - the pure-Python paths of this module need no extension
+
+    host_state = sum(report["bytes"]["host"].values()) if tiered else 0
+    return {
+        "shadow_pool": int(report["pinned"]["shadow"]["reserved_bytes"]),
+        "state_pool": max(int(report["pinned"]["state"]["reserved_bytes"]) - host_state, 0),
+        "results": int(report["bytes"]["refresh"]["result"]),
+        "worker_scratch": int(_core.linalg.scratch_bytes()),
+    }
 

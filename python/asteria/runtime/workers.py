@@ -195,7 +195,8 @@ class Runtime:
             eng = self.device_refresh(job.a.device)
             return ("device", eng.device.index, eng.submit(job))
         sched = self.scheduler
-        opts = dict(job.options)
+        # the job's matrices are its private snapshot (or copied at submit): its results are written over them
+        opts = dict(job.options, reuse_inputs=True)
         if job.ready is not None:
             opts["wait_event"] = int(job.ready.cuda_event)
         if job.copy is not None:
