@@ -254,10 +254,12 @@ def test_install_uses_the_rotation_computed_by_the_refresh_job(monkeypatch):
 
     seen = []
     original = soap_mod.install_soap_bases
+    installed = {}  # the bases after the previous step, by shape (the install writes the new ones in place)
 
     def spy(bases, new_bases, perms, m, v, ok, rotations=None):
         if rotations is not None:
-            for q, qn, r in zip(bases, new_bases, rotations):
+            for qn, r in zip(new_bases, rotations):
+                q = installed[tuple(qn.shape)]
                 seen.append(float((r - torch.matmul(q.transpose(1, 2), qn)).abs().max()))
         return original(bases, new_bases, perms, m, v, ok, rotations)
 
@@ -270,6 +272,11 @@ def test_install_uses_the_rotation_computed_by_the_refresh_job(monkeypatch):
             opt.zero_grad()
             model(torch.randn(16, 12)).pow(2).sum().backward()
             opt.step()
+            opt.runtime.finish_installs()
+            for bucket in opt._buckets:
+                for key, t in bucket.state.items():
+                    if key.startswith("basis_") and key != "basis_version":
+                        installed[tuple(t.shape)] = t.clone()
     finally:
         opt.close()
     assert seen, "no refresh install received the job's rotation"

@@ -1,8 +1,8 @@
 """asteria.train.rss: each run's own peak resident set, in a process several runs share."""
 
-import sys
-
 import mmap
+import sys
+import threading
 
 import pytest
 
@@ -44,3 +44,25 @@ def test_without_a_reset_the_peak_is_unknown_not_wrong(monkeypatch):
     monkeypatch.setattr("builtins.open", no_clear_refs)
     mark = rss.reset_peak()
     assert not mark.reset and rss.peak(mark)["peak_rss_bytes"] is None
+
+
+@pytest.mark.skipif(rss.allocator_stats() is None, reason="not glibc's allocator")
+def test_allocator_stats_see_a_threads_arena_and_the_free_bytes_it_keeps():
+    before = rss.allocator_stats()
+    kept = []
+
+    def work():  # many mid-sized blocks from a new thread's arena, half of them freed again
+        blocks = [bytearray(4096) for _ in range(2048)]
+        kept.extend(blocks[::2])
+        del blocks
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    after = rss.allocator_stats()
+    assert set(after) == set(before) and all(v >= 0 for v in after.values())
+    assert after["arenas"] >= 1 and after["main_arena_bytes"] > 0
+    assert after["main_arena_free_bytes"] <= after["main_arena_bytes"]
+    assert after["thread_arena_free_bytes"] <= after["thread_arena_bytes"]
+    total = lambda s: s["main_arena_bytes"] + s["thread_arena_bytes"]  # noqa: E731
+    assert total(after) >= total(before) + 1024 * 4096  # the kept half is in some arena

@@ -9,7 +9,9 @@ that one configuration's peak is not another's), on random tokens, and reports:
 * the optimizer's own bytes: for asteria ``memory_report()``'s ``state_bytes`` and ``runtime_bytes`` (pools,
   results, the workers' scratch), for torch's optimizers the bytes of ``optimizer.state``'s tensors; and what
   the measured growth over AdamW leaves unaccounted (``unaccounted``: the growth minus the optimizer's bytes
-  beyond AdamW's state: the allocator's retention, per-step temporaries);
+  beyond AdamW's state: the allocator's retention, per-step temporaries), next to how much larger glibc's heaps
+  are than AdamW's at the end of the run (``heap+``: the main thread's arena; ``threads+``: the arenas of other
+  threads: refresh workers, the install helper);
 * median and p99 step time (forward, backward, ``step()``; on a GPU up to a device synchronisation).
 
 Configurations (``--configs``): ``adamw`` (always run: the baseline), ``muon``, and ``NAME:MODE`` for the four
@@ -73,7 +75,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from asteria.train.model import GPT, ModelConfig
-    from asteria.train.rss import process_peak_rss_bytes
+    from asteria.train.rss import allocator_stats, process_peak_rss_bytes
 
     from .overhead import _build, _summary
 
@@ -108,6 +110,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             "config": label(spec),
             "peak_rss_bytes": process_peak_rss_bytes() or 0,
             **_optimizer_bytes(opt),
+            "allocator": allocator_stats(),
             "loss": float(loss.detach()),
         }
         if cuda:
@@ -171,13 +174,17 @@ def run(args: Any) -> list[dict[str, Any]]:
             # what the optimizer's own accounting says it adds over AdamW, and what the measurement leaves over
             r["accounted_over_adamw_bytes"] = r["state_bytes"] + r["runtime_bytes"] - adamw["state_bytes"]
             r["unaccounted_bytes"] = r["rss_over_adamw_bytes"] - r["accounted_over_adamw_bytes"]
+            mine, base = r.get("allocator"), adamw.get("allocator")
+            if mine and base:  # where the rest is: the allocator's heaps at the end of the run, against AdamW's
+                r["main_heap_over_adamw_bytes"] = mine["main_arena_bytes"] - base["main_arena_bytes"]
+                r["thread_heaps_over_adamw_bytes"] = mine["thread_arena_bytes"] - base["thread_arena_bytes"]
             if "gpu_peak_allocated_bytes" in r:
                 r["gpu_over_adamw_bytes"] = r["gpu_peak_allocated_bytes"] - adamw["gpu_peak_allocated_bytes"]
         plain = ok.get(r["config"].split("@")[0]) if "@" in r["config"] else None
         if plain is not None:
             r["step_vs_no_budget"] = r["median_step_s"] / plain["median_step_s"]
     print(f"\n{'configuration':<34}{'step ms':>9}{'vs plain':>9}{'RSS MiB':>9}{'+AdamW':>9}{'GPU MiB':>9}{'+AdamW':>9}"
-          f"{'state':>9}{'runtime':>9}{'unacc.':>9}")
+          f"{'state':>9}{'runtime':>9}{'unacc.':>9}{'heap+':>9}{'threads+':>9}")
     for r in results:
         if "error" in r:
             print(f"{r['config']:<34}  failed: {r['error']}")
@@ -186,7 +193,8 @@ def run(args: Any) -> list[dict[str, Any]]:
         print(f"{r['config']:<34}{r['median_step_s'] * 1e3:9.2f}{ratio}{_mib(r['peak_rss_bytes'])}"
               f"{_mib(r.get('rss_over_adamw_bytes'))}{_mib(r.get('gpu_peak_allocated_bytes'))}"
               f"{_mib(r.get('gpu_over_adamw_bytes'))}{_mib(r['state_bytes'])}{_mib(r['runtime_bytes'])}"
-              f"{_mib(r.get('unaccounted_bytes'))}")
+              f"{_mib(r.get('unaccounted_bytes'))}{_mib(r.get('main_heap_over_adamw_bytes'))}"
+              f"{_mib(r.get('thread_heaps_over_adamw_bytes'))}")
     path = write_json(args.out, "memory.json", {"args": vars(args), "results": results}, default=str)
     print(f"\nwrote {path}")
     return results

@@ -326,9 +326,9 @@ class EigenbasisOptimizer(BlockOptimizer):
         # when every installed row has one, else the install computes it
         have_rot = rots is not None and all(r is not None for i in range(len(bucket.shape)) for k, r in enumerate(rots[i]) if ok[k])
         rotations = [] if have_rot else None
-        # an install that reads no old basis may write the new one straight into the (untiered) state: one copy,
-        # not two
-        in_place = self._install_reads_old_bases is False and rows.full and all(ok) and self._tiers is None
+        # an install that reads no old basis (KL's, or SOAP's with the jobs' rotations) may write the new one
+        # straight into the (untiered) state: one copy, not two, and no stacked bases beside the state
+        in_place = (self._install_reads_old_bases is False or have_rot) and rows.full and all(ok) and self._tiers is None
         sorts = bool(self._refresh_options().get("sort", True))  # unsorted refreshes keep the column order
         for i, d in enumerate(bucket.shape):
             cur = rows.state[f"basis_{i}"]
