@@ -534,6 +534,58 @@ def test_peak_rss_is_bounded_by_the_budgets(tmp_path):
     assert tiered["maxrss"] <= bound, (tiered["maxrss"] - adamw["maxrss"]) / 2**20
 
 
+_RSS_CHUNK_CHILD = textwrap.dedent(
+    """
+    import json, sys, torch, asteria
+    from asteria.train.rss import process_peak_rss_bytes
+    torch.set_num_threads(1)
+    mode, nvme = sys.argv[1], sys.argv[2]
+    torch.manual_seed(0)
+    # one bucket of six 1024 x 1024 blocks, ~4x the budgets: whole, it could not be staged through host_budget
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024, bias=False) for _ in range(6)])
+    if mode == "adamw":
+        opt = torch.optim.AdamW(model.parameters())
+        extra = {}
+    else:
+        rt = asteria.RuntimeConfig(refresh="sync", device_budget=8 << 20, host_budget=28 << 20, nvme_path=nvme)
+        opt = asteria.Shampoo(model.parameters(), merge_dims=False, start_preconditioning_step=100,
+                              precondition_frequency=100, runtime=rt)
+    x = torch.randn(4, 1024)
+    for step in range(3):
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if mode != "adamw":
+        rep = opt.runtime.memory_report()
+        extra = {"state": rep["state_bytes"], "tiers": rep["tiers"], "chunks": [b.size for b in opt._buckets],
+                 "device_peak": rep["budgets"]["device_peak"], "host_peak": rep["budgets"]["host_peak"]}
+    print(json.dumps({"maxrss": process_peak_rss_bytes(), **extra}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_peak_rss_of_chunked_state_is_bounded_by_the_budgets(tmp_path):
+    """A bucket 4x larger than both budgets together, staged one block at a time: the peak RSS stays within AdamW's
+    peak + the budgets + 64 MiB."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+
+    def child(mode):
+        out = subprocess.run([sys.executable, "-c", _RSS_CHUNK_CHILD, mode, str(tmp_path)], capture_output=True,
+                             text=True, env=env, timeout=240)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    adamw = child("adamw")
+    tiered = child("tiered")
+    budgets = (8 << 20) + (28 << 20)
+    assert tiered["chunks"] == [1] * 6 and tiered["state"] >= 4 * budgets, tiered
+    assert tiered["tiers"]["nvme"] > tiered["state"] / 2
+    assert tiered["device_peak"] <= 8 << 20 and tiered["host_peak"] <= 28 << 20
+    bound = adamw["maxrss"] + budgets + (64 << 20)
+    assert tiered["maxrss"] <= bound, (tiered["maxrss"] - adamw["maxrss"]) / 2**20
+
+
 # ---------------------------------------------------------------------------------------------------- asteria-train
 def test_asteria_train_memory_options(tmp_path):
     from asteria.train.cli import build_parser, plan_runs
