@@ -3,7 +3,8 @@
 Each configuration trains the GPT of `asteria.train.model` for ``--steps`` steps in a fresh child process (so
 that one configuration's peak is not another's), on random tokens, and reports:
 
-* peak RSS of the process (``VmHWM``) and its growth over AdamW's (the same model, data and steps);
+* peak RSS of the process (``VmHWM``) and its growth over AdamW's (the same model, data and steps), also split
+  into the first step's peak and the later steps' own (the peak is reset after the first step);
 * on ``--device cuda``: peak GPU memory allocated and reserved by torch's caching allocator
   (``torch.cuda.max_memory_allocated`` / ``max_memory_reserved``) and the growth over AdamW's;
 * the optimizer's own bytes: ``opt.runtime.memory_report()`` for asteria (state and refresh buffers per tier),
@@ -71,7 +72,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from asteria.train.model import GPT, ModelConfig
-    from asteria.train.rss import process_peak_rss_bytes
+    from asteria.train.rss import process_peak_rss_bytes, reset_peak
 
     from .overhead import _build, _summary
 
@@ -91,8 +92,12 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     times = []
+    first_peak = None
     try:
-        for _ in range(spec["steps"]):
+        for step in range(spec["steps"]):
+            if step == 1:  # the peak of the first step (the first bases of SOAP and KL), then the later steps' own
+                first_peak = process_peak_rss_bytes()
+                reset_peak()
             idx = torch.randint(0, cfg.vocab_size, (spec["batch"], spec["context"] + 1), generator=gen).to(device)
             if cuda:
                 torch.cuda.synchronize(device)
@@ -104,9 +109,12 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             if cuda:
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)
+        later_peak = process_peak_rss_bytes() or 0
         out: dict[str, Any] = {
             "config": label(spec),
-            "peak_rss_bytes": process_peak_rss_bytes() or 0,
+            "peak_rss_bytes": max(first_peak or 0, later_peak),
+            "first_step_peak_rss_bytes": first_peak if first_peak is not None else later_peak,
+            "later_steps_peak_rss_bytes": later_peak if first_peak is not None else None,
             "optimizer_bytes": _optimizer_bytes(opt),
             "loss": float(loss.detach()),
         }
@@ -204,12 +212,14 @@ def run(args: Any) -> list[dict[str, Any]]:
     tiered = [r for r in results if "bound_bytes" in r]
     if tiered:
         print(f"\n{'budget run':<34}{'state MiB':>10}{'over':>7}{'device':>9}{'host':>9}{'nvme':>9}{'RSS MiB':>9}"
-              f"{'bound':>9}{'margin':>9}")
+              f"{'step 1':>9}{'later':>9}{'bound':>9}{'margin':>9}{'shadow':>9}")
         for r in tiered:
             t = r["tiers"]
             print(f"{r['config']:<34}{r['state_bytes'] / _MIB:10.1f}{r['oversubscription']:6.1f}x{_mib(t['device'])}"
-                  f"{_mib(t['host'])}{_mib(t['nvme'])}{_mib(r['peak_rss_bytes'])}{_mib(r['bound_bytes'])}"
-                  f"{_mib(r['bound_bytes'] - r['peak_rss_bytes'])}")
+                  f"{_mib(t['host'])}{_mib(t['nvme'])}{_mib(r['peak_rss_bytes'])}"
+                  f"{_mib(r['first_step_peak_rss_bytes'])}{_mib(r.get('later_steps_peak_rss_bytes'))}"
+                  f"{_mib(r['bound_bytes'])}{_mib(r['bound_bytes'] - r['peak_rss_bytes'])}"
+                  f"{_mib(r['pinned_reserved_bytes']['shadow'])}")
     path = write_json(args.out, "memory.json", {"args": vars(args), "results": results}, default=str)
     print(f"\nwrote {path}")
     return results

@@ -484,15 +484,16 @@ class TierManager:
             self._plan(type(opt).__name__, sizes, copies, exclude=id(opt), note=note)
             return True
         except BudgetError:  # fits if the other optimizers' buckets move (as begin() would do)
-            live = [r for r in self._records if r.alive and r.owner_id != id(opt)]
-            try:
-                self._plan(type(opt).__name__, [r.packed for r in live] + sizes,
-                           [not self._in_place(r.device) for r in live] + copies, fresh=True, note=note)
-                return True
-            except BudgetError:
-                if raise_error:
-                    raise
-                return False
+            pass
+        live = [r for r in self._records if r.alive and r.owner_id != id(opt)]
+        try:
+            self._plan(type(opt).__name__, [r.packed for r in live] + sizes,
+                       [not self._in_place(r.device) for r in live] + copies, fresh=True, note=note)
+            return True
+        except BudgetError:
+            if raise_error:
+                raise
+            return False
 
     def begin(self, opt: Any, buckets: list[Any]) -> None:
         """Registers the (new) buckets of ``opt`` and decides their tiers; call `adopt` for each after creating its state.
