@@ -21,7 +21,7 @@ its tier:
 that a ring of three staging buffers takes at most half of ``host_budget``; one block per chunk when the budgets
 cannot hold the state in chunks of that size). A chunk holds at least one block, and it starts only where each
 of its matrices keeps the memory alignment it has in the whole bucket (`SPLIT_ALIGN`: after any block for dims
-that are multiples of 32, in runs of up to 32 blocks otherwise), because MKL's batched products give other bits
+that are multiples of 32, after every 32nd block for odd dims), because MKL's batched products give other bits
 for an odd-sized matrix at another alignment. The optimizer computes on chunks as it does on buckets: the
 per-step math is batched over the chunk's blocks, and a refresh batch belongs to one chunk (a batch of a whole
 bucket, from a checkpoint taken with other budgets, is installed chunk by chunk). Without tiers nothing is split.
@@ -1559,10 +1559,11 @@ def _split_quantum(shape: tuple[int, ...]) -> int:
     """The fewest blocks of ``shape`` a chunk boundary may fall after (see `SPLIT_ALIGN`).
 
     MKL's batched products compute a matrix whose size is not a multiple of the SIMD width differently when its
-    address is aligned differently (measured: a ``(B, 9, 8) @ (B, 8, 9)`` product gives other bits for matrix 1
-    of a stack than for the same matrix alone), so a chunk may start only where each of its matrices has the
-    alignment it has in the whole bucket: after any block for dims that are multiples of 32 (every dimension of
-    the usual models), after every 32nd block for odd dims.
+    address is aligned differently (measured on torch 2.13: in a ``(4, 9, 8) @ (4, 8, 9)`` product the matrices of
+    the sub-stack ``[1:4]`` get other bits than in the whole stack, and so does the whole stack written to an output
+    shifted by one float), so a chunk may start only where each of its matrices has the alignment it has in the
+    whole bucket: after any block when the gcd ``g`` of the block's dims is a multiple of 32 (every dimension of
+    the usual models), after every ``32 / gcd(32, g)``-th block otherwise (every 32nd for odd dims).
     """
     g = 0
     for d in shape:
@@ -1577,8 +1578,8 @@ def _granularity(chunks: list[Any], cap: int | None, explicit: bool) -> str:
         return "a bucket, every same-shape block of a param group, is the unit of placement"
     held = any(c.size > 1 and _split_quantum(c.shape) > 1 for c in chunks)
     odd = (
-        f"; blocks whose dims are not multiples of {SPLIT_ALIGN} are split only in runs of up to {SPLIT_ALIGN} blocks, "
-        "which keeps the batched products' bits" if held else ""
+        f"; a bucket of blocks whose dims' gcd g is not a multiple of {SPLIT_ALIGN} is split only after multiples of "
+        f"{SPLIT_ALIGN}/gcd({SPLIT_ALIGN}, g) blocks, which keeps the batched products' bits" if held else ""
     )
     if all(c.size == 1 for c in chunks):
         return "one block per chunk: the smallest unit of placement" + odd
