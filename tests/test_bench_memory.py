@@ -30,3 +30,16 @@ def test_a_configuration_is_measured_in_a_child_and_a_failure_is_reported():
     assert label(tight) == "soap:async@device_budget=1KiB"
     res = _child(tight, timeout=240)
     assert res["config"] == "soap:async@device_budget=1KiB" and "BudgetError" in res["error"]
+
+
+def test_a_budget_run_on_the_nvme_tier_reports_where_the_state_is(tmp_path):
+    spec = dict(device="cpu", layers=1, d_model=64, context=16, batch=2, steps=3, warmup=1, frequency=2, staleness=1,
+                threads=1, config="soap:sync", device_budget="64KiB", host_budget="1MiB", nvme_path=str(tmp_path))
+    assert label(spec) == "soap:sync@device_budget=64KiB+nvme"
+    res = _child(spec, timeout=240)
+    assert res["config"] == label(spec), res
+    tiers = res["tiers"]
+    assert res["state_bytes"] == tiers["device"] + tiers["host"] + tiers["nvme"] and tiers["nvme"] > tiers["device"]
+    assert res["budget_bytes"]["device"] == 64 << 10 and res["budget_bytes"]["host_peak"] <= 1 << 20
+    assert res["pager_bytes"]["written"] > 0 and res["pager_bytes"]["read"] > 0
+    assert res["pinned_reserved_bytes"]["state"] <= 1 << 20

@@ -560,6 +560,58 @@ def test_peak_rss_is_bounded_by_the_budgets(tmp_path):
     assert tiered["maxrss"] <= bound, (tiered["maxrss"] - adamw["maxrss"]) / 2**20
 
 
+_RSS_CHUNK_CHILD = textwrap.dedent(
+    """
+    import json, sys, torch, asteria
+    from asteria.train.rss import process_peak_rss_bytes
+    torch.set_num_threads(1)
+    mode, nvme = sys.argv[1], sys.argv[2]
+    torch.manual_seed(0)
+    # one bucket of six 1024 x 1024 blocks, ~4x the budgets: whole, it could not be staged through host_budget
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024, bias=False) for _ in range(6)])
+    if mode == "adamw":
+        opt = torch.optim.AdamW(model.parameters())
+        extra = {}
+    else:
+        rt = asteria.RuntimeConfig(refresh="sync", device_budget=8 << 20, host_budget=28 << 20, nvme_path=nvme)
+        opt = asteria.Shampoo(model.parameters(), merge_dims=False, start_preconditioning_step=100,
+                              precondition_frequency=100, runtime=rt)
+    x = torch.randn(4, 1024)
+    for step in range(3):
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if mode != "adamw":
+        rep = opt.runtime.memory_report()
+        extra = {"state": rep["state_bytes"], "tiers": rep["tiers"], "chunks": [b.size for b in opt._buckets],
+                 "device_peak": rep["budgets"]["device_peak"], "host_peak": rep["budgets"]["host_peak"]}
+    print(json.dumps({"maxrss": process_peak_rss_bytes(), **extra}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_peak_rss_of_chunked_state_is_bounded_by_the_budgets(tmp_path):
+    """A bucket 4x larger than both budgets together, staged one block at a time: the peak RSS stays within AdamW's
+    peak + the budgets + 64 MiB."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+
+    def child(mode):
+        out = subprocess.run([sys.executable, "-c", _RSS_CHUNK_CHILD, mode, str(tmp_path)], capture_output=True,
+                             text=True, env=env, timeout=240)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    adamw = child("adamw")
+    tiered = child("tiered")
+    budgets = (8 << 20) + (28 << 20)
+    assert tiered["chunks"] == [1] * 6 and tiered["state"] >= 4 * budgets, tiered
+    assert tiered["tiers"]["nvme"] > tiered["state"] / 2
+    assert tiered["device_peak"] <= 8 << 20 and tiered["host_peak"] <= 28 << 20
+    bound = adamw["maxrss"] + budgets + (64 << 20)
+    assert tiered["maxrss"] <= bound, (tiered["maxrss"] - adamw["maxrss"]) / 2**20
+
+
 # ---------------------------------------------------------------------------------------------------- asteria-train
 def test_asteria_train_memory_options(tmp_path):
     from asteria.train.cli import build_parser, plan_runs
@@ -583,3 +635,160 @@ def test_asteria_train_memory_options(tmp_path):
     assert tiers["tiered"] == 1.0 and tiers["nvme"] > 0 and tiers["pager_written"] > 0
     assert optimizer_state_bytes(opt) == tiers["state"] == opt.runtime.memory_report()["state_bytes"]
     opt.close()
+
+
+# ------------------------------------------------------------------------------------ chunks: the unit of placement
+# Same-shape blocks (dims multiples of 32, as in transformers) make buckets of several blocks, which budgets 4x
+# smaller than the state can only hold when they are placed and staged a chunk of blocks at a time.
+CHUNK_DIMS = [32] * 7 + [64, 32, 64, 32]
+
+
+def _chunk_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(a, b) for a, b in zip(CHUNK_DIMS, CHUNK_DIMS[1:])])
+
+
+def _chunk_batch(step: int) -> torch.Tensor:
+    return torch.randn(8, CHUNK_DIMS[0], generator=torch.Generator().manual_seed(200 + step))
+
+
+def _chunk_train(opt, model, steps, start=0):
+    for s in range(start, start + steps):
+        torch.tanh(model(_chunk_batch(s))).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@functools.lru_cache(maxsize=None)
+def _chunk_reference(name: str, mode: str):
+    """Untiered run of the chunk model: final params, state dict, the buckets' sizes and the bytes of one (32, 32)
+    block's state."""
+    model = _chunk_model()
+    opt = _make(name, model, RuntimeConfig(**MODES[mode]))
+    _chunk_train(opt, model, STEPS)
+    sizes = [b.size for b in opt._buckets]
+    square = next(b for b in opt._buckets if tuple(b.shape) == (32, 32))
+    block = sum(t[0].numel() * t.element_size() for t in square.state.values())
+    out = (_params(model), copy.deepcopy(opt.state_dict()), sizes, block)
+    opt.close()
+    return out
+
+
+@pytest.mark.parametrize("chunk", ["auto", "two blocks"])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_chunked_state_at_4x_oversubscription_is_bit_identical(tmp_path, name, mode, chunk):
+    """State 4x the budgets, on the NVMe tier a chunk of blocks at a time: the same bits as in memory (invariant 4)."""
+    ref_params, ref_sd, ref_sizes, block = _chunk_reference(name, mode)
+    total = _state_bytes(ref_sd)
+    budgets = {"device_budget": total // 16, "host_budget": total * 3 // 16}
+    if chunk == "two blocks":  # chunks of two (32, 32) blocks: sub-stacks of the bucket, at offsets 0, 2, 4
+        budgets["max_chunk_bytes"] = 2 * block + 1024  # (+ the alignment of the stacked tensors)
+    model = _chunk_model()
+    opt = _make(name, model, RuntimeConfig(**MODES[mode], **budgets, nvme_path=tmp_path))
+    _chunk_train(opt, model, STEPS)
+    for p, q in zip(ref_params, model.parameters()):
+        assert torch.equal(p, q)
+    _assert_same_state(ref_sd, opt.state_dict())
+    # the buckets really were split, into chunks of several blocks where the bound allows it
+    sizes = [b.size for b in opt._buckets]
+    assert sum(sizes) == sum(ref_sizes) and len(sizes) > len(ref_sizes)
+    if chunk == "two blocks":
+        assert [b.size for b in opt._buckets if tuple(b.shape) == (32, 32)] == [2, 2, 2]
+    rep = opt.runtime.memory_report()
+    assert total >= 4 * (budgets["device_budget"] + budgets["host_budget"])
+    assert rep["tiers"]["nvme"] > total / 2 and rep["pager"]["bytes_read"] > 0
+    assert rep["budgets"]["device_peak"] <= budgets["device_budget"]
+    assert rep["budgets"]["host_peak"] <= budgets["host_budget"]
+    opt.close()
+
+
+def test_a_host_budget_of_one_block_and_its_staging_buffer_is_enough(tmp_path):
+    """One bucket of eight blocks: the NVMe tier needs room for one block, not the bucket, and the refusal names it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64, bias=False) for _ in range(8)])
+    cfg = dict(refresh="sync", device_budget=0, nvme_path=tmp_path)
+    with pytest.raises(BudgetError) as info:
+        _make("soap", model, RuntimeConfig(**cfg, host_budget=4096))
+    msg = str(info.value)
+    assert "one block per chunk" in msg and "staging buffers" in msg
+    smallest = int(msg.split("smallest host_budget that works with device_budget=0 bytes (0 B) is ")[1].split(" bytes")[0].replace(",", ""))
+    block = 6 * 64 * 64 * 4  # SOAP: two factors, two bases, two moments of a 64 x 64 block
+    assert smallest == -(-(block + 256) // 4096) * 4096  # one page-rounded block (+ its counters) in one buffer
+    opt = _make("soap", model, RuntimeConfig(**cfg, host_budget=smallest))
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    rep = opt.runtime.memory_report()
+    assert [b.size for b in opt._buckets] == [1] * 8 and rep["tiers"]["nvme"] == rep["state_bytes"]
+    assert rep["buffers"]["staging_buffers"] == 1 and rep["budgets"]["host_peak"] <= smallest
+    opt.close()
+    with pytest.raises(BudgetError):
+        _make("soap", model, RuntimeConfig(**cfg, host_budget=smallest - 1))
+
+
+def test_odd_block_dims_are_split_only_where_their_alignment_is_kept(tmp_path):
+    """MKL's batched products give other bits for an odd-sized matrix at another alignment; a bucket of such blocks
+    is therefore split only in runs of 32 blocks, and Shampoo's (33,) and (33, 33) blocks keep their bits."""
+    from asteria.runtime.tiers import _split_quantum
+
+    assert _split_quantum((768, 2048)) == 1 and _split_quantum((32,)) == 1 and _split_quantum((48, 16)) == 2
+    assert _split_quantum((33, 17)) == 32 and _split_quantum((24,)) == 4
+    dims = [33] * 6
+
+    def run(runtime):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(a, b) for a, b in zip(dims, dims[1:])])
+        opt = _make("shampoo", model, runtime)
+        for s in range(STEPS):
+            torch.tanh(model(torch.randn(8, 33, generator=torch.Generator().manual_seed(s)))).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        out = _params(model), opt.state_dict(), [b.size for b in opt._buckets]
+        opt.close()
+        return out
+
+    ref = run(RuntimeConfig(refresh="sync"))
+    got = run(RuntimeConfig(refresh="sync", device_budget="1GiB", max_chunk_bytes=1, nvme_path=tmp_path))
+    assert got[2] == ref[2] == [5, 5]  # five (33, 33) weights and five (33,) biases: not split
+    for p, q in zip(ref[0], got[0]):
+        assert torch.equal(p, q)
+    _assert_same_state(ref[1], got[1])
+
+
+def test_refreshes_in_flight_of_whole_buckets_install_into_chunks(tmp_path):
+    """A checkpoint taken without budgets holds refresh batches of whole buckets; loaded with budgets that split the
+    buckets, each batch is installed chunk by chunk, at the same step and with the same bits."""
+    mode = "async"
+    ref_params, ref_sd, _, block = _chunk_reference("soap", mode)
+    model = _chunk_model()
+    plain = _make("soap", model, RuntimeConfig(**MODES[mode]))
+    _chunk_train(plain, model, 3)
+    sd = plain.state_dict()
+    assert any(len(e["tag"]["blocks"]) == 6 for e in sd["asteria"]["pending"])  # the (32, 32) bucket's batch in flight
+    model2 = _chunk_model()
+    model2.load_state_dict(model.state_dict())
+    plain.close()
+    total = _state_bytes(ref_sd)
+    opt = _make("soap", model2, RuntimeConfig(**MODES[mode], device_budget=total // 16, host_budget=total * 3 // 16,
+                                              max_chunk_bytes=block, nvme_path=tmp_path))
+    opt.load_state_dict(sd)
+    assert [b.size for b in opt._buckets if tuple(b.shape) == (32, 32)] == [1] * 6
+    _chunk_train(opt, model2, STEPS - 3, start=3)
+    for p, q in zip(ref_params, model2.parameters()):
+        assert torch.equal(p, q)
+    _assert_same_state(ref_sd, opt.state_dict())
+    opt.close()
+
+
+def test_max_chunk_bytes_is_validated():
+    assert RuntimeConfig(device_budget="1MiB", max_chunk_bytes="64KiB").max_chunk_bytes == 64 << 10
+    assert RuntimeConfig(host_budget=1 << 20).max_chunk_bytes is None
+    with pytest.raises(ValueError, match="max_chunk_bytes.*at least 1 byte"):
+        RuntimeConfig(device_budget="1MiB", max_chunk_bytes=0)
+    with pytest.raises(ValueError, match="max_chunk_bytes"):
+        RuntimeConfig(device_budget="1MiB", max_chunk_bytes="big")
+    with pytest.raises(ValueError, match="applies to tiered state only: set device_budget, host_budget or nvme_path"):
+        RuntimeConfig(max_chunk_bytes="1MiB")

@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run every second-order configuration with RuntimeConfig(device_budget=...), e.g. 16MiB")
     p.add_argument("--host-budget", default="1GiB",
                    help="the host_budget (pinned memory) of the --device-budget runs (default: %(default)s)")
+    p.add_argument("--nvme-path", default=None,
+                   help="an existing directory: the --device-budget runs put the state beyond both budgets on the NVMe "
+                        "tier there (default: none, no NVMe tier)")
     p.add_argument("--steps", type=int, default=30, help="training steps per configuration (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of the step times (default: %(default)s)")
     p.add_argument("--frequency", type=int, default=10, help="precondition_frequency (default: %(default)s)")

@@ -3,7 +3,8 @@
 Each configuration trains the GPT of `asteria.train.model` for ``--steps`` steps in a fresh child process (so
 that one configuration's peak is not another's), on random tokens, and reports:
 
-* peak RSS of the process (``VmHWM``) and its growth over AdamW's (the same model, data and steps);
+* peak RSS of the process (``VmHWM``) and its growth over AdamW's (the same model, data and steps), also split
+  into the first step's peak and the later steps' own (the peak is reset after the first step);
 * on ``--device cuda``: peak GPU memory allocated and reserved by torch's caching allocator
   (``torch.cuda.max_memory_allocated`` / ``max_memory_reserved``) and the growth over AdamW's;
 * the optimizer's own bytes: for asteria ``memory_report()``'s ``state_bytes`` and ``runtime_bytes`` (pools,
@@ -17,9 +18,12 @@ that one configuration's peak is not another's), on random tokens, and reports:
 Configurations (``--configs``): ``adamw`` (always run: the baseline), ``muon``, and ``NAME:MODE`` for the four
 second-order optimizers with the modes of ``asteria-bench overhead`` (``sync``, ``async``, ``async-gpu``, ...,
 optionally ``+bf16``). With ``--device-budget`` every second-order configuration runs a second time with
-``RuntimeConfig(device_budget=..., host_budget=--host-budget)`` (the state beyond it in pinned host memory); the
-step-time ratio of the two
-runs is the cost of the budget, the difference of their peaks what it saves.
+``RuntimeConfig(device_budget=..., host_budget=--host-budget)`` (the state beyond it in pinned host memory; with
+``--nvme-path``, the state beyond both budgets on the NVMe tier, in a swap file there); the step-time ratio of the
+two runs is the cost of the budget, the difference of their peaks what it saves. For a budget run the table also
+gives the state's oversubscription (state bytes over the two budgets) and checks the peak against
+``AdamW's peak + device_budget + host_budget + 64 MiB`` (``bound``); the JSON has, per run, the bytes per tier and
+the reservations of the pinned pools (the state's, which the host budget bounds, and the refresh snapshots').
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from asteria.train.model import GPT, ModelConfig
-    from asteria.train.rss import allocator_stats, process_peak_rss_bytes
+    from asteria.train.rss import allocator_stats, process_peak_rss_bytes, reset_peak
 
     from .overhead import _build, _summary
 
@@ -88,13 +92,19 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     name, _, mode = spec["config"].partition(":")
     budgets = ({"device_budget": spec["device_budget"], "host_budget": spec["host_budget"]}
                if spec.get("device_budget") else None)
+    if budgets is not None and spec.get("nvme_path"):
+        budgets["nvme_path"] = spec["nvme_path"]
     opt = _build(name, mode or "-", model, spec["frequency"], spec["staleness"], None, None, True, budgets=budgets)
     gen = torch.Generator().manual_seed(0)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     times = []
+    first_peak = None
     try:
-        for _ in range(spec["steps"]):
+        for step in range(spec["steps"]):
+            if step == 1:  # the peak of the first step (the first bases of SOAP and KL), then the later steps' own
+                first_peak = process_peak_rss_bytes()
+                reset_peak()
             idx = torch.randint(0, cfg.vocab_size, (spec["batch"], spec["context"] + 1), generator=gen).to(device)
             if cuda:
                 torch.cuda.synchronize(device)
@@ -106,13 +116,27 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             if cuda:
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)
+        later_peak = process_peak_rss_bytes() or 0
         out: dict[str, Any] = {
             "config": label(spec),
-            "peak_rss_bytes": process_peak_rss_bytes() or 0,
+            "peak_rss_bytes": max(first_peak or 0, later_peak),
+            "first_step_peak_rss_bytes": first_peak if first_peak is not None else later_peak,
+            "later_steps_peak_rss_bytes": later_peak if first_peak is not None else None,
             **_optimizer_bytes(opt),
             "allocator": allocator_stats(),
             "loss": float(loss.detach()),
         }
+        if budgets is not None:
+            rep = opt.runtime.memory_report()
+            out["state_bytes"] = int(rep["state_bytes"])
+            out["tiers"] = {t: int(n) for t, n in rep["tiers"].items()}
+            out["budget_bytes"] = {"device": rep["budgets"]["device"], "host": rep["budgets"]["host"],
+                                   "device_peak": rep["budgets"]["device_peak"], "host_peak": rep["budgets"]["host_peak"]}
+            out["chunks"] = len(opt._buckets or [])
+            out["staging_bytes"] = int(rep["buffers"]["staging_bytes"])
+            out["pinned_reserved_bytes"] = {k: int(v["reserved_bytes"]) for k, v in rep["pinned"].items()}
+            out["pager_bytes"] = ({"read": rep["pager"]["bytes_read"], "written": rep["pager"]["bytes_written"]}
+                                  if "pager" in rep else None)
         if cuda:
             out["gpu_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
             out["gpu_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
@@ -127,7 +151,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 def label(spec: dict[str, Any]) -> str:
     """A configuration's name in the table: ``soap:async`` or ``soap:async@device_budget=16MiB``."""
-    return spec["config"] + (f"@device_budget={spec['device_budget']}" if spec.get("device_budget") else "")
+    if not spec.get("device_budget"):
+        return spec["config"]
+    return spec["config"] + f"@device_budget={spec['device_budget']}" + ("+nvme" if spec.get("nvme_path") else "")
 
 
 def _child(spec: dict[str, Any], timeout: float | None) -> dict[str, Any]:
@@ -155,8 +181,9 @@ def run(args: Any) -> list[dict[str, Any]]:
                 threads=args.threads)
     specs = [dict(base, config=c) for c in configs]
     if args.device_budget:
-        specs += [dict(base, config=c, device_budget=args.device_budget, host_budget=args.host_budget) for c in configs if c.split(":")[0] not in
-                  ("adamw", "muon")]
+        nvme = getattr(args, "nvme_path", None)
+        specs += [dict(base, config=c, device_budget=args.device_budget, host_budget=args.host_budget, nvme_path=nvme)
+                  for c in configs if c.split(":")[0] not in ("adamw", "muon")]
     print(f"asteria-bench memory: GPT {args.layers} layers, d_model {args.d_model}, context {args.context}, batch "
           f"{args.batch} on {args.device}; {args.steps} steps per configuration, each in a fresh process", flush=True)
     results = []
@@ -183,6 +210,11 @@ def run(args: Any) -> list[dict[str, Any]]:
         plain = ok.get(r["config"].split("@")[0]) if "@" in r["config"] else None
         if plain is not None:
             r["step_vs_no_budget"] = r["median_step_s"] / plain["median_step_s"]
+        if adamw is not None and "budget_bytes" in r:
+            r["bound_bytes"] = (adamw["peak_rss_bytes"] + (r["budget_bytes"]["device"] or 0)
+                                + (r["budget_bytes"]["host"] or 0) + 64 * _MIB)
+            r["oversubscription"] = r["state_bytes"] / max((r["budget_bytes"]["device"] or 0)
+                                                           + (r["budget_bytes"]["host"] or 0), 1)
     print(f"\n{'configuration':<34}{'step ms':>9}{'vs plain':>9}{'RSS MiB':>9}{'+AdamW':>9}{'GPU MiB':>9}{'+AdamW':>9}"
           f"{'state':>9}{'runtime':>9}{'unacc.':>9}{'heap+':>9}{'threads+':>9}")
     for r in results:
@@ -195,6 +227,17 @@ def run(args: Any) -> list[dict[str, Any]]:
               f"{_mib(r.get('gpu_over_adamw_bytes'))}{_mib(r['state_bytes'])}{_mib(r['runtime_bytes'])}"
               f"{_mib(r.get('unaccounted_bytes'))}{_mib(r.get('main_heap_over_adamw_bytes'))}"
               f"{_mib(r.get('thread_heaps_over_adamw_bytes'))}")
+    tiered = [r for r in results if "bound_bytes" in r]
+    if tiered:
+        print(f"\n{'budget run':<34}{'state MiB':>10}{'over':>7}{'device':>9}{'host':>9}{'nvme':>9}{'RSS MiB':>9}"
+              f"{'step 1':>9}{'later':>9}{'bound':>9}{'margin':>9}{'shadow':>9}")
+        for r in tiered:
+            t = r["tiers"]
+            print(f"{r['config']:<34}{r['state_bytes'] / _MIB:10.1f}{r['oversubscription']:6.1f}x{_mib(t['device'])}"
+                  f"{_mib(t['host'])}{_mib(t['nvme'])}{_mib(r['peak_rss_bytes'])}"
+                  f"{_mib(r['first_step_peak_rss_bytes'])}{_mib(r.get('later_steps_peak_rss_bytes'))}"
+                  f"{_mib(r['bound_bytes'])}{_mib(r['bound_bytes'] - r['peak_rss_bytes'])}"
+                  f"{_mib(r['pinned_reserved_bytes']['shadow'])}")
     path = write_json(args.out, "memory.json", {"args": vars(args), "results": results}, default=str)
     print(f"\nwrote {path}")
     return results

@@ -276,7 +276,7 @@ class _WeakInstaller:
     def __call__(self, results: Sequence[Any]) -> None:
         opt = self._ref()
         if opt is not None:
-            opt._install_batch(self.tag, results)
+            opt._install_tagged(self.tag, results)
 
     @property
     def parallel_safe(self) -> bool:
@@ -579,6 +579,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         buckets = list(table.values())
         if self._dist is not None:  # owners of every block; with sharded state, only this rank's rows stay
             buckets = self._dist.partition(self, buckets)
+        if self._tiers is not None:  # the unit of placement: chunks of a bucket's blocks (RuntimeConfig.max_chunk_bytes)
+            buckets = self._tiers.split(self, buckets)
         self._member_index = {}
         for bucket in buckets:
             for row, m in enumerate(bucket.members):
@@ -942,6 +944,25 @@ class BlockOptimizer(torch.optim.Optimizer):
         if any(b is not bucket for b, _ in found):  # pragma: no cover - a batch never spans buckets
             raise RuntimeError(f"{type(self).__name__}: a refresh batch spans several buckets")
         return bucket, [r for _, r in found]
+
+    def _install_tagged(self, tag: dict[str, Any], results: Sequence[Any]) -> None:
+        """Installs a batch with `_install_batch`, once per bucket its blocks now lie in: a batch submitted before
+        the buckets were split otherwise (a checkpoint's pending refresh loaded with other memory budgets) spans
+        several. Results are ordered per factor, then per block (``results[i * n + k]``), as the jobs were."""
+        self._ensure_buckets()
+        keys = [tuple(int(x) for x in k) for k in tag["blocks"]]
+        owners = [self._member_index[k][0] for k in keys]
+        if all(b is owners[0] for b in owners):
+            self._install_batch(tag, results)
+            return
+        n = len(keys)
+        per_block = len(results) // n
+        parts: dict[int, list[int]] = {}
+        for k, bucket in enumerate(owners):
+            parts.setdefault(id(bucket), []).append(k)
+        for ks in parts.values():
+            sub = dict(tag, blocks=[list(keys[k]) for k in ks])
+            self._install_batch(sub, [results[i * n + k] for i in range(per_block) for k in ks])
 
     def installer(self, tag: dict[str, Any]) -> _WeakInstaller:
         """The installer of the refresh batch described by ``tag`` (see `_install_batch`)."""

@@ -96,6 +96,15 @@ class RuntimeConfig:
             budget goes to a private swap file in a fresh subdirectory (mode 0700, removed on close).
             None: no NVMe tier (a state larger than the budgets is then an error naming the numbers).
             See `asteria.runtime.tiers`.
+        max_chunk_bytes: With memory tiers, the most bytes of one *chunk*: the unit of placement and NVMe
+            staging, at most ``K`` same-shape blocks of one bucket whose state is stacked and updated by the same
+            batched products. Every bucket is split into the fewest chunks of near-equal size within this bound
+            (a chunk holds at least one block, whatever the bound). Same forms as the budgets, at least 1.
+            None (the default): automatic, ``min(host_budget // 6, device_budget // 4)`` over the budgets that
+            are set (a ring of three staging buffers then takes at most half of ``host_budget``), no splitting
+            when neither is set, and one block per chunk when the budgets cannot hold the state at that
+            bound. It changes where bytes are and how many blocks one product batches, never the numbers.
+            Only valid with a budget or ``nvme_path`` (without them the buckets are never split).
         process_group: ``torch.distributed`` group of a multi-process run. ``"auto"`` (the default): the
             default group when ``torch.distributed`` is initialised with more than one process, else a
             single-process run; None: never distributed; a ``ProcessGroup``: that group (used as it is,
@@ -145,6 +154,7 @@ class RuntimeConfig:
     device_budget: int | str | None = None
     host_budget: int | str | None = None
     nvme_path: str | os.PathLike[str] | None = None
+    max_chunk_bytes: int | str | None = None
     process_group: Any = "auto"
     shard_state: bool = False
     dist_timeout: float = 600.0
@@ -198,6 +208,19 @@ class RuntimeConfig:
                 object.__setattr__(self, name, parse_bytes(value, f"RuntimeConfig.{name}"))
         if self.nvme_path is not None:
             object.__setattr__(self, "nvme_path", _check_nvme_path(self.nvme_path))
+        if self.max_chunk_bytes is not None:
+            chunk = parse_bytes(self.max_chunk_bytes, "RuntimeConfig.max_chunk_bytes")
+            if chunk < 1:
+                raise ValueError(
+                    f"RuntimeConfig.max_chunk_bytes must be None (automatic) or at least 1 byte, got {self.max_chunk_bytes!r}"
+                )
+            if not self.tiered:
+                raise ValueError(
+                    f"RuntimeConfig.max_chunk_bytes={self.max_chunk_bytes!r} applies to tiered state only: set "
+                    "device_budget, host_budget or nvme_path as well, or leave max_chunk_bytes None (without tiers "
+                    "every bucket stays whole)"
+                )
+            object.__setattr__(self, "max_chunk_bytes", chunk)
         if self.refresh == "sync":
             if self.staleness not in (None, 0):
                 raise ValueError(

@@ -1,7 +1,8 @@
 """Tiered optimizer state: every optimizer tensor has a lifecycle class and lives in a tier chosen from budgets.
 
-**Registry.** Every tensor of every bucket (the stacked state of same-shape blocks, `asteria.optim.base.Bucket`)
-is registered with its bucket, its lifecycle class, its bytes and its tier:
+**Registry.** Every tensor of every chunk (the stacked state of up to ``K`` same-shape blocks of one bucket, an
+`asteria.optim.base.Bucket` itself; see *Chunks*) is registered with its chunk, its lifecycle class, its bytes and
+its tier:
 
 * classes: ``step`` (read and written every step: statistics, bases/roots, moments, counters), ``cold`` (only
   touched when a refresh is installed: failure counters and versions), and, held by the refresh runtime,
@@ -14,14 +15,25 @@ is registered with its bucket, its lifecycle class, its bytes and its tier:
 
 `TierManager.report` (``opt.runtime.memory_report()``) accounts for 100% of these bytes, per tier and per class.
 
+**Chunks.** With tiers, every bucket (all same-shape blocks of a param group, stacked) is split by `split` into
+*chunks*: runs of consecutive blocks, the fewest of near-equal length whose packed state fits
+``RuntimeConfig.max_chunk_bytes`` (None: ``min(host_budget // 6, device_budget // 4)`` over the budgets set, so
+that a ring of three staging buffers takes at most half of ``host_budget``; one block per chunk when the budgets
+cannot hold the state in chunks of that size). A chunk holds at least one block, and it starts only where each
+of its matrices keeps the memory alignment it has in the whole bucket (`SPLIT_ALIGN`: after any block for dims
+that are multiples of 32, after every 32nd block for odd dims), because MKL's batched products give other bits
+for an odd-sized matrix at another alignment. The optimizer computes on chunks as it does on buckets: the
+per-step math is batched over the chunk's blocks, and a refresh batch belongs to one chunk (a batch of a whole
+bucket, from a checkpoint taken with other budgets, is installed chunk by chunk). Without tiers nothing is split.
+
 **Budgets and placement.** ``device_budget`` bounds the state kept where the optimizer computes (GPU memory for
 GPU parameters, including the work buffer that host and NVMe state is streamed through; ordinary process
 memory for CPU parameters). ``host_budget`` bounds the pinned pool: host-tier state plus the staging buffers of
-the NVMe tier. A bucket goes to the device tier if it fits, else to the host tier, else to NVMe (largest
-buckets first, so the staging buffers stay small). None means "no limit" for the device and "no host-tier
-state" for the host (the NVMe staging buffers are then allocated outside any budget). A bucket is the unit of
-placement (its blocks are updated by the same batched matmuls whatever the tier), so the minimum working set
-is the largest bucket: a budget that cannot hold it fails with the numbers and the smallest budget that works.
+the NVMe tier. A chunk goes to the device tier if it fits, else to the host tier, else to NVMe (largest
+chunks first, so the staging buffers stay small). None means "no limit" for the device and "no host-tier
+state" for the host (the NVMe staging buffers are then allocated outside any budget). The chunk is the unit of
+placement, so the minimum working set is the largest chunk (one block at the finest): a budget that cannot
+hold it fails with the numbers and the smallest budget that works at that granularity.
 
 **Residency.** Device-tier state is always resident. Host-tier state is computed on in place where the platform
 allows it (CPU, unified memory) and copied into a device work buffer otherwise (discrete GPU). NVMe-tier state
@@ -33,9 +45,14 @@ Prefetching also starts from the gradient hooks, while backward still runs. Code
 bucket's state across an access to another bucket's state (the optimizers never do: each bucket is processed,
 committed and left before the next one).
 
-**Numbers.** Tiers change where bytes are, never the bytes: buffers are 64-byte aligned, dtypes are kept, the
-buckets and their batched composition are the same, so training with any budgets is bit-identical to training
-with everything in memory (invariant 4 of docs/design.md).
+**Numbers.** Tiers change where bytes are, never the bytes: buffers are 64-byte aligned, dtypes are kept, and a
+chunk's blocks are computed at the same alignment as in the whole bucket, so training with any budgets is
+bit-identical to training with everything in memory (invariant 4 of docs/design.md; `tests/test_runtime_tiers.py`
+checks it at 4x oversubscription for the four optimizers). Measured on torch 2.13 (MKL, 1 and 2 threads): a
+sub-stack of a batched matmul gives each matrix the bits it has in the whole stack for dims that are multiples of
+8, and the one per-block reduction found whose order changes with the number of blocks (a multi-threaded sum over a
+few large blocks) is the finiteness test of `asteria.optim.tensor_ops.finite_blocks`, which only decides
+finite or not.
 
 **I/O errors.** Every failed request of the NVMe tier is retried once at once (writes go to a fresh place of
 the swap file; a retry that succeeds issues a `TierIOWarning` and is counted in ``movement["io_retries"]``). When
@@ -72,6 +89,7 @@ from __future__ import annotations
 import dataclasses
 import errno as _errno
 import itertools
+import math
 import threading
 import time
 import warnings
@@ -390,15 +408,92 @@ class TierManager:
             return
         with self._lock:
             self._process_dead()
-            descs = [self._describe(opt, b) for b in buckets]
-            sizes = [_packed_size(d) for d in descs]
-            copies = [not self._in_place(b.device) for b in buckets]
-            try:
-                self._plan(type(opt).__name__, sizes, copies, exclude=id(opt))
-            except BudgetError:  # fits if the other optimizers' buckets move (as begin() would do)
-                live = [r for r in self._records if r.alive and r.owner_id != id(opt)]
-                self._plan(type(opt).__name__, [r.packed for r in live] + sizes,
-                           [not self._in_place(r.device) for r in live] + copies, fresh=True)
+            chunks = self.split(opt, buckets)
+            self._check_fits(opt, chunks, raise_error=True)
+
+    # -- chunks ---------------------------------------------------------------------------------------------
+    def chunk_cap(self) -> int | None:
+        """The most bytes of one chunk: ``max_chunk_bytes``, else ``min(host_budget // 6, device_budget // 4)`` over
+        the budgets that are set; None when neither is set (the buckets stay whole)."""
+        explicit = getattr(self.config, "max_chunk_bytes", None)
+        if explicit is not None:
+            return int(explicit)
+        caps = []
+        if self.host_budget is not None:  # a ring of MAX_STAGING_BUFFERS such chunks takes at most half of it
+            caps.append(self.host_budget // (2 * MAX_STAGING_BUFFERS))
+        if self.device_budget is not None:
+            caps.append(self.device_budget // 4)
+        return min(caps) if caps else None
+
+    def split(self, opt: Any, buckets: list[Any]) -> list[Any]:
+        """Splits ``opt``'s buckets into the chunks that are placed and staged as units (see the module docstring).
+
+        Each bucket becomes the fewest runs of consecutive blocks, of near-equal length, whose packed state fits
+        `chunk_cap` (at least one block each). With the automatic bound, when the budgets cannot hold the state in
+        such chunks, every chunk is one block (the smallest working set). The blocks' order is kept, so the step
+        visits them in the same order.
+
+        Returns:
+            The chunks (`asteria.optim.base.Bucket` objects; a bucket that fits the bound is returned as it is).
+        """
+        with self._lock:
+            cap = self.chunk_cap()
+            if cap is None:
+                return list(buckets)
+            chunks = [c for b in buckets for c in self._split_bucket(opt, b, cap)]
+            if getattr(self.config, "max_chunk_bytes", None) is None and any(c.size > 1 for c in chunks):
+                if not self._check_fits(opt, chunks, raise_error=False):
+                    chunks = [c for b in buckets for c in self._split_bucket(opt, b, 0)]
+            return chunks
+
+    def _split_bucket(self, opt: Any, bucket: Any, cap: int) -> list[Any]:
+        n = bucket.size
+        q = _split_quantum(bucket.shape)
+        units = -(-n // q)  # runs of q blocks (the last one may be shorter)
+        if units <= 1:
+            return [bucket]
+
+        def packed(u: int) -> int:
+            k = min(u * q, n)
+            return _packed_size(self._describe(opt, dataclasses.replace(bucket, members=bucket.members[:k], state={})))
+
+        if packed(units) <= cap:
+            return [bucket]
+        lo, hi = 1, units - 1  # the most runs whose packed state fits cap (at least 1)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if packed(mid) <= cap:
+                lo = mid
+            else:
+                hi = mid - 1
+        count = -(-units // lo)
+        out, start = [], 0
+        for i in range(count):  # near-equal numbers of runs, each <= lo
+            length = (units // count + (1 if i < units % count else 0)) * q
+            out.append(dataclasses.replace(bucket, members=bucket.members[start:start + length], state={}))
+            start += length
+        return out
+
+    def _check_fits(self, opt: Any, chunks: list[Any], *, raise_error: bool) -> bool:
+        """Whether the budgets hold ``chunks`` of ``opt`` next to the other optimizers' state (moving theirs if
+        needed, as `begin` would); raises the `BudgetError` of the last attempt when ``raise_error``."""
+        sizes = [_packed_size(self._describe(opt, c)) for c in chunks]
+        copies = [not self._in_place(c.device) for c in chunks]
+        note = _granularity(chunks, self.chunk_cap(), getattr(self.config, "max_chunk_bytes", None) is not None)
+        try:
+            self._plan(type(opt).__name__, sizes, copies, exclude=id(opt), note=note)
+            return True
+        except BudgetError:  # fits if the other optimizers' buckets move (as begin() would do)
+            pass
+        live = [r for r in self._records if r.alive and r.owner_id != id(opt)]
+        try:
+            self._plan(type(opt).__name__, [r.packed for r in live] + sizes,
+                       [not self._in_place(r.device) for r in live] + copies, fresh=True, note=note)
+            return True
+        except BudgetError:
+            if raise_error:
+                raise
+            return False
 
     def begin(self, opt: Any, buckets: list[Any]) -> None:
         """Registers the (new) buckets of ``opt`` and decides their tiers; call `adopt` for each after creating its state.
@@ -425,14 +520,15 @@ class TierManager:
             copies = [not self._in_place(b.device) for b in buckets]
             if self._pool is None and any(b.device.type == "cuda" for b in buckets):
                 self._cuda_register = self._can_alias(torch.device("cuda"))
+            note = _granularity(buckets, self.chunk_cap(), getattr(self.config, "max_chunk_bytes", None) is not None)
             try:  # the new buckets in the room the others leave
-                homes, stage_bytes, stage_n, work_bytes = self._plan(type(opt).__name__, sizes, copies)
+                homes, stage_bytes, stage_n, work_bytes = self._plan(type(opt).__name__, sizes, copies, note=note)
                 moves: dict[_Record, str] = {}
             except BudgetError:  # every bucket of the runtime placed again, moving some of the others
                 live = [r for r in self._records if r.alive]
                 homes_all, stage_bytes, stage_n, work_bytes = self._plan(
                     type(opt).__name__, [r.packed for r in live] + sizes,
-                    [not self._in_place(r.device) for r in live] + copies, fresh=True,
+                    [not self._in_place(r.device) for r in live] + copies, fresh=True, note=note,
                 )
                 moves = {r: h for r, h in zip(live, homes_all) if h != r.home}
                 homes = homes_all[len(live):]
@@ -1239,11 +1335,13 @@ class TierManager:
                 homes[i] = "nvme"
         return homes, s, w
 
-    def _plan(self, who: str, sizes: list[int], copies: list[bool], exclude: int | None = None, fresh: bool = False) -> tuple[list[str], int, int, int]:
-        """Decides the tier of each new bucket; returns ``(homes, stage_bytes, stage_buffers, work_bytes)``.
+    def _plan(self, who: str, sizes: list[int], copies: list[bool], exclude: int | None = None, fresh: bool = False,
+              note: str = "") -> tuple[list[str], int, int, int]:
+        """Decides the tier of each new chunk; returns ``(homes, stage_bytes, stage_buffers, work_bytes)``.
 
         Args:
-            fresh: ``sizes`` are every bucket of the runtime, placed from scratch (the others may move).
+            fresh: ``sizes`` are every chunk of the runtime, placed from scratch (the others may move).
+            note: What the unit of placement is, for the error message (`_granularity`).
 
         Raises:
             BudgetError: With the numbers and the smallest budgets that work.
@@ -1256,7 +1354,7 @@ class TierManager:
                 homes, s, w = out
                 return homes, s, (slots if s else 0), w
             failure = out
-        raise BudgetError(self._budget_message(who, sizes, copies, failure, counts[-1], exclude, fresh))
+        raise BudgetError(self._budget_message(who, sizes, copies, failure, counts[-1], exclude, fresh, note))
 
     def _smallest(self, which: str, sizes: list[int], copies: list[bool], slots: int, exclude: int | None, fresh: bool = False) -> int | None:
         hi = sum(_align(x, PAGE) for x in sizes) * 2 + (slots + 1) * _align(max(sizes), PAGE) + (1 << 20)
@@ -1279,14 +1377,16 @@ class TierManager:
                 lo = mid + 1
         return lo
 
-    def _budget_message(self, who: str, sizes: list[int], copies: list[bool], failure: tuple[Any, ...], slots: int, exclude: int | None, fresh: bool = False) -> str:
+    def _budget_message(self, who: str, sizes: list[int], copies: list[bool], failure: tuple[Any, ...], slots: int,
+                        exclude: int | None, fresh: bool = False, note: str = "") -> str:
         _, reason, need = failure
         total = sum(sizes)
         dev = "None (no limit)" if self.device_budget is None else _nb(self.device_budget)
         host = "None (no host tier)" if self.host_budget is None else _nb(self.host_budget)
         head = (
-            f"asteria tiers: {who}'s optimizer state needs {_nb(total)} in {len(sizes)} buckets (the largest "
-            f"{_nb(max(sizes))}; a bucket is the unit of placement), but device_budget={dev} and host_budget={host} "
+            f"asteria tiers: {who}'s optimizer state needs {_nb(total)} in {len(sizes)} chunks (the largest "
+            f"{_nb(max(sizes))}; {note or 'a chunk of same-shape blocks is the unit of placement'}), but "
+            f"device_budget={dev} and host_budget={host} "
         )
         used_dev, used_host = self._usage(exclude, fresh)
         if fresh and len(sizes) > 0 and any(r.alive for r in self._records):
@@ -1296,12 +1396,12 @@ class TierManager:
         if reason == "device":
             why = (
                 f"cannot hold the device work buffer that host and NVMe state is computed in ({_nb(need)}, the "
-                "largest such bucket). "
+                "largest such chunk). "
             )
         elif reason == "host":
             why = (
                 f"cannot hold the staging buffers of the NVMe tier ({_nb(need)}: {slots} of the largest NVMe "
-                "bucket, page-rounded). "
+                "chunk, page-rounded). "
             )
         else:
             why = f"cannot hold it and nvme_path is not set ({_nb(need)} do not fit). "
@@ -1448,6 +1548,43 @@ class TierManager:
 
 def _empty_table() -> dict[str, dict[str, int]]:
     return {t: {c: 0 for c in CLASSES} for t in TIERS}
+
+
+SPLIT_ALIGN = 32
+"""A bucket is split only after ``k`` blocks where ``k·g`` is a multiple of this many elements (``g``: the gcd of the
+block's dims), so that every stacked tensor of a chunk keeps the alignment its blocks have in the whole bucket."""
+
+
+def _split_quantum(shape: tuple[int, ...]) -> int:
+    """The fewest blocks of ``shape`` a chunk boundary may fall after (see `SPLIT_ALIGN`).
+
+    MKL's batched products compute a matrix whose size is not a multiple of the SIMD width differently when its
+    address is aligned differently (measured on torch 2.13: in a ``(4, 9, 8) @ (4, 8, 9)`` product the matrices of
+    the sub-stack ``[1:4]`` get other bits than in the whole stack, and so does the whole stack written to an output
+    shifted by one float), so a chunk may start only where each of its matrices has the alignment it has in the
+    whole bucket: after any block when the gcd ``g`` of the block's dims is a multiple of 32 (every dimension of
+    the usual models), after every ``32 / gcd(32, g)``-th block otherwise (every 32nd for odd dims).
+    """
+    g = 0
+    for d in shape:
+        g = math.gcd(g, int(d))
+    g = g or 1
+    return SPLIT_ALIGN // math.gcd(SPLIT_ALIGN, g)
+
+
+def _granularity(chunks: list[Any], cap: int | None, explicit: bool) -> str:
+    """What the unit of placement of ``chunks`` is, for `BudgetError` messages."""
+    if cap is None:
+        return "a bucket, every same-shape block of a param group, is the unit of placement"
+    held = any(c.size > 1 and _split_quantum(c.shape) > 1 for c in chunks)
+    odd = (
+        f"; a bucket of blocks whose dims' gcd g is not a multiple of {SPLIT_ALIGN} is split only after multiples of "
+        f"{SPLIT_ALIGN}/gcd({SPLIT_ALIGN}, g) blocks, which keeps the batched products' bits" if held else ""
+    )
+    if all(c.size == 1 for c in chunks):
+        return "one block per chunk: the smallest unit of placement" + odd
+    where = f"max_chunk_bytes={_nb(cap)}" if explicit else _nb(cap)
+    return f"a chunk of same-shape blocks within {where} (at least one block) is the unit of placement" + odd
 
 
 def _bucket_label(bucket: Any) -> str:
