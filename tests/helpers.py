@@ -151,3 +151,67 @@ def assert_same_bits(a, b, path: str = "") -> None:
             assert_same_bits(x, y, f"{path}/{i}")
     else:
         assert a == b, f"{path or '/'}: {a!r} != {b!r}"
+
+
+def regression_run(make_opt, steps: int, state_dtype: torch.dtype, runtime) -> dict[str, object]:
+    """A small two-layer regression trained by ``make_opt(params, state_dtype=..., runtime=...)`` (the bf16-state
+    tests): the losses, the parameters before and after, and the optimizer's final ``memory_report()``."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(128, 12, generator=gen)
+    Y = torch.tanh(X @ torch.randn(12, 6, generator=gen))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.Tanh(), torch.nn.Linear(20, 6))
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = make_opt(model.parameters(), state_dtype=state_dtype, runtime=runtime)
+    losses = []
+    try:
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(X), Y)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        losses.append(float(torch.nn.functional.mse_loss(model(X), Y).detach()))
+        report = opt.runtime.memory_report()
+        state = opt.state_dict()
+    finally:
+        opt.close()
+    return {"losses": losses, "start": start, "params": [p.detach().clone() for p in model.parameters()],
+            "report": report, "state": state}
+
+
+def float_state_bytes(state_dict: dict, itemsize: int | None = None) -> tuple[int, int]:
+    """``(floating, other)`` bytes of the block tensors of an asteria ``state_dict()``; floating ones counted at
+    ``itemsize`` bytes per element when given (their own size otherwise)."""
+    floating = other = 0
+    for st in state_dict["state"].values():
+        for block in st.get("blocks", []):
+            for t in block.values():
+                if t.is_floating_point():
+                    floating += t.numel() * (itemsize or t.element_size())
+                else:
+                    other += t.numel() * t.element_size()
+    return floating, other
+
+
+def check_bf16_state_run(make_opt, runtime, steps: int = 24, closeness: float = 0.1) -> dict[str, object]:
+    """The checks every optimizer's bf16-state test makes (returns the bf16 run):
+
+    * it trains: the loss falls below half its first value;
+    * it stays close to float32 state: at every step the loss differs from the float32 run's by at most
+      ``closeness`` of the float32 run's progress (first loss minus last);
+    * every floating state tensor is bfloat16, and ``memory_report()["state_bytes"]`` is the float32 run's state at
+      2 bytes per floating element (integer counters unchanged): half the floating bytes.
+    """
+    ref = regression_run(make_opt, steps, torch.float32, runtime)
+    run = regression_run(make_opt, steps, torch.bfloat16, runtime)
+    l32, l16 = ref["losses"], run["losses"]
+    assert l16[-1] < 0.5 * l16[0], l16
+    progress = l32[0] - l32[-1]
+    worst = max(abs(a - b) for a, b in zip(l32, l16))
+    assert worst <= closeness * progress, (worst, progress, l32, l16)
+    floating32, other = float_state_bytes(ref["state"])
+    floating16, other16 = float_state_bytes(run["state"])
+    assert floating16 == floating32 // 2 and other16 == other  # every floating state tensor is bfloat16
+    assert run["report"]["state_bytes"] == ref["report"]["state_bytes"] - floating32 // 2 == floating16 + other
+    return run

@@ -8,6 +8,7 @@ import torch
 
 from asteria.optim import KLSOAP, KLShampoo
 from asteria.runtime import RuntimeConfig
+from helpers import check_bf16_state_run
 from oracles import KLOracle, gradient_sequence, random_orthogonal
 
 F64 = torch.float64
@@ -200,3 +201,13 @@ def test_an_install_over_a_newer_version_writes_nothing(klsoap):
         opt._install_batch(tag, [Result(4), Result(6)])
     for k, v in blk.items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("runtime", [SYNC, RuntimeConfig(staleness=1)], ids=["sync", "async"])
+@pytest.mark.parametrize("klsoap", [False, True])
+def test_bf16_state_trains_close_to_fp32_state_in_half_the_bytes(klsoap, runtime):
+    run = check_bf16_state_run(lambda ps, **kw: CLASSES[klsoap](ps, lr=3e-2, precondition_frequency=2, **kw), runtime)
+    # the eigenvalue estimates are state too (and stochastically rounded EMAs): stored in bfloat16
+    blocks = [b for st in run["state"]["state"].values() for b in st["blocks"]]
+    assert any("eigen_sqrt_inv_0" in b for b in blocks)
+    assert all(b[k].dtype == torch.bfloat16 for b in blocks for k in b if k.startswith("eigen_sqrt_inv_"))

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from asteria.optim import RefreshFailureError, Shampoo
+from asteria.optim.shampoo import BF16_RIDGE, bf16_root_input
 from asteria.runtime import RefreshPipeline, RuntimeConfig
+from helpers import check_bf16_state_run, regression_run
 from oracles import ShampooOracle, gradient_sequence, random_orthogonal
 
 F64 = torch.float64
@@ -290,3 +292,34 @@ def test_refuses_complex_and_sparse():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
+
+
+def _shampoo(**extra):
+    extra = {"merge_dims": False, **extra}
+    return lambda ps, **kw: Shampoo(ps, lr=3e-2, precondition_frequency=2, start_preconditioning_step=2, **extra, **kw)
+
+
+@pytest.mark.parametrize("runtime", [SYNC, RuntimeConfig(staleness=1)], ids=["sync", "async"])
+def test_bf16_state_trains_close_to_fp32_state_in_half_the_bytes(runtime):
+    # epsilon above the bf16 ridge's scale here, so that both runs damp the roots alike
+    check_bf16_state_run(_shampoo(epsilon=1e-4), runtime)
+
+
+def test_bf16_factors_train_with_the_default_epsilon_thanks_to_the_ridge(monkeypatch):
+    """With ``epsilon=1e-12`` the inverse roots of bf16 factors amplify their rounding noise; the ridge of
+    `bf16_root_input` is what makes them train (without it, the same run makes no progress)."""
+    run = regression_run(_shampoo(merge_dims=True), 24, torch.bfloat16, SYNC)  # (full-matrix factors of 240 and 126)
+    assert run["losses"][-1] < 0.2 * run["losses"][0], run["losses"]
+    monkeypatch.setattr("asteria.optim.shampoo.BF16_RIDGE", 0.0)
+    stuck = regression_run(_shampoo(merge_dims=True), 24, torch.bfloat16, SYNC)
+    assert stuck["losses"][-1] > 0.5 * stuck["losses"][0], stuck["losses"]
+
+
+def test_bf16_root_input_adds_the_trace_ridge_to_the_bias_corrected_factor():
+    A = torch.randn(3, 5, 7)
+    A = A @ A.transpose(1, 2)
+    out = bf16_root_input(A, 0.5)
+    for k in range(3):
+        want = A[k].double() / 0.5 + BF16_RIDGE * float(torch.trace(A[k].double())) / 0.5 * torch.eye(5, dtype=F64)
+        torch.testing.assert_close(out[k].double(), want, rtol=1e-6, atol=1e-6)
+    assert out.dtype == torch.float32 and out.data_ptr() != A.data_ptr()

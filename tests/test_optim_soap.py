@@ -9,6 +9,7 @@ import torch
 from asteria.optim import SOAP
 from asteria.optim import tensor_ops as ops
 from asteria.runtime import RuntimeConfig
+from helpers import check_bf16_state_run
 from oracles import SOAPOracle, gradient_sequence, project_back, random_orthogonal
 
 F64 = torch.float64
@@ -281,3 +282,8 @@ def test_install_uses_the_rotation_computed_by_the_refresh_job(monkeypatch):
         opt.close()
     assert seen, "no refresh install received the job's rotation"
     assert max(seen) < 1e-5
+
+
+@pytest.mark.parametrize("runtime", [SYNC, RuntimeConfig(staleness=1)], ids=["sync", "async"])
+def test_bf16_state_trains_close_to_fp32_state_in_half_the_bytes(runtime):
+    check_bf16_state_run(lambda ps, **kw: SOAP(ps, lr=3e-2, precondition_frequency=2, **kw), runtime)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import os
 import subprocess
 import sys
@@ -219,3 +220,78 @@ def test_load_onto_another_device(name):
         og.step()
     for a, b in zip(params, pg):
         torch.testing.assert_close(b.cpu(), a.detach(), rtol=1e-4, atol=1e-5)
+
+
+BF16 = torch.bfloat16
+BF16_OPTS = {
+    "Shampoo": lambda ps, dt=BF16: Shampoo(ps, lr=0.01, precondition_frequency=2, start_preconditioning_step=2,
+                                           merge_dims=False, state_dtype=dt),
+    "SOAP": lambda ps, dt=BF16: SOAP(ps, lr=0.01, precondition_frequency=2, state_dtype=dt),
+    "KLShampoo": lambda ps, dt=BF16: KLShampoo(ps, lr=0.01, precondition_frequency=2, state_dtype=dt),
+    "KLSOAP": lambda ps, dt=BF16: KLSOAP(ps, lr=0.01, precondition_frequency=2, state_dtype=dt),
+}
+
+
+def _floating_state(sd):
+    return [(i, j, k, t) for i, st in sorted(sd["state"].items()) for j, b in enumerate(st["blocks"])
+            for k, t in sorted(b.items()) if t.is_floating_point()]
+
+
+@pytest.mark.parametrize("name", sorted(BF16_OPTS))
+def test_bf16_state_resumes_bit_identically_with_its_rounding_draws(name):
+    """bf16 state (asynchronous refreshes, the default runtime): the checkpoint holds bf16 tensors and where the
+    stochastic rounding's generator stands (through torch.save), so a resumed run repeats the uninterrupted one bit
+    for bit; a resume that starts the generator afresh draws other roundings and ends elsewhere."""
+    pa = make_params()
+    run(BF16_OPTS[name](pa), pa, 0, 7)
+
+    pb = make_params()
+    ob = BF16_OPTS[name](pb)
+    run(ob, pb, 0, 3)
+    buf = io.BytesIO()
+    torch.save(ob.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf)
+    assert sd["asteria"]["rounding"] and all(t.dtype == BF16 for *_, t in _floating_state(sd))
+    saved_params = [p.detach().clone() for p in pb]
+
+    pc = [torch.nn.Parameter(s.clone()) for s in saved_params]
+    oc = BF16_OPTS[name](pc)
+    oc.load_state_dict(copy.deepcopy(sd))
+    run(oc, pc, 3, 7)
+    for a, c in zip(pa, pc):
+        assert torch.equal(a, c)
+
+    fresh = copy.deepcopy(sd)
+    del fresh["asteria"]["rounding"]
+    pd = [torch.nn.Parameter(s.clone()) for s in saved_params]
+    od = BF16_OPTS[name](pd)
+    od.load_state_dict(fresh)
+    run(od, pd, 3, 7)
+    assert any(not torch.equal(a, d) for a, d in zip(pa, pd))
+
+
+@pytest.mark.parametrize("name", ["SOAP", "Shampoo"])
+def test_checkpoints_load_across_state_dtypes_cast_to_the_optimizers_own(name):
+    """``state_dtype`` is the loading optimizer's: a float32 checkpoint loads into a bf16 optimizer rounded to nearest,
+    a bf16 one into a float32 optimizer exactly, and both train on."""
+    p32 = make_params()
+    o32 = BF16_OPTS[name](p32, torch.float32)
+    run(o32, p32, 0, 3)
+    sd32 = copy.deepcopy(o32.state_dict())
+
+    p16 = [torch.nn.Parameter(p.detach().clone()) for p in p32]
+    o16 = BF16_OPTS[name](p16)
+    o16.load_state_dict(sd32)
+    assert all(g["state_dtype"] == BF16 for g in o16.param_groups)
+    sd16 = o16.state_dict()
+    pairs = list(zip(_floating_state(sd32), _floating_state(sd16)))
+    assert pairs and all(b[3].dtype == BF16 and torch.equal(b[3], a[3].to(BF16)) for a, b in pairs)
+
+    back = BF16_OPTS[name]([torch.nn.Parameter(p.detach().clone()) for p in p32], torch.float32)
+    back.load_state_dict(copy.deepcopy(sd16))
+    sd_back = back.state_dict()
+    assert all(b[3].dtype == torch.float32 and torch.equal(b[3], a[3].float())
+               for a, b in zip(_floating_state(sd16), _floating_state(sd_back)))
+    run(o16, p16, 3, 5)
+    assert all(torch.isfinite(p).all() for p in p16)

@@ -51,3 +51,46 @@ def test_nested_blocks_restore_the_outer_dtype():
         with ops.compute_dtype(torch.float64):
             raise RuntimeError("unwinds")
     assert torch.equal(ops.matmul(x, x), torch.matmul(x, x))
+
+
+def test_stochastic_rounding_keeps_representable_values_and_is_unbiased_between_neighbours():
+    gen = torch.Generator().manual_seed(0)
+    exact = torch.randn(1000).to(torch.bfloat16).float()
+    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan")])
+    assert torch.equal(ops.round_stochastic(exact, gen).float(), exact)
+    out = ops.round_stochastic(specials, gen).float()
+    assert torch.equal(out[:4], specials[:4]) and torch.signbit(out[1]) and torch.isnan(out[4])
+    # 1 + 0.3 ulp (ulp = 2^-7 at 1), and its negative: each draw is one of the two neighbours, up 30% of the time
+    for x in (1.0 + 0.3 * 2.0**-7, -(1.0 + 0.3 * 2.0**-7)):
+        draws = ops.round_stochastic(torch.full((20000,), x), gen).float()
+        lo, hi = sorted((round(x * 2**7) / 2**7, (round(x * 2**7) + (1 if x > 0 else -1)) / 2**7))
+        assert set(draws.unique().tolist()) == {lo, hi}
+        assert abs(draws.double().mean().item() - x) < 4 * 2.0**-7 * (0.3 * 0.7 / 20000) ** 0.5
+    with pytest.raises(TypeError, match="float32"):
+        ops.round_stochastic(exact.double(), gen)
+
+
+@pytest.mark.parametrize("beta", [0.999, 0.95])
+def test_a_bf16_ema_stalls_under_round_to_nearest_and_follows_float32_with_stochastic_rounding(beta):
+    """The bf16-state pitfall (docs/algorithms.md §8.1): ``v ← β·v + (1−β)·y`` stored in bf16 after every step. With
+    β = 0.999, (1−β) is below half a bf16 step, so under round to nearest neither the decay towards a smaller y nor
+    the growth towards a larger one is ever stored; with β = 0.95 round to nearest moves. Stochastic rounding follows
+    the float32 EMA in expectation for both."""
+    gen = torch.Generator().manual_seed(1)
+    steps = 1000 if beta == 0.999 else 60
+    targets = torch.tensor([0.25, 1.8])  # from v = 1: a decay and a growth
+    v32 = torch.ones(2)
+    nearest = torch.ones(2, dtype=torch.bfloat16)
+    stochastic = torch.ones(4096, 2, dtype=torch.bfloat16)
+    for _ in range(steps):
+        v32 = beta * v32 + (1 - beta) * targets
+        nearest = (beta * nearest.float() + (1 - beta) * targets).to(torch.bfloat16)
+        stochastic = ops.round_stochastic(beta * stochastic.float() + (1 - beta) * targets, gen)
+    moved = (v32 - 1).abs()
+    assert (moved > 0.3).all()  # the float32 EMA went most of the way
+    if beta == 0.999:
+        assert torch.equal(nearest.float(), torch.ones(2))  # stuck at the start
+    else:
+        assert ((nearest.float() - v32).abs() < 0.1 * moved).all()
+    mean = stochastic.float().mean(dim=0)
+    assert ((mean - v32).abs() < 0.02 * moved).all(), (mean, v32)

@@ -33,6 +33,23 @@ def test_snapshot_copies_every_matrix_aligned(pool, dtype, n):
     assert pool.stats()["leases"] == 2
 
 
+@pytest.mark.parametrize("defer", [False, True])
+def test_bf16_statistics_are_snapshotted_upcast_at_once(pool, defer):
+    """bf16 state: the snapshot holds float32 matrices equal to the stored values (refreshes never run in bf16), copied
+    during the call even when deferral is asked for (a deferred copy is a memcpy and cannot convert)."""
+    x = torch.randn(3, 9, 9).to(torch.bfloat16)
+    snap = snapshot_to_host([x, 2 * x], pool, defer=defer)
+    assert snap.copy is None and snap.sources == ()
+    assert snap.nbytes == 2 * 3 * matrix_stride(9, 4)
+    for t, views in zip((x, 2 * x), snap.matrices):
+        for k, v in enumerate(views):
+            assert v.dtype == np.float32 and v.ctypes.data % ALIGN_BYTES == 0
+            np.testing.assert_array_equal(v, t[k].float().numpy())
+    before = x[0].float().numpy().copy()
+    x.mul_(3)  # the snapshot is a copy
+    np.testing.assert_array_equal(snap.matrices[0][0], before)
+
+
 def test_snapshot_is_frozen_while_training_updates_the_statistics(pool):
     x = torch.eye(8, dtype=torch.float64).expand(1, 8, 8).clone() * 3.0
     snap = snapshot_to_host([x], pool)
@@ -170,12 +187,12 @@ def _train(opt, model, steps, seed=0):
         opt.step()
 
 
-def _klsoap_run(cfg, scheduler=None, *, between_steps=None, steps=9):
+def _klsoap_run(cfg, scheduler=None, *, between_steps=None, steps=9, state_dtype=torch.float32):
     """KLSOAP on a small MLP; ``between_steps(opt)`` runs after every step. Returns (parameters, stats)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 24), torch.nn.Tanh(), torch.nn.Linear(24, 8))
     rt = asteria.Runtime(cfg, scheduler=scheduler)
-    opt = asteria.KLSOAP(model.parameters(), lr=1e-2, precondition_frequency=3, runtime=rt)
+    opt = asteria.KLSOAP(model.parameters(), lr=1e-2, precondition_frequency=3, state_dtype=state_dtype, runtime=rt)
     gen = torch.Generator().manual_seed(0)
     try:
         for _ in range(steps):
@@ -232,6 +249,19 @@ def test_async_refreshes_copy_their_snapshots_off_the_training_thread():
     ref, ref_stats = _klsoap_run(asteria.RuntimeConfig(staleness=2, host_budget="64MiB"))
     assert ref_stats["snapshot_copies_deferred"] == 0 and ref_stats["snapshot_copies_inline"] == FIRST_BASES + REFRESHES
     for a, b in zip(ref, params):
+        assert torch.equal(a, b)
+
+
+def test_async_bf16_refreshes_copy_upcast_snapshots_on_the_training_thread():
+    """bf16 state with S > 0: every snapshot is copied (upcast) by the training thread, none is left to the workers;
+    the installs stay deterministic: the run repeats bit for bit whatever the workers' timing."""
+    params, stats = _klsoap_run(asteria.RuntimeConfig(staleness=2), state_dtype=torch.bfloat16)
+    assert stats["jobs_submitted"] == FIRST_BASES + REFRESHES and stats["jobs_failed"] == 0
+    assert stats["snapshot_copies_deferred"] == 0
+    assert stats["snapshot_copies_inline"] == FIRST_BASES + REFRESHES
+    again, _ = _klsoap_run(asteria.RuntimeConfig(staleness=2), state_dtype=torch.bfloat16,
+                           between_steps=_wait_until_the_workers_are_idle)
+    for a, b in zip(params, again):
         assert torch.equal(a, b)
 
 

@@ -36,8 +36,8 @@ def _model() -> torch.nn.Module:
     return torch.nn.Sequential(*[torch.nn.Linear(a, b) for a, b in zip(DIMS, DIMS[1:])])
 
 
-def _make(name: str, model: torch.nn.Module, runtime) -> torch.optim.Optimizer:
-    kw = dict(precondition_frequency=2, runtime=runtime)
+def _make(name: str, model: torch.nn.Module, runtime, **extra) -> torch.optim.Optimizer:
+    kw = dict(precondition_frequency=2, runtime=runtime, **extra)
     if name == "shampoo":
         kw.update(merge_dims=False, start_preconditioning_step=2)
     return OPTIMIZERS[name](model.parameters(), **kw)
@@ -792,3 +792,36 @@ def test_max_chunk_bytes_is_validated():
         RuntimeConfig(device_budget="1MiB", max_chunk_bytes="big")
     with pytest.raises(ValueError, match="applies to tiered state only: set device_budget, host_budget or nvme_path"):
         RuntimeConfig(max_chunk_bytes="1MiB")
+def test_bf16_state_is_tiered_bit_identically_in_half_the_bytes(tmp_path):
+    """bf16 state on the device, host and NVMe tiers (asynchronous refreshes, S = 1): the same bits as untiered bf16
+    state, and the tiers hold and account half the floating bytes of float32 state."""
+    name = "shampoo"
+
+    def make(model, runtime):
+        return _make(name, model, runtime, state_dtype=torch.bfloat16)
+
+    model = _model()
+    opt = make(model, RuntimeConfig(**MODES["async"]))
+    _train(opt, model, STEPS)
+    ref_params, ref_sd = _params(model), copy.deepcopy(opt.state_dict())
+    largest = max(sum(t.numel() * t.element_size() for t in b.state.values()) for b in opt._buckets)
+    opt.close()
+    total = _state_bytes(ref_sd)
+    _, sd32, _, _ = _reference(name, "async")
+    floating32 = sum(t.numel() * t.element_size() for b in _blocks(sd32).values() for x in b for t in x.values()
+                     if t.is_floating_point())
+    assert total == _state_bytes(sd32) - floating32 // 2
+
+    page = -(-largest // 4096) * 4096
+    budgets = {"device_budget": total // 10, "host_budget": 3 * page + total // 12}
+    model = _model()
+    opt = make(model, RuntimeConfig(**MODES["async"], **budgets, nvme_path=tmp_path))
+    try:
+        _train(opt, model, STEPS)
+        for p, q in zip(ref_params, model.parameters()):
+            assert torch.equal(p, q)
+        _assert_same_state(ref_sd, opt.state_dict())
+        rep = opt.runtime.memory_report()
+        assert rep["state_bytes"] == total and rep["tiers"]["nvme"] > 0 and rep["pager"]["bytes_read"] > 0
+    finally:
+        opt.close()

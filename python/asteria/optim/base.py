@@ -33,7 +33,7 @@ from asteria.runtime.pipeline import RefreshPipeline
 from asteria.runtime.tiers import StepFailedError
 from asteria.runtime.workers import Runtime
 
-__all__ = ["BlockOptimizer", "Bucket", "Member", "RefreshFailureError", "check_range", "check_betas"]
+__all__ = ["BlockOptimizer", "Bucket", "Member", "RefreshFailureError", "check_range", "check_betas", "math_dtype"]
 
 
 class RefreshFailureError(RuntimeError):
@@ -98,10 +98,22 @@ def check_betas(name: str, betas: Any, *, beta2_one: bool = False) -> None:
     check_range(f"{name}[1]", betas[1], 0.0, 1.0, high_open=not beta2_one)
 
 
+STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
 def check_dtype(name: str, dtype: Any) -> None:
-    """Statistics/basis dtype: float32 or float64."""
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"Invalid {name}: {dtype!r}; allowed values are torch.float32 and torch.float64")
+    """Statistics/basis dtype: float32, float64 or bfloat16 (docs/algorithms.md §8.1)."""
+    if dtype not in STATE_DTYPES:
+        raise ValueError(
+            f"Invalid {name}: {dtype!r}; allowed values are torch.float32, torch.float64 and torch.bfloat16"
+        )
+
+
+def math_dtype(group: dict[str, Any]) -> torch.dtype:
+    """The dtype a group's per-step math runs in: its ``state_dtype``, except float32 for bfloat16 state (the
+    state is read upcast, the new values rounded back stochastically when stored; docs/algorithms.md §8.1)."""
+    dtype = group["state_dtype"]
+    return torch.float32 if dtype == torch.bfloat16 else dtype
 
 
 COMPUTE_DTYPES = (None, torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -181,6 +193,8 @@ class Bucket:
     device: torch.device
     members: list[Member]
     state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    # the dtype the step reads the bucket's bfloat16 state in (`math_dtype`), None when the state is not bfloat16
+    upcast: torch.dtype | None = None
 
     @property
     def size(self) -> int:
@@ -191,26 +205,64 @@ _OUTCOME_LOCK = threading.Lock()
 """Guards the refresh-failure counters: a step's installs may run on two threads (``parallel_install``)."""
 
 
-class _Rows:
-    """A subset of a bucket's rows taking part in one step, with state gathered and scattered back."""
+class _Upcast(dict):
+    """The gathered state of some rows whose bfloat16 tensors read as ``dtype`` (each converted at its first read,
+    so a step converts only what it uses). The stored tensors stay readable through `stored`."""
 
-    def __init__(self, bucket: Bucket, rows: list[int]) -> None:
+    def __init__(self, raw: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        super().__init__(raw)
+        self.raw = dict(raw)
+        self._dtype = dtype
+        self._seen: set[str] = set()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        value = dict.__getitem__(self, key)
+        if key not in self._seen:
+            self._seen.add(key)
+            if value.dtype == torch.bfloat16:
+                value = value.to(self._dtype)
+                dict.__setitem__(self, key, value)
+        return value
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        dict.__setitem__(self, key, value)
+        self._seen.add(key)
+
+
+class _Rows:
+    """A subset of a bucket's rows taking part in one step, with state gathered and scattered back.
+
+    The state of a bucket stored in bfloat16 reads in float32 (`Bucket.upcast`), and `commit` rounds what it writes
+    back: stochastically with ``rounding`` (a ``torch.Generator`` on the bucket's device: the step's EMAs, see
+    `asteria.optim.tensor_ops.round_stochastic`), to nearest without (installs).
+    """
+
+    def __init__(self, bucket: Bucket, rows: list[int], rounding: torch.Generator | None = None) -> None:
         self.bucket = bucket
         self.rows = rows
         self.full = rows == list(range(bucket.size))
+        self.rounding = rounding
         self._index: dict[torch.device, torch.Tensor] = {}
         self._state: dict[str, torch.Tensor] | None = None
         self._replaced: set[str] = set()
 
     @property
     def state(self) -> dict[str, torch.Tensor]:
-        """The rows' state tensors, gathered at first use (a tiered bucket is brought in then)."""
+        """The rows' state tensors, gathered at first use (a tiered bucket is brought in then); bfloat16 state reads
+        as `Bucket.upcast`."""
         if self._state is None:
-            self._state = {
+            raw = {
                 key: value if self.full else value.index_select(0, self.index(value.device))
                 for key, value in self.bucket.state.items()
             }
+            self._state = raw if self.bucket.upcast is None else _Upcast(raw, self.bucket.upcast)
         return self._state
+
+    def stored(self, key: str) -> torch.Tensor:
+        """The rows' state tensor ``key`` in its stored dtype (`state` upcasts bfloat16; a snapshot reads this one and
+        makes the upcast copy itself, `asteria.runtime.shadow`)."""
+        st = self.state
+        return st.raw[key] if isinstance(st, _Upcast) and key not in self._replaced else st[key]
 
     def index(self, device: torch.device) -> torch.Tensor:
         if device not in self._index:
@@ -230,8 +282,10 @@ class _Rows:
         """Writes the replaced state tensors of the rows back into the bucket storage (in place, keeping the views
         alive). Tensors that were not replaced are not written: a refresh worker may be reading them."""
         if self._state is not None:
-            for key in self._replaced:
+            for key in sorted(self._replaced):  # (sorted: the stochastic rounding draws in a fixed order)
                 value, dest = self._state[key], self.bucket.state[key]
+                if dest.dtype == torch.bfloat16 and value.dtype != torch.bfloat16:
+                    value = ops.round_stochastic(value, self.rounding) if self.rounding is not None else value.to(dest.dtype)
                 if self.full:
                     if value is not dest:
                         dest.copy_(value)
@@ -378,6 +432,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._state_touched = False
         self.runtime.add_stats_source("refresh_failures", lambda: me()._refresh_failure_total if me() is not None else 0)
         self._buckets: list[Bucket] | None = None
+        self._rounding_rngs: dict[str, torch.Generator] = {}  # by device: stochastic rounding of bfloat16 state
         self._next_block_id = 0
         self._member_index: dict[tuple[int, int, int], tuple[Bucket, int]] = {}
         self._hook_handles: list[Any] = []
@@ -517,6 +572,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_buckets", None)
         self.__dict__.setdefault("_next_block_id", 0)
+        self.__dict__.setdefault("_rounding_rngs", {})
         self.__dict__.setdefault("_member_index", {})
         self.__dict__.setdefault("_hook_handles", [])
         self.__dict__.setdefault("_dist", None)
@@ -589,6 +645,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             self._tiers.begin(self, buckets)
         for bucket in buckets:
             group = self.param_groups[bucket.group_index]
+            bucket.upcast = math_dtype(group) if group["state_dtype"] == torch.bfloat16 else None
             bucket.state = self._init_bucket_state(bucket, group)
             for row, m in enumerate(bucket.members):
                 pstate = self.state[m.param]
@@ -877,8 +934,9 @@ class BlockOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{m.label}: gradient shape {tuple(g.shape)} != parameter shape")
                 by_key[self._row_key(self.state[m.param])].append(row)
                 touched[id(m.param)] = m.param
+            rounding = self._rounding(bucket) if bucket.upcast is not None else None
             for key in sorted(by_key, key=repr):
-                work.append((bucket, _Rows(bucket, by_key[key]), key))
+                work.append((bucket, _Rows(bucket, by_key[key], rounding), key))
         if work:
             with torch.profiler.record_function(f"asteria.{type(self).__name__}.step"):
                 self._step_rows(work)
@@ -887,6 +945,20 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     def _advance_param_state(self, pstate: dict[str, Any]) -> None:
         pstate["step"] += 1
+
+    #: Seed of the generators of the stochastic rounding of bfloat16 state (one per device; their states are
+    #: checkpointed, so a resumed run draws what the uninterrupted one would have). Apart from torch's global
+    #: generator, which bf16 state therefore leaves untouched.
+    ROUNDING_SEED = 0x5EED_B16
+
+    def _rounding(self, bucket: Bucket) -> torch.Generator:
+        """The generator of the stochastic rounding of ``bucket``'s bfloat16 state (see `_Rows`)."""
+        key = str(bucket.device)
+        gen = self._rounding_rngs.get(key)
+        if gen is None:
+            gen = self._rounding_rngs[key] = torch.Generator(device=bucket.device)
+            gen.manual_seed(self.ROUNDING_SEED)
+        return gen
 
     # -- helpers for subclasses ------------------------------------------------------------------------------
     @staticmethod
@@ -1054,6 +1126,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         # results at the same steps (bit-identical in deterministic mode).
         out["asteria"]["pending"] = self.runtime.export_pending()
         out["asteria"]["staleness"] = self.runtime.schedule.export()  # the S of each epoch (staleness="auto")
+        if self._rounding_rngs:  # bfloat16 state: where the stochastic rounding's draws stand, per device
+            out["asteria"]["rounding"] = {dev: gen.get_state() for dev, gen in self._rounding_rngs.items()}
         if self._dist is not None:  # a per-rank state: see asteria.gather_state_dict for a full one
             out["asteria"]["distributed"] = self._dist.header(out["asteria"]["pending"])
         return out
@@ -1061,7 +1135,9 @@ class BlockOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a checkpoint from `state_dict`, refusing one from another optimizer or other shapes.
 
-        Tensors are moved to each parameter's device; statistics keep their dtype.
+        Tensors are moved to each parameter's device and cast to this optimizer's ``state_dtype``, which is not taken
+        from the checkpoint (unlike the other hyperparameters): a float32 checkpoint loads into a bfloat16 optimizer
+        rounded to nearest once, a bfloat16 one into a float32 optimizer exactly.
 
         Raises:
             ValueError: If the checkpoint does not match this optimizer (type, groups, shapes, keys).
@@ -1075,11 +1151,12 @@ class BlockOptimizer(torch.optim.Optimizer):
         new_state = _sd.convert_for_load(self, state_dict)
         if self._tiers is not None:  # the current state out of the tiers, so a failed load can roll back to it
             self._detach_tiers()
-        old = (self.state, self._buckets, [dict(g) for g in self.param_groups])
+        old = (self.state, self._buckets, [dict(g) for g in self.param_groups], self._rounding_rngs)
         try:
             for group, saved in zip(self.param_groups, state_dict["param_groups"]):
                 for key, value in saved.items():
-                    if key not in ("params", "param_names"):
+                    # the state dtype stays this optimizer's: the saved tensors are cast to it (`_sd.restore_block`)
+                    if key not in ("params", "param_names", "state_dtype"):
                         group[key] = value
                 self._validate_group(group)
             self.state = defaultdict(dict)
@@ -1092,9 +1169,13 @@ class BlockOptimizer(torch.optim.Optimizer):
                 pending = self._dist.restrict_pending(pending)
             self.runtime.import_pending(pending, self.installer)
             self.runtime.schedule.load(state_dict["asteria"].get("staleness"))
+            self._rounding_rngs = {}
+            for dev, rng_state in (state_dict["asteria"].get("rounding") or {}).items():
+                gen = self._rounding_rngs[dev] = torch.Generator(device=dev)
+                gen.set_state(rng_state.cpu() if isinstance(rng_state, torch.Tensor) else rng_state)
             self._failed_step = None
         except Exception:
-            self.state, self._buckets = old[0], old[1]
+            self.state, self._buckets, self._rounding_rngs = old[0], old[1], old[3]
             for group, saved in zip(self.param_groups, old[2]):
                 group.clear()
                 group.update(saved)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from asteria.optim import tensor_ops as ops
-from asteria.optim.base import BlockOptimizer, Bucket, _Rows, check_betas, check_compute_dtype, check_dtype, check_range
+from asteria.optim.base import BlockOptimizer, Bucket, _Rows, check_betas, check_compute_dtype, check_dtype, check_range, math_dtype
 from asteria.optim.blocking import ParamLayout, soap_layout
 from asteria.optim.results import all_finite, outputs_checked, stack_results, to_device
 from asteria.runtime.pipeline import RefreshJob
@@ -208,7 +208,7 @@ class EigenbasisOptimizer(BlockOptimizer):
             group = self.param_groups[bucket.group_index]
             if not initialized:
                 if bucket.factored:
-                    G, finite = self.stacked_grads(rows, group["state_dtype"])
+                    G, finite = self.stacked_grads(rows, math_dtype(group))
                     with ops.compute_dtype(group.get("compute_dtype")):
                         updates = self._first_statistics(bucket, rows, G, group)
                     ok = self.acceptance(finite, updates)  # an overflowed first statistic is rejected too
@@ -227,7 +227,7 @@ class EigenbasisOptimizer(BlockOptimizer):
     def _submit_initial_bases(self, bucket: Bucket, rows: _Rows, group: dict[str, Any]) -> None:
         jobs = []
         for i, d in enumerate(bucket.shape):
-            x = rows.state[f"factor_{i}"]
+            x = rows.stored(f"factor_{i}")  # (bfloat16 state: the snapshot makes the float32 copy)
             snap = self.runtime.snapshot(x, route=self.runtime.route(d, x.device), later=False)
             # the first basis is computed synchronously anyway: reading the traces here costs no overlap
             traces = torch.diagonal(x, dim1=-2, dim2=-1).sum(-1, dtype=torch.float64).tolist()
@@ -252,8 +252,8 @@ class EigenbasisOptimizer(BlockOptimizer):
         jobs = []
         deadline = self.runtime.deadline(t)
         for i, d in enumerate(bucket.shape):
-            x = rows.state[f"factor_{i}"]
-            snap = self.runtime.snapshot(x, rows.state[f"basis_{i}"], route=self.runtime.route(d, x.device))
+            x = rows.stored(f"factor_{i}")  # (bfloat16 state: the snapshot makes the float32 copies)
+            snap = self.runtime.snapshot(x, rows.stored(f"basis_{i}"), route=self.runtime.route(d, x.device))
             a, q = snap.matrices
             for k, m in enumerate(rows.members):
                 jobs.append(

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from asteria.optim import tensor_ops as ops
-from asteria.optim.base import Bucket, _Rows, check_range
+from asteria.optim.base import Bucket, _Rows, check_range, math_dtype
 from asteria.optim.eigenbasis import EigenbasisOptimizer, RowsUpdate
 from asteria.optim.soap import adam_in_basis, apply_post_update_weight_decay, rotate_into_new_bases
 from asteria.runtime.config import RuntimeConfig
@@ -252,7 +252,7 @@ class _KLBase(EigenbasisOptimizer):
         if self._klsoap or not bucket.factored:
             st["exp_avg_sq"] = torch.zeros(shape, dtype=dt, device=dev)
         if bucket.factored:
-            s0 = 1.0 / torch.sqrt(torch.tensor(float(group["init_factor"]), dtype=dt))
+            s0 = 1.0 / torch.sqrt(torch.tensor(float(group["init_factor"]), dtype=math_dtype(group)))
             for i, d in enumerate(bucket.shape):
                 st[f"eigen_sqrt_inv_{i}"] = torch.full((B, d), float(s0), dtype=dt, device=dev)
         return st
@@ -275,8 +275,8 @@ class _KLBase(EigenbasisOptimizer):
     def _compute_rows(self, bucket: Bucket, rows: _Rows, t: int, group: dict[str, Any]) -> RowsUpdate:
         st = rows.state
         beta1, beta2 = group["betas"]
-        G, finite = self.stacked_grads(rows, group["state_dtype"])
-        W = self.stacked_params(rows, group["state_dtype"])
+        G, finite = self.stacked_grads(rows, math_dtype(group))
+        W = self.stacked_params(rows, math_dtype(group))
         if not bucket.factored:  # AdamW fallback (SOAP conventions: bias correction in the step size)
             U, m, v = adam_in_basis(G, st["exp_avg"], st["exp_avg_sq"], [None], beta1, beta2, group["eps"], None)
             step_size = group["lr"] * (1.0 - beta2**t) ** 0.5 / (1.0 - beta1**t)

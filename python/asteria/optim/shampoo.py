@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from asteria.optim import tensor_ops as ops
-from asteria.optim.base import BlockOptimizer, Bucket, _Rows, check_betas, check_compute_dtype, check_dtype, check_range
+from asteria.optim.base import BlockOptimizer, Bucket, _Rows, check_betas, check_compute_dtype, check_dtype, check_range, math_dtype
 from asteria.optim.blocking import ParamLayout, shampoo_layout
 from asteria.optim.results import output_finite, stack_results, to_device
 from asteria.runtime.config import RuntimeConfig
@@ -26,6 +26,7 @@ __all__ = [
     "graft_direction",
     "precondition",
     "install_roots",
+    "bf16_root_input",
 ]
 
 GRAFTING_TYPES = ("adam", "adagrad", "rmsprop", "sgd", "none")
@@ -105,6 +106,33 @@ def graft_direction(gbar: torch.Tensor, V: torch.Tensor | None, kind: str, bias_
 def precondition(gbar: torch.Tensor, roots: Sequence[torch.Tensor | None]) -> torch.Tensor:
     """Applies the inverse roots along their dims: ``X_L Ḡ X_R`` in 2-D (None: dim left alone)."""
     return ops.project_in(gbar, roots)  # X is symmetric, so applying Xᵀ is applying X
+
+
+BF16_RIDGE = 2.0**-8
+"""Ridge of the inverse roots of bfloat16 factors, relative to the factor's trace (see `bf16_root_input`)."""
+
+
+def bf16_root_input(A: torch.Tensor, bc2: float) -> torch.Tensor:
+    """The statistic an inverse root of bfloat16 factors is computed from: ``A/bc2 + 2^-8·tr(A/bc2)·I`` (float32).
+
+    A factor stored in bfloat16 (stochastically rounded each step) carries an error of up to 2^-8 of its entries,
+    so its eigenvalues below about 2^-8·λ_max are rounding noise, and so are their eigenvectors; with the default
+    ``epsilon=1e-12`` their inverse root (up to ``ε^{-1/2}``) amplifies that noise above the preconditioned signal
+    (BENCHMARKS.md, "bf16 state"). The ridge, at least ``2^-8·λ_max`` (the trace bounds λ_max), damps them at the
+    resolution of the stored factor; it also bounds the root's condition number to ``(2^8)^{1/p}``, which a
+    bfloat16 root can hold. Computed on the device without a host synchronisation.
+
+    Args:
+        A: ``(B, n, n)`` factors read in float32 (`asteria.optim.base.math_dtype`).
+        bc2: The bias correction ``A`` is divided by (1.0: none).
+
+    Returns:
+        A new ``(B, n, n)`` tensor (the snapshot's source; ``epsilon`` is still added by the root).
+    """
+    out = A / bc2
+    trace = torch.diagonal(out, dim1=-2, dim2=-1).sum(-1)
+    out.diagonal(dim1=-2, dim2=-1).add_((BF16_RIDGE * trace).unsqueeze(-1))
+    return out
 
 
 def install_roots(
@@ -310,7 +338,7 @@ class Shampoo(BlockOptimizer):
             group = self.param_groups[bucket.group_index]
             t = step + 1
             max_t = max(max_t, t)
-            G, finite = self.stacked_grads(rows, group["state_dtype"])
+            G, finite = self.stacked_grads(rows, math_dtype(group))
             dims, exps = self._dims(bucket, group)
             with torch.profiler.record_function("asteria.Shampoo.factors"), ops.compute_dtype(group.get("compute_dtype")):
                 updates = self.step_statistics(bucket, rows, G, group, step)
@@ -332,7 +360,7 @@ class Shampoo(BlockOptimizer):
     def _precompute(self, bucket: Bucket, rows: _Rows, key: Any, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         """During backward (``fold_statistics="backward"``): the bucket's factors after this step's gradient. The
         rest of Shampoo's step needs the roots the step itself installs, so it stays in ``step()``."""
-        G, _ = self.stacked_grads(rows, group["state_dtype"])
+        G, _ = self.stacked_grads(rows, math_dtype(group))
         with ops.compute_dtype(group.get("compute_dtype")):
             return self._statistics(bucket, rows, G, group)
 
@@ -368,7 +396,11 @@ class Shampoo(BlockOptimizer):
         for i in dims:
             A = rows.state[f"factor_{i}"]
             route = self.runtime.route(int(A.shape[-1]), A.device, group["root_method"])
-            snap = self.runtime.snapshot(A / bc2 if bc2 != 1.0 else A, route=route)
+            if bucket.upcast is not None:  # bfloat16 factors: A/bc2 + the ridge of their resolution, in float32
+                A = bf16_root_input(A, bc2)
+            elif bc2 != 1.0:
+                A = A / bc2
+            snap = self.runtime.snapshot(A, route=route)
             for k, m in enumerate(rows.members):
                 jobs.append(
                     RefreshJob(
@@ -456,7 +488,7 @@ class Shampoo(BlockOptimizer):
             if kind != "none":
                 g = graft_direction(gbar, V, kind, bc2g, group["grafting_epsilon"])
                 P = P * (ops.block_norm(g) / (ops.block_norm(P) + 1e-16))
-        W = self.stacked_params(rows, group["state_dtype"])
+        W = self.stacked_params(rows, math_dtype(group))
         if group["weight_decay"] != 0.0:
             P = P.add(W, alpha=group["weight_decay"])
         W_new = W.add(P, alpha=-group["lr"])

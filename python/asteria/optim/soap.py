@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from asteria.optim import tensor_ops as ops
-from asteria.optim.base import Bucket, _Rows
+from asteria.optim.base import Bucket, _Rows, math_dtype
 from asteria.optim.eigenbasis import EigenbasisOptimizer, RowsUpdate
 from asteria.runtime.config import RuntimeConfig
 
@@ -250,14 +250,14 @@ class SOAP(EigenbasisOptimizer):
     def _compute_rows(self, bucket: Bucket, rows: _Rows, t: int, group: dict[str, Any]) -> RowsUpdate:
         st = rows.state
         beta1, beta2 = group["betas"]
-        G, finite = self.stacked_grads(rows, group["state_dtype"])
+        G, finite = self.stacked_grads(rows, math_dtype(group))
         k = len(bucket.shape)
         bases = [st[f"basis_{i}"] for i in range(k)] if bucket.factored else [None] * k
         U, m, v = adam_in_basis(G, st["exp_avg"], st["exp_avg_sq"], bases, beta1, beta2, group["eps"], None)
         step_size = group["lr"]
         if group["correct_bias"]:
             step_size = step_size * (1.0 - beta2**t) ** 0.5 / (1.0 - beta1**t)
-        W = self.stacked_params(rows, group["state_dtype"])
+        W = self.stacked_params(rows, math_dtype(group))
         W_new = apply_post_update_weight_decay(W, U, step_size, group["lr"], group["weight_decay"], None)
         # the statistics are folded after the parameter update (they do not depend on it)
         updates = {"exp_avg": m, "exp_avg_sq": v}

@@ -20,6 +20,7 @@ import torch
 
 __all__ = [
     "compute_dtype",
+    "round_stochastic",
     "matmul",
     "contract",
     "project_in",
@@ -49,6 +50,36 @@ def compute_dtype(dtype: torch.dtype | None) -> Iterator[None]:
         yield
     finally:
         _COMPUTE.dtype = previous
+
+
+def round_stochastic(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``x`` (float32) rounded to bfloat16 stochastically: up with probability equal to the fraction of the way from
+    the bfloat16 value below ``|x|`` to the one above, so the rounding is unbiased (``E[round(x)] = x``).
+
+    A bfloat16 number is the upper half of a float32 one: a uniform 16-bit integer is added to the float32 bits and
+    the lower 16 bits are cleared. Values already representable come back unchanged, ±Inf stays ±Inf and NaN stays
+    NaN; a value within one bfloat16 step of the largest finite one may round up to Inf (as round to nearest may).
+
+    Why: the state's EMAs ``x ← β·x + (1−β)·y`` stop moving in bfloat16 under round to nearest once ``(1−β)·|y−x|``
+    is below half a bfloat16 step of ``x`` (2^-9 to 2^-8 of ``|x|``): with β = 0.999 neither a decay nor a change
+    up to about 2x is ever stored. Stochastic rounding stores them in expectation (docs/algorithms.md §8.1).
+
+    Args:
+        x: A float32 tensor.
+        generator: The generator of the draws, on ``x``'s device (one uniform 16-bit draw per element).
+
+    Returns:
+        A bfloat16 tensor of ``x``'s shape.
+
+    Raises:
+        TypeError: If ``x`` is not float32.
+    """
+    if x.dtype != torch.float32:
+        raise TypeError(f"round_stochastic rounds float32 to bfloat16, got {x.dtype}")
+    bits = x.contiguous().view(torch.int32)
+    noise = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_(0, 1 << 16, generator=generator)
+    # (the cleared float32 bits make the conversion exact)
+    return bits.add(noise).bitwise_and_(-(1 << 16)).view(torch.float32).to(torch.bfloat16)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,11 @@ the snapshot step (docs/design.md §6.2). Where that copy lives depends on where
 * **device route** (cuSOLVER on the runtime's low-priority stream): a device clone on the training stream;
   the engine's stream waits for it with an event (no host synchronisation).
 
+bfloat16 statistics (``state_dtype=torch.bfloat16``) are snapshotted as float32 (refreshes never run in bfloat16):
+the upcast is the snapshot's copy itself, made at once on the training thread (a deferred copy is a memcpy and
+cannot convert), straight into the lease for CPU tensors, and as a float32 device-side clone for CUDA tensors
+(both routes), so no float32 copy of the statistics outlives the snapshot call on the host.
+
 `Snapshot` holds the per-matrix views and what must stay alive until the jobs finish (the CUDA event), or until
 the deferred copy is made (the sources).
 """
@@ -75,7 +80,8 @@ def _stacked(raw: np.ndarray, B: int, n: int, dtype: torch.dtype, itemsize: int)
 
 
 def snapshot_to_host(tensors: Sequence[torch.Tensor], pool: Any, copy_stream: Any = None, *, defer: bool = False) -> Snapshot:
-    """Copies stacked ``(B, n, n)`` float32/float64 tensors into pinned leases (the host route).
+    """Copies stacked ``(B, n, n)`` float32/float64 tensors into pinned leases (the host route); bfloat16 tensors
+    are copied upcast to float32, never deferred.
 
     Args:
         tensors: The statistics (and bases) to freeze; CPU or CUDA tensors of one device.
@@ -96,12 +102,14 @@ def snapshot_to_host(tensors: Sequence[torch.Tensor], pool: Any, copy_stream: An
     total = 0
     on_cuda = bool(tensors) and tensors[0].is_cuda
     for x in tensors:
-        if x.dtype not in (torch.float32, torch.float64) or x.dim() != 3 or x.shape[1] != x.shape[2]:
-            raise ValueError(f"[snapshot] expected stacked (B, n, n) float32/float64 matrices, got {tuple(x.shape)} {x.dtype}")
+        if x.dtype not in _SNAPSHOT_DTYPES or x.dim() != 3 or x.shape[1] != x.shape[2]:
+            raise ValueError(
+                f"[snapshot] expected stacked (B, n, n) float32/float64/bfloat16 matrices, got {tuple(x.shape)} {x.dtype}"
+            )
     # CUDA: device-side clones on the training stream first (fast), then the side stream waits for them and
     # carries the slow transfers; the training stream may overwrite the statistics right away
-    defer = defer and not on_cuda
-    sources = [x.detach().clone() if on_cuda else x.detach() for x in tensors]
+    defer = defer and not on_cuda and all(x.dtype != torch.bfloat16 for x in tensors)
+    sources = [_device_copy(x) if on_cuda else x.detach() for x in tensors]
     if defer:  # one memcpy per matrix, from a contiguous source (a non-contiguous one is copied here, privately)
         sources = [x if x.is_contiguous() else x.contiguous() for x in sources]
     if on_cuda:
@@ -109,11 +117,12 @@ def snapshot_to_host(tensors: Sequence[torch.Tensor], pool: Any, copy_stream: An
     pieces: list[tuple[np.ndarray, int, int]] = []
     for src in sources:
         B, n = int(src.shape[0]), int(src.shape[1])
-        nbytes = B * matrix_stride(n, src.element_size())
+        dtype = _snapshot_dtype(src.dtype)  # (a CPU bfloat16 source is upcast by the copy into the lease below)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        nbytes = B * matrix_stride(n, itemsize)
         lease = acquire_pinned(pool, nbytes, "shadow snapshots")
         total += nbytes
-        itemsize = src.element_size()
-        raw, views = _host_views(lease, B, n, src.dtype, itemsize)
+        raw, views = _host_views(lease, B, n, dtype, itemsize)
         if defer:
             size = n * n * itemsize
             base = src.data_ptr()
@@ -121,9 +130,9 @@ def snapshot_to_host(tensors: Sequence[torch.Tensor], pool: Any, copy_stream: An
         elif on_cuda:
             src.record_stream(copy_stream)
             with torch.cuda.stream(copy_stream):
-                _stacked(raw, B, n, src.dtype, itemsize).copy_(src, non_blocking=True)
+                _stacked(raw, B, n, dtype, itemsize).copy_(src, non_blocking=True)
         else:
-            _stacked(raw, B, n, src.dtype, itemsize).copy_(src)
+            _stacked(raw, B, n, dtype, itemsize).copy_(src)
         out.append(views)
     if on_cuda:
         ready = torch.cuda.Event()
@@ -135,12 +144,29 @@ def snapshot_to_host(tensors: Sequence[torch.Tensor], pool: Any, copy_stream: An
     return Snapshot(out, ready, "host", total)
 
 
+_SNAPSHOT_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _snapshot_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a snapshot holds statistics of ``dtype`` in: float32 for bfloat16, else their own."""
+    return torch.float32 if dtype == torch.bfloat16 else dtype
+
+
+def _device_copy(x: torch.Tensor, memory_format: torch.memory_format = torch.preserve_format) -> torch.Tensor:
+    """A private copy of ``x`` in its snapshot dtype (one kernel; bfloat16 is upcast)."""
+    dtype = _snapshot_dtype(x.dtype)
+    if dtype != x.dtype:
+        return x.detach().to(dtype=dtype, memory_format=memory_format)
+    return x.detach().clone(memory_format=memory_format)
+
+
 def snapshot_on_device(tensors: Sequence[torch.Tensor]) -> Snapshot:
-    """Clones stacked CUDA tensors on the training stream (the device route); views per matrix."""
+    """Clones stacked CUDA tensors on the training stream (the device route; bfloat16 ones upcast to float32);
+    views per matrix."""
     out = []
     total = 0
     for x in tensors:
-        snap = x.detach().clone(memory_format=torch.contiguous_format)
+        snap = _device_copy(x, torch.contiguous_format)
         total += snap.numel() * snap.element_size()
         out.append([snap[k] for k in range(snap.shape[0])])
     return Snapshot(out, None, "device", total)
