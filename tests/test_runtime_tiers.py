@@ -509,6 +509,16 @@ def test_acquire_pins_a_bucket(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------- peak RSS
+def _rss_child(script: str, mode: str, tmp_path) -> dict:
+    """Runs a peak-RSS child script (``mode``: "adamw" or "tiered", the NVMe tier in ``tmp_path``); its last line's
+    JSON. A fixed mmap threshold, so that freed temporaries do not stay in the heap and blur the peaks."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", script, mode, str(tmp_path)], capture_output=True, text=True, env=env,
+                         timeout=240)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 _RSS_CHILD = textwrap.dedent(
     """
     import json, resource, sys, torch, asteria
@@ -542,15 +552,8 @@ _RSS_CHILD = textwrap.dedent(
 def test_peak_rss_is_bounded_by_the_budgets(tmp_path):
     """State over 4x the budgets: the peak RSS stays within AdamW's peak + the budgets + 64 MiB (the staging
     buffers are part of host_budget)."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-
-    def child(mode):
-        out = subprocess.run([sys.executable, "-c", _RSS_CHILD, mode, str(tmp_path)], capture_output=True, text=True, env=env, timeout=240)
-        assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
-    adamw = child("adamw")
-    tiered = child("tiered")
+    adamw = _rss_child(_RSS_CHILD, "adamw", tmp_path)
+    tiered = _rss_child(_RSS_CHILD, "tiered", tmp_path)
     budgets = (8 << 20) + (40 << 20)
     assert tiered["state"] >= 4 * budgets, tiered
     assert tiered["tiers"]["nvme"] > tiered["state"] / 2
@@ -594,16 +597,8 @@ _RSS_CHUNK_CHILD = textwrap.dedent(
 def test_peak_rss_of_chunked_state_is_bounded_by_the_budgets(tmp_path):
     """A bucket 4x larger than both budgets together, staged one block at a time: the peak RSS stays within AdamW's
     peak + the budgets + 64 MiB."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-
-    def child(mode):
-        out = subprocess.run([sys.executable, "-c", _RSS_CHUNK_CHILD, mode, str(tmp_path)], capture_output=True,
-                             text=True, env=env, timeout=240)
-        assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
-    adamw = child("adamw")
-    tiered = child("tiered")
+    adamw = _rss_child(_RSS_CHUNK_CHILD, "adamw", tmp_path)
+    tiered = _rss_child(_RSS_CHUNK_CHILD, "tiered", tmp_path)
     budgets = (8 << 20) + (28 << 20)
     assert tiered["chunks"] == [1] * 6 and tiered["state"] >= 4 * budgets, tiered
     assert tiered["tiers"]["nvme"] > tiered["state"] / 2

@@ -128,7 +128,6 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         }
         if budgets is not None:
             rep = opt.runtime.memory_report()
-            out["state_bytes"] = int(rep["state_bytes"])
             out["tiers"] = {t: int(n) for t, n in rep["tiers"].items()}
             out["budget_bytes"] = {"device": rep["budgets"]["device"], "host": rep["budgets"]["host"],
                                    "device_peak": rep["budgets"]["device_peak"], "host_peak": rep["budgets"]["host_peak"]}
