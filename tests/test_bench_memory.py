@@ -43,3 +43,13 @@ def test_a_budget_run_on_the_nvme_tier_reports_where_the_state_is(tmp_path):
     assert res["budget_bytes"]["device"] == 64 << 10 and res["budget_bytes"]["host_peak"] <= 1 << 20
     assert res["pager_bytes"]["written"] > 0 and res["pager_bytes"]["read"] > 0
     assert res["pinned_reserved_bytes"]["state"] <= 1 << 20
+
+
+def test_a_bf16state_configuration_reports_half_the_state_bytes():
+    spec = dict(device="cpu", layers=1, d_model=32, context=8, batch=2, steps=3, warmup=1, frequency=2, staleness=1,
+                threads=1)
+    fp32 = _child(dict(spec, config="kl-soap:sync"), timeout=240)
+    bf16 = _child(dict(spec, config="kl-soap:sync+bf16state"), timeout=240)
+    assert bf16["config"] == "kl-soap:sync+bf16state" and "error" not in bf16, bf16
+    # the floating state halves; the int64 counters (a few per block) do not
+    assert 0.5 * fp32["state_bytes"] < bf16["state_bytes"] < 0.52 * fp32["state_bytes"], (fp32, bf16)

@@ -40,11 +40,13 @@ def test_summary_p99_is_an_observed_step():
 
 
 def test_modes_take_a_bf16_suffix_and_unknown_ones_are_refused():
-    from asteria.bench.overhead import parse_mode
+    from asteria.bench.overhead import bf16_state, parse_mode
 
     assert parse_mode("async-gpu+bf16") == ("async-gpu", True)
     assert parse_mode("floor") == ("floor", False)
-    for bad in ("fast", "async+fp8", "async-gpu+"):
+    assert parse_mode("sync+bf16state") == ("sync", False) and bf16_state("sync+bf16+bf16state")
+    assert not bf16_state("async+bf16")
+    for bad in ("fast", "async+fp8", "async-gpu+", "async+bf16state+bf16state"):
         with pytest.raises(SystemExit, match="unknown mode"):
             parse_mode(bad)
 

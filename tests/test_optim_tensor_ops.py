@@ -72,7 +72,7 @@ def test_stochastic_rounding_keeps_representable_values_and_is_unbiased_between_
 
 @pytest.mark.parametrize("beta", [0.999, 0.95])
 def test_a_bf16_ema_stalls_under_round_to_nearest_and_follows_float32_with_stochastic_rounding(beta):
-    """The bf16-state pitfall (docs/algorithms.md §8.1): ``v ← β·v + (1−β)·y`` stored in bf16 after every step. With
+    """The bf16-state pitfall (docs/algorithms.md §5.5): ``v ← β·v + (1−β)·y`` stored in bf16 after every step. With
     β = 0.999, (1−β) is below half a bf16 step, so under round to nearest neither the decay towards a smaller y nor
     the growth towards a larger one is ever stored; with β = 0.95 round to nearest moves. Stochastic rounding follows
     the float32 EMA in expectation for both."""

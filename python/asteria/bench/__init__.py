@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench-overhead", help="folder for overhead.json and the PNG (default: %(default)s)")
     p = sub.add_parser("memory", help="peak RSS and GPU memory per optimizer and mode, each in a fresh process")
     p.add_argument("--configs", default="muon,soap:sync,soap:async,kl-soap:async",
-                   help="NAME[:MODE] as in overhead; AdamW always runs first (default: %(default)s)")
+                   help="NAME[:MODE] as in overhead (a '+bf16state' suffix: state_dtype=torch.bfloat16); AdamW always "
+                        "runs first (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--device-budget", default=None,
                    help="also run every second-order configuration with RuntimeConfig(device_budget=...), e.g. 16MiB")
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("reference", help="agreement with pytorch-optimizer, heavyball and the ASTERIA_REF_* references")
     p = sub.add_parser("race", help="time to a target loss: AdamW, Muon and the second-order optimizers in lockstep")
     p.add_argument("--configs", default="adamw,muon,soap:sync,soap:async,soap:backward,kl-soap:async",
-                   help="NAME[:MODE], modes sync, async, async5, backward, bf16 (default: %(default)s)")
+                   help="NAME[:MODE], modes sync, async, async5, backward, bf16, bf16state (default: %(default)s)")
     p.add_argument("--lr", action="append", metavar="NAME=LR",
                    help="learning rate of a configuration or optimizer, e.g. muon=2.4e-2 (repeatable; AdamW 1e-3)")
     p.add_argument("--lr-default", type=float, default=3e-3, help="every other configuration (default: %(default)s)")

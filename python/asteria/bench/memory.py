@@ -17,10 +17,10 @@ that one configuration's peak is not another's), on random tokens, and reports:
 
 Configurations (``--configs``): ``adamw`` (always run: the baseline), ``muon``, and ``NAME:MODE`` for the four
 second-order optimizers with the modes of ``asteria-bench overhead`` (``sync``, ``async``, ``async-gpu``, ...,
-optionally ``+bf16``). With ``--device-budget`` every second-order configuration runs a second time with
-``RuntimeConfig(device_budget=..., host_budget=--host-budget)`` (the state beyond it in pinned host memory; with
-``--nvme-path``, the state beyond both budgets on the NVMe tier, in a swap file there); the step-time ratio of the
-two runs is the cost of the budget, the difference of their peaks what it saves. For a budget run the table also
+optionally ``+bf16``, and ``+bf16state`` for ``state_dtype=torch.bfloat16``). With ``--device-budget`` every
+second-order configuration runs a second time with ``RuntimeConfig(device_budget=..., host_budget=--host-budget)``
+(the state beyond it in pinned host memory; with ``--nvme-path``, the state beyond both budgets on the NVMe tier, in
+a swap file there); the step-time ratio of the two runs is the cost of the budget, the difference of their peaks what it saves. For a budget run the table also
 gives the state's oversubscription (state bytes over the two budgets) and checks the peak against
 ``AdamW's peak + device_budget + host_budget + 64 MiB`` (``bound``); the JSON has, per run, the bytes per tier and
 the reservations of the pinned pools (the state's, which the host budget bounds, and the refresh snapshots').

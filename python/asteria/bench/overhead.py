@@ -86,13 +86,25 @@ def _no_refresh(cls: type) -> type:
     return Floor
 
 
+def _suffixes(mode: str) -> tuple[str, list[str]]:
+    base, *suffixes = mode.split("+")
+    return base, suffixes
+
+
 def parse_mode(mode: str) -> tuple[str, bool]:
-    """``"async-gpu+bf16"`` → ``("async-gpu", True)``; raises SystemExit naming the choices for an unknown mode."""
-    base, plus, suffix = mode.partition("+")
-    if base not in _MODES or (plus and suffix != "bf16"):
+    """``"async-gpu+bf16"`` → ``("async-gpu", True)`` (the bf16 products); a ``+bf16state`` suffix
+    (``state_dtype=torch.bfloat16``, see `bf16_state`) may follow the base too. Raises SystemExit naming the choices
+    for an unknown mode."""
+    base, suffixes = _suffixes(mode)
+    if base not in _MODES or any(s not in ("bf16", "bf16state") for s in suffixes) or len(set(suffixes)) < len(suffixes):
         raise SystemExit(f"asteria-bench overhead: unknown mode {mode!r}; choose from {', '.join(_MODES)}, "
-                         "each optionally with '+bf16'")
-    return base, bool(plus)
+                         "each optionally with '+bf16' and/or '+bf16state'")
+    return base, "bf16" in suffixes
+
+
+def bf16_state(mode: str) -> bool:
+    """Whether a mode asks for bfloat16 state (``+bf16state``: ``state_dtype=torch.bfloat16``)."""
+    return "bf16state" in _suffixes(mode)[1]
 
 
 def _build(name: str, mode: str, model: torch.nn.Module, freq: int, staleness: int = 5,
@@ -109,10 +121,13 @@ def _build(name: str, mode: str, model: torch.nn.Module, freq: int, staleness: i
         groups = [{"params": list(model.parameters()), "weight_decay": 0.01}]
         return MuonWithAdamW(groups, model.hidden_matrices(), lr=lr or muon_lr, weight_decay=0.01, betas=(0.9, 0.999))
     cls = getattr(asteria, _NAMES[name])
+    state16 = bf16_state(mode)
     mode, bf16 = parse_mode(mode)
     kw: dict[str, Any] = dict(precondition_frequency=freq)
     if bf16:
         kw["compute_dtype"] = torch.bfloat16
+    if state16:
+        kw["state_dtype"] = torch.bfloat16
     if name == "shampoo":
         kw["start_preconditioning_step"] = freq
     refresh, _, where = mode.partition("-")

@@ -12,7 +12,8 @@ Configurations (``--configs``, comma-separated ``NAME[:MODE]``):
 * ``shampoo``, ``soap``, ``kl-shampoo``, ``kl-soap`` with a mode: ``sync`` (the reference algorithm), ``async``
   (the default runtime, ``staleness="auto"``), ``async5`` (S = 5), ``backward`` (async, with
   ``fold_statistics="backward"``: the step computed on the helper thread during backward), ``bf16`` (async with
-  ``compute_dtype=torch.bfloat16``).
+  ``compute_dtype=torch.bfloat16``), ``bf16state`` (async with ``state_dtype=torch.bfloat16``: factors, bases and
+  moments stored in bf16, the step's math in fp32).
 
 ``--emulate-bf16`` runs the ``bf16`` products at fp32 speed with the same rounding where the CPU has no fast bf16
 path (an AVX2 CPU, where torch's bf16 matmul is ~100x slower than fp32): operands rounded to bf16, the product
@@ -39,7 +40,7 @@ from .output import write_json
 from .overhead import time_to_target
 
 _ASTERIA = {"shampoo": "Shampoo", "soap": "SOAP", "kl-shampoo": "KLShampoo", "kl-soap": "KLSOAP"}
-_MODES = ("sync", "async", "async5", "backward", "bf16")
+_MODES = ("sync", "async", "async5", "backward", "bf16", "bf16state")
 
 
 def parse_configs(text: str) -> list[tuple[str, str]]:
@@ -75,12 +76,15 @@ def _build(name: str, mode: str, model: Any, lr: float, args: Any) -> Any:
         kw["start_preconditioning_step"] = args.frequency
     if mode == "bf16":
         kw["compute_dtype"] = torch.bfloat16
+    if mode == "bf16state":
+        kw["state_dtype"] = torch.bfloat16
     runtime = {
         "sync": dict(refresh="sync"),
         "async": dict(),
         "async5": dict(staleness=5),
         "backward": dict(fold_statistics="backward"),
         "bf16": dict(),
+        "bf16state": dict(),
     }[mode]
     return getattr(asteria, _ASTERIA[name])(groups, lr=lr, runtime=asteria.RuntimeConfig(**runtime), **kw)
 

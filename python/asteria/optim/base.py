@@ -102,7 +102,7 @@ STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 def check_dtype(name: str, dtype: Any) -> None:
-    """Statistics/basis dtype: float32, float64 or bfloat16 (docs/algorithms.md §8.1)."""
+    """Statistics/basis dtype: float32, float64 or bfloat16 (docs/algorithms.md §5.5)."""
     if dtype not in STATE_DTYPES:
         raise ValueError(
             f"Invalid {name}: {dtype!r}; allowed values are torch.float32, torch.float64 and torch.bfloat16"
@@ -111,7 +111,7 @@ def check_dtype(name: str, dtype: Any) -> None:
 
 def math_dtype(group: dict[str, Any]) -> torch.dtype:
     """The dtype a group's per-step math runs in: its ``state_dtype``, except float32 for bfloat16 state (the
-    state is read upcast, the new values rounded back stochastically when stored; docs/algorithms.md §8.1)."""
+    state is read upcast, the new values rounded back stochastically when stored; docs/algorithms.md §5.5)."""
     dtype = group["state_dtype"]
     return torch.float32 if dtype == torch.bfloat16 else dtype
 

@@ -62,7 +62,7 @@ def round_stochastic(x: torch.Tensor, generator: torch.Generator) -> torch.Tenso
 
     Why: the state's EMAs ``x ← β·x + (1−β)·y`` stop moving in bfloat16 under round to nearest once ``(1−β)·|y−x|``
     is below half a bfloat16 step of ``x`` (2^-9 to 2^-8 of ``|x|``): with β = 0.999 neither a decay nor a change
-    up to about 2x is ever stored. Stochastic rounding stores them in expectation (docs/algorithms.md §8.1).
+    up to about 2x is ever stored. Stochastic rounding stores them in expectation (docs/algorithms.md §5.5).
 
     Args:
         x: A float32 tensor.
