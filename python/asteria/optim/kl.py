@@ -363,7 +363,9 @@ _KL_DOC = r"""
         eigh_ridge: Ridge before the initial eigh; None is scale-aware, 1e-30 reproduces the reference
             (default: None).
         num_tolerated_failures: Consecutive failed refreshes tolerated per block (default: 3).
-        state_dtype: dtype of all state (default: torch.float32; the reference defaults to bf16).
+        state_dtype: dtype of all state: torch.float32 (default; the reference defaults to bf16), torch.float64 or
+            torch.bfloat16 (the step's math in float32, what it stores rounded stochastically, refreshes in
+            float32; docs/algorithms.md §5.5).
         compute_dtype: dtype of the per-step matrix products (projections into and out of the basis, the
             statistics' products); the state stays in ``state_dtype`` and refreshes run in fp32 or better from
             the snapshot. None (default): ``state_dtype``, the very same kernels as before the option existed.

@@ -185,7 +185,9 @@ class Shampoo(BlockOptimizer):
         root_method: ``"eigh"`` or ``"newton"`` (coupled inverse Newton) (default: "eigh").
         num_tolerated_failures: Consecutive failed refreshes tolerated per block; one more raises
             (default: 3).
-        state_dtype: dtype of factors, roots and moments: torch.float32 or torch.float64
+        state_dtype: dtype of factors, roots and moments: torch.float32 (default), torch.float64 or torch.bfloat16
+            (the step's math in float32, what it stores rounded stochastically, roots computed in float32 with a
+            ``2^-8·trace`` ridge, which costs loss; docs/algorithms.md §5.5).
         compute_dtype: dtype of the per-step matrix products (projections into and out of the basis, the
             statistics' products); the state stays in ``state_dtype`` and refreshes run in fp32 or better from
             the snapshot. None (default): ``state_dtype``, the very same kernels as before the option existed.

@@ -158,7 +158,9 @@ class SOAP(EigenbasisOptimizer):
         eigh_ridge: Ridge added before the initial eigh; None is scale-aware (``1e-9·trace/n``), 1e-30
             reproduces the reference exactly (default: None).
         num_tolerated_failures: Consecutive failed refreshes tolerated per block (default: 3).
-        state_dtype: dtype of factors, bases and moments (default: torch.float32).
+        state_dtype: dtype of factors, bases and moments: torch.float32 (default), torch.float64 or torch.bfloat16
+            (half the bytes; the step's math in float32, what it stores rounded stochastically, refreshes in
+            float32; docs/algorithms.md §5.5).
         compute_dtype: dtype of the per-step matrix products (projections into and out of the basis, the
             statistics' products); the state stays in ``state_dtype`` and refreshes run in fp32 or better from
             the snapshot. None (default): ``state_dtype``, the very same kernels as before the option existed.
