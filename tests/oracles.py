@@ -8,7 +8,8 @@ compare the library's trajectories against these step by step.
 ``staleness`` (S, default 0) makes an oracle install the refresh computed from the statistics of step s at
 step ``s + o + S`` (o = 0 Shampoo, 1 SOAP/KL; docs/algorithms.md §6.1, skip rule §6.2): the result is
 held in a pending slot, and a refresh step that falls while the slot is full is skipped. The first SOAP/KL
-basis is always installed at once.
+basis is always installed at once. ``phase`` (φ, default 0) shifts the refresh steps by φ, as staggered phases
+do (``RuntimeConfig.refresh_phases``, docs/algorithms.md §6.2).
 """
 
 from __future__ import annotations
@@ -67,9 +68,10 @@ def eigh_descending(A: np.ndarray) -> np.ndarray:
 class ShampooOracle:
     def __init__(self, shape, lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12, weight_decay=0.0,
                  precondition_frequency=10, start_preconditioning_step=10, grafting="adam",
-                 grafting_beta2=None, grafting_epsilon=1e-8, use_bias_correction=True, exponents=None, staleness=0):
+                 grafting_beta2=None, grafting_epsilon=1e-8, use_bias_correction=True, exponents=None, staleness=0, phase=0):
         self.shape = tuple(shape)
         self.S = staleness
+        self.phase = phase
         self.pending = None  # (install step, roots)
         self.installs = []  # (snapshot step, install step)
         k = len(self.shape)
@@ -106,7 +108,8 @@ class ShampooOracle:
         bc2 = 1.0 - b2**t if self.bc and b2 < 1.0 else 1.0
         if self.pending is not None and self.pending[0] <= t:
             self._install(t)
-        if ((t % self.f == 0 and t > self.s) or t == self.s) and self.pending is None:
+        u = t - self.phase
+        if ((u % self.f == 0 and u > self.s) or u == self.s) and self.pending is None:
             roots = [None if L is None else inverse_root(L / bc2, self.eps, 1.0 / self.exponents[i])
                      for i, L in enumerate(self.L)]
             self.pending = (t + self.S, roots, t)
@@ -140,9 +143,10 @@ class ShampooOracle:
 # ------------------------------------------------------------------------------------------------
 class SOAPOracle:
     def __init__(self, shape, lr=3e-3, betas=(0.95, 0.95), eps=1e-8, weight_decay=0.01,
-                 precondition_frequency=10, shampoo_beta=None, correct_bias=True, staleness=0):
+                 precondition_frequency=10, shampoo_beta=None, correct_bias=True, staleness=0, phase=0):
         self.shape = tuple(shape)
         self.S = staleness
+        self.phase = phase
         self.pending = None  # (install boundary, perms, bases, snapshot step)
         self.installs = []
         self.factored = len(self.shape) >= 2
@@ -178,7 +182,7 @@ class SOAPOracle:
         W = W - self.lr * self.wd * W
         if self.factored:
             self.L = [L + (1.0 - self.sb) * (gram(G, i) - L) for i, L in enumerate(self.L)]
-            if t % self.f == 0 and self.pending is None:
+            if t - self.phase >= 1 and (t - self.phase) % self.f == 0 and self.pending is None:
                 perms, bases = [], []
                 for i in range(G.ndim):
                     Q = self.Q[i]  # the basis installed now, at snapshot time
@@ -223,9 +227,10 @@ def _whiten(G, P_list, skip):
 class KLOracle:
     def __init__(self, shape, klsoap=False, lr=1e-4, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01,
                  precondition_frequency=10, shampoo_beta=None, init_factor=0.1, using_clamping=True,
-                 max_clamp_value=4000, staleness=0):
+                 max_clamp_value=4000, staleness=0, phase=0):
         self.shape = tuple(shape)
         self.staleness = staleness
+        self.phase = phase
         self.pending = None  # (install boundary, bases, snapshot step)
         self.installs = []
         self.klsoap = klsoap
@@ -300,7 +305,7 @@ class KLOracle:
             self.S[0] = beta * self.S[0] + (1.0 - beta) / (d2 * d3) * gram(_whiten(G, P_mix, 0), 0)
             s1n = _ema_sqrt_inv(s1, np.mean((g_full * s2n[None, :, None] * s3[None, None, :]) ** 2, axis=(1, 2)), beta, self.clamps[0])
             self.s = [s1n, s2n, s3n]
-        if t % self.T == 0 and self.pending is None:
+        if t - self.phase >= 1 and (t - self.phase) % self.T == 0 and self.pending is None:
             self.pending = (t + 1 + self.staleness, [np.linalg.qr(S @ Q)[0] for S, Q in zip(self.S, self.Q)], t)
         if self.pending is not None and self.pending[0] <= t + 1:  # install at the boundary before step t+1
             _, bases, version = self.pending

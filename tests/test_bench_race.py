@@ -31,19 +31,20 @@ def _args(**kw):
     return types.SimpleNamespace(**dict(dict(frequency=2, weight_decay=0.1), **kw))
 
 
-@pytest.mark.parametrize("mode, state_dtype, compute_dtype, refresh", [
-    ("sync", torch.float32, None, "sync"),
-    ("async", torch.float32, None, "async"),
-    ("bf16", torch.float32, torch.bfloat16, "async"),
-    ("bf16state", torch.bfloat16, None, "async"),
+@pytest.mark.parametrize("mode, state_dtype, compute_dtype, refresh, phases", [
+    ("sync", torch.float32, None, "sync", "aligned"),
+    ("async", torch.float32, None, "async", "staggered"),
+    ("aligned", torch.float32, None, "async", "aligned"),
+    ("bf16", torch.float32, torch.bfloat16, "async", "staggered"),
+    ("bf16state", torch.bfloat16, None, "async", "staggered"),
 ])
-def test_each_mode_builds_the_optimizer_it_names(mode, state_dtype, compute_dtype, refresh):
+def test_each_mode_builds_the_optimizer_it_names(mode, state_dtype, compute_dtype, refresh, phases):
     model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=16, context=8))
     opt = _build("soap", mode, model, 1e-3, _args())
     try:
         assert {g["state_dtype"] for g in opt.param_groups} == {state_dtype}
         assert {g["compute_dtype"] for g in opt.param_groups} == {compute_dtype}
-        assert opt.runtime.config.refresh == refresh
+        assert opt.runtime.config.refresh == refresh and opt.runtime.config.refresh_phases == phases
     finally:
         opt.close()
 

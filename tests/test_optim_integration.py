@@ -226,10 +226,11 @@ def test_closure_returns_loss():
 
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_ordinary_steps_never_read_tensor_values_on_the_host(name, monkeypatch):
-    """Between refreshes a step must not synchronise: no .item(), no Python branch on a tensor value."""
+    """Between refreshes a step must not synchronise: no .item(), no Python branch on a tensor value. (Aligned phases:
+    with staggered ones every step snapshots and installs some blocks' refreshes.)"""
     torch.manual_seed(0)
     model = TinyGPT()
-    opt = FACTORIES[name](model.parameters())
+    opt = FACTORIES[name](model.parameters(), runtime=RuntimeConfig(refresh_phases="aligned"))
     idx = torch.randint(0, 16, (4, 7))
     # frequency 2: Shampoo refreshes at steps 2, 4, ...; SOAP/KL initialise at call 0 and refresh at steps 2, 4, ...
     # After these warm-up calls the next call is step 5, an ordinary step.

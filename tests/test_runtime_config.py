@@ -19,6 +19,13 @@ def test_defaults():
     assert RuntimeConfig(workers=3).resolved_workers() == 3
     assert RuntimeConfig(refresh="sync").staleness == 0
     assert RuntimeConfig(refresh="async", staleness=0).staleness == 0
+    # refresh phases: staggered for the asynchronous runtime; the reference algorithm (sync, or S = 0) aligned
+    assert cfg.refresh_phases == "staggered" and cfg.staggered
+    assert RuntimeConfig(staleness=3).refresh_phases == "staggered"
+    assert RuntimeConfig(refresh="sync").refresh_phases == "aligned"
+    assert RuntimeConfig(staleness=0).refresh_phases == "aligned"
+    assert RuntimeConfig(staleness=0, refresh_phases="staggered").staggered
+    assert not RuntimeConfig(refresh_phases="aligned").staggered
 
 
 def test_default_workers_use_the_cores_training_leaves_free(monkeypatch):
@@ -84,6 +91,8 @@ def test_keyword_only():
         (dict(parallel_install=1), "parallel_install"),
         (dict(refresh="sync", staleness=5), "staleness"),
         (dict(refresh="sync", install="eager"), "eager"),
+        (dict(refresh_phases="random"), "refresh_phases"),
+        (dict(refresh="sync", refresh_phases="staggered"), "aligned"),
     ],
 )
 def test_bad_values(kw, match):

@@ -49,15 +49,15 @@ def build(name, params, runtime, f=F, **kw):
     return cls(params, lr=0.01, betas=(0.9, 0.7), eps=1e-3, precondition_frequency=f, runtime=runtime, **kw)
 
 
-def oracle(name, shape, staleness, f=F):
+def oracle(name, shape, staleness, f=F, phase=0):
     if name == "Shampoo":
         return ShampooOracle(shape, lr=0.02, epsilon=1e-6, precondition_frequency=f, start_preconditioning_step=f,
-                             betas=(0.9, 0.99), grafting_epsilon=1e-3, staleness=staleness)
+                             betas=(0.9, 0.99), grafting_epsilon=1e-3, staleness=staleness, phase=phase)
     if name == "SOAP":
         return SOAPOracle(shape, lr=0.01, betas=(0.9, 0.8), shampoo_beta=0.5, eps=1e-3, precondition_frequency=f,
-                          staleness=staleness)
+                          staleness=staleness, phase=phase)
     return KLOracle(shape, klsoap=name == "KLSOAP", lr=0.01, betas=(0.9, 0.7), eps=1e-3, precondition_frequency=f,
-                    staleness=staleness)
+                    staleness=staleness, phase=phase)
 
 
 def shapes_for(name):
@@ -140,16 +140,23 @@ def _oracle_cases():
     return [(n, k) for n in NAMES for k in (1, 3, 4, 5)]
 
 
+@pytest.mark.parametrize("phases", ["aligned", "staggered"])
 @pytest.mark.parametrize("name,k", _oracle_cases())
-def test_deterministic_staleness_matches_the_delay_oracle(name, k):
+def test_deterministic_staleness_matches_the_delay_oracle(name, k, phases):
     steps = 16
     shapes = shapes_for(name)
     rng = np.random.default_rng(0)
     W = [rng.standard_normal(s) for s in shapes]
     grads = [gradient_sequence(s, steps, seed=10 + i) for i, s in enumerate(shapes)]
     params = [torch.nn.Parameter(torch.tensor(w, dtype=F64)) for w in W]
-    opt = build(name, params, RuntimeConfig(staleness=k), state_dtype=F64)
-    oracles = [oracle(name, s, k) for s in shapes]
+    opt = build(name, params, RuntimeConfig(staleness=k, refresh_phases=phases), state_dtype=F64)
+    got = opt.refresh_phases()  # one block per parameter here
+    phase = [got[f"param_groups[0]['params'][{i}]"][0] for i in range(len(shapes))]
+    # by weight (the squares of the dims) over f = 3 phases: SOAP and KL 72, 50 and the unrefreshed vector;
+    # Shampoo 72, 34 and 49 (it preconditions vectors too)
+    want = [0, 1, 2] if name == "Shampoo" else [0, 1, None]
+    assert phase == (want if phases == "staggered" else [w if w is None else 0 for w in want])
+    oracles = [oracle(name, s, k, phase=ph or 0) for s, ph in zip(shapes, phase)]
     o = OFFSET[name]
     for t in range(steps):
         for p, g in zip(params, grads):
@@ -226,7 +233,7 @@ def test_slowed_and_jittered_workers_stay_deterministic(name):
 def test_eager_installs_early_never_late_and_in_version_order(name):
     S = 4
     sched = _core.RefreshScheduler(workers=1, test_jitter_s=0.01, test_seed=3)
-    rt = Runtime(RuntimeConfig(staleness=S, install="eager"), scheduler=sched)
+    rt = Runtime(RuntimeConfig(staleness=S, install="eager", refresh_phases="aligned"), scheduler=sched)
     shapes = shapes_for(name)
     params = [torch.nn.Parameter(torch.randn(s, dtype=F64)) for s in shapes]
     opt = build(name, params, rt, f=2, state_dtype=F64)
@@ -250,7 +257,7 @@ def test_eager_installs_early_never_late_and_in_version_order(name):
     taken = {0} | {t for t in range(1, 25) if accepted_refresh_step(t, lambda x: x % 2 == 0, start, 2, o + S)}
     eager_versions = {v for h in history for v in h}
     assert eager_versions <= taken
-    det, _, det_versions = run(name, RuntimeConfig(staleness=S), f=2, steps=24)
+    det, _, det_versions = run(name, RuntimeConfig(staleness=S, refresh_phases="aligned"), f=2, steps=24)
     assert set(det_versions) <= eager_versions
     det.close()
     rt.close()
@@ -569,7 +576,8 @@ def test_parallel_installs_change_nothing(name):
     cpu = max(os.sched_getaffinity(0))
 
     def train(parallel):
-        cfg = RuntimeConfig(staleness=2, worker_cpus=[cpu], parallel_install=parallel)
+        # aligned phases: Shampoo's round of several batches at one step is what gets split between the threads
+        cfg = RuntimeConfig(staleness=2, worker_cpus=[cpu], parallel_install=parallel, refresh_phases="aligned")
         opt, params, versions = run(name, cfg, steps=14)
         state = opt.state_dict()["state"]
         stats = opt.runtime.stats()
@@ -604,7 +612,8 @@ def _slowed(opt, seconds, fail=False):
 def _soap_run(parallel, steps=9, seconds=0.0):
     """SOAP (o = 1) with S = 1, installs slowed by ``seconds``: (optimizer, params, versions, per step how long
     step() took and whether installs were still running when it returned, the threads that installed)."""
-    cfg = RuntimeConfig(staleness=1, worker_cpus=[max(os.sched_getaffinity(0))], parallel_install=parallel)
+    cfg = RuntimeConfig(staleness=1, worker_cpus=[max(os.sched_getaffinity(0))], parallel_install=parallel,
+                        refresh_phases="aligned")
     log, ran = [], []
     opt, params, versions = run(
         "SOAP", cfg, steps=steps, f=F, prepare=lambda opt: ran.append(_slowed(opt, seconds)),

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("reference", help="agreement with pytorch-optimizer, heavyball and the ASTERIA_REF_* references")
     p = sub.add_parser("race", help="time to a target loss: AdamW, Muon and the second-order optimizers in lockstep")
     p.add_argument("--configs", default="adamw,muon,soap:sync,soap:async,soap:backward,kl-soap:async",
-                   help="NAME[:MODE], modes sync, async, async5, backward, bf16, bf16state (default: %(default)s)")
+                   help="NAME[:MODE], modes sync, async, aligned, async5, backward, bf16, bf16state (default: %(default)s)")
     p.add_argument("--lr", action="append", metavar="NAME=LR",
                    help="learning rate of a configuration or optimizer, e.g. muon=2.4e-2 (repeatable; AdamW 1e-3)")
     p.add_argument("--lr-default", type=float, default=3e-3, help="every other configuration (default: %(default)s)")

@@ -77,7 +77,7 @@ def _no_refresh(cls: type) -> type:
     """A subclass whose refreshes after the first root/basis never run (the floor of the comparison)."""
 
     class Floor(cls):  # type: ignore[misc, valid-type]
-        def _refresh_due(self, t: int, group: dict[str, Any]) -> bool:
+        def _refresh_due(self, t: int, group: dict[str, Any], phase: int | None = None, block: Any = None) -> bool:
             if cls.__name__ == "Shampoo":
                 return t == group["start_preconditioning_step"]
             return False

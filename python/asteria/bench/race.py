@@ -10,7 +10,8 @@ Configurations (``--configs``, comma-separated ``NAME[:MODE]``):
 * ``adamw``: ``torch.optim.AdamW``; ``muon``: ``torch.optim.Muon`` on the hidden 2-D weights and AdamW elsewhere
   (`asteria.train.optimizers.MuonWithAdamW`, Newton–Schulz in fp32 where bf16 products are slow);
 * ``shampoo``, ``soap``, ``kl-shampoo``, ``kl-soap`` with a mode: ``sync`` (the reference algorithm), ``async``
-  (the default runtime, ``staleness="auto"``), ``async5`` (S = 5), ``backward`` (async, with
+  (the default runtime, ``staleness="auto"``, staggered phases), ``aligned`` (async with
+  ``refresh_phases="aligned"``: every block refreshes at the same steps), ``async5`` (S = 5), ``backward`` (async, with
   ``fold_statistics="backward"``: the step computed on the helper thread during backward), ``bf16`` (async with
   ``compute_dtype=torch.bfloat16``), ``bf16state`` (async with ``state_dtype=torch.bfloat16``: factors, bases and
   moments stored in bf16, the step's math in fp32).
@@ -40,7 +41,7 @@ from .output import write_json
 from .overhead import time_to_target
 
 _ASTERIA = {"shampoo": "Shampoo", "soap": "SOAP", "kl-shampoo": "KLShampoo", "kl-soap": "KLSOAP"}
-_MODES = ("sync", "async", "async5", "backward", "bf16", "bf16state")
+_MODES = ("sync", "async", "aligned", "async5", "backward", "bf16", "bf16state")
 
 
 def parse_configs(text: str) -> list[tuple[str, str]]:
@@ -81,6 +82,7 @@ def _build(name: str, mode: str, model: Any, lr: float, args: Any) -> Any:
     runtime = {
         "sync": dict(refresh="sync"),
         "async": dict(),
+        "aligned": dict(refresh_phases="aligned"),
         "async5": dict(staleness=5),
         "backward": dict(fold_statistics="backward"),
         "bf16": dict(),

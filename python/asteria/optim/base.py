@@ -171,6 +171,8 @@ class Member:
     block: BlockSpec
     name: str
     block_id: int
+    # the refresh phase in [0, f) (RuntimeConfig.refresh_phases="staggered"; 0 with aligned phases)
+    phase: int = 0
 
     @property
     def label(self) -> str:
@@ -295,6 +297,41 @@ class _Rows:
         # the step (a step's work list holds the rows of every bucket).
         self._state = None
         self._replaced = set()
+
+
+def assign_phases(buckets: Sequence[Bucket], groups: Sequence[dict[str, Any]]) -> None:
+    """Sets the staggered refresh phase of every factored block (`RuntimeConfig.refresh_phases`).
+
+    Per param group with frequency f, the blocks in parameter order (parameters, then their blocks) are weighted
+    by the sum of the squares of their dims (the size of their refresh snapshot); a block's phase is
+    ``floor(f · W_before / W)``, where ``W_before`` is the weight of the blocks before it and ``W`` the group's. Each
+    phase then holds about 1/f of the group's refresh work, and the phases of a bucket's blocks are non-decreasing
+    along its rows, so the rows of one phase are contiguous. A pure function of the layout and f.
+    """
+    by_group: dict[int, list[Member]] = {}
+    for bucket in buckets:
+        if bucket.factored:
+            by_group.setdefault(bucket.group_index, []).extend(bucket.members)
+    for gi, members in by_group.items():
+        f = int(groups[gi]["precondition_frequency"])
+        members.sort(key=lambda m: (m.param_index, m.block.index))
+        weights = [sum(int(d) * int(d) for d in m.block.shape) for m in members]
+        total = sum(weights)
+        before = 0
+        for m, w in zip(members, weights):
+            m.phase = min(f - 1, f * before // total) if total else 0
+            before += w
+
+
+def contiguous_rows(x: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+    """``x``'s rows at ``positions`` along dim 0: a view when they are consecutive (a phase's rows always are),
+    else a gathered copy."""
+    if len(positions) == x.shape[0]:
+        return x
+    first, last = positions[0], positions[-1]
+    if last - first + 1 == len(positions):
+        return x[first : last + 1]
+    return x.index_select(0, torch.tensor(list(positions), dtype=torch.long, device=x.device))
 
 
 def _fingerprint(grad: torch.Tensor) -> tuple[int, float]:
@@ -633,6 +670,8 @@ class BlockOptimizer(torch.optim.Optimizer):
                     bucket.members.append(Member(p, gi, pi, layout, blk, name, self._next_block_id))
                     self._next_block_id += 1
         buckets = list(table.values())
+        if self.runtime.staggered:  # from the whole layout, before buckets are partitioned or split
+            assign_phases(buckets, self.param_groups)
         if self._dist is not None:  # owners of every block; with sharded state, only this rank's rows stay
             buckets = self._dist.partition(self, buckets)
         if self._tiers is not None:  # the unit of placement: chunks of a bucket's blocks (RuntimeConfig.max_chunk_bytes)
@@ -1004,9 +1043,41 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     # -- refresh plumbing -----------------------------------------------------------------------------------
     @staticmethod
-    def member_keys(rows: _Rows) -> list[tuple[int, int, int]]:
-        """Stable ``(group, param, block)`` keys of the rows' blocks (block ids change when buckets are rebuilt)."""
-        return [(m.group_index, m.param_index, m.block.index) for m in rows.members]
+    def member_keys(rows: _Rows | Sequence[Member]) -> list[tuple[int, int, int]]:
+        """Stable ``(group, param, block)`` keys of the blocks of some rows or members (block ids change when
+        buckets are rebuilt)."""
+        members = rows.members if isinstance(rows, _Rows) else rows
+        return [(m.group_index, m.param_index, m.block.index) for m in members]
+
+    def refresh_phases(self) -> dict[str, list[int | None]]:
+        """The refresh phase of every block, by parameter name (``param_names`` of the group, else
+        ``"param_groups[g]['params'][i]"``), one entry per block: an int in ``[0, precondition_frequency)``
+        (always 0 with aligned phases) or None for a block that is never refreshed (the AdamW fallback of 0-D and
+        1-D parameters, Shampoo's unpreconditioned blocks). See `RuntimeConfig.refresh_phases`."""
+        self._ensure_buckets()
+        out: dict[str, list[int | None]] = {}
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                phases: list[int | None] = []
+                for blk in self._layout(p, group).blocks:
+                    bucket, row = self._member_index[(gi, pi, blk.index)]
+                    phases.append(bucket.members[row].phase if bucket.factored else None)
+                out[self._param_name(group, gi, pi)] = phases
+        return out
+
+    def _refresh_due(self, t: int, group: dict[str, Any], phase: int | None = None, block: Any = None) -> bool:
+        """Whether step t snapshots a refresh: of every block (aligned phases, ``phase`` None), or of the block with
+        stable key ``block`` and staggered phase ``phase``."""
+        raise NotImplementedError
+
+    def refresh_rows(self, rows: _Rows, t: int, group: dict[str, Any]) -> list[int]:
+        """The positions in ``rows`` of the blocks whose refresh step t is (all or none with aligned phases; with
+        staggered ones, `RuntimeConfig.refresh_phases`, the blocks of the phases due at t)."""
+        if not self.runtime.staggered:
+            return list(range(len(rows.rows))) if self._refresh_due(t, group) else []
+        members = rows.members
+        keys = self.member_keys(members)
+        return [k for k, (m, key) in enumerate(zip(members, keys)) if self._refresh_due(t, group, m.phase, key)]
 
     def _locate(self, keys: Sequence[Sequence[int]]) -> tuple[Bucket, list[int]]:
         """Maps stable block keys to their bucket and rows (all in one bucket, as when they were submitted)."""

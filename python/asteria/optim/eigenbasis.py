@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from asteria.optim import tensor_ops as ops
-from asteria.optim.base import BlockOptimizer, Bucket, _Rows, check_betas, check_compute_dtype, check_dtype, check_range, math_dtype
+from asteria.optim.base import (BlockOptimizer, Bucket, _Rows, check_betas, check_compute_dtype, check_dtype, check_range,
+                                contiguous_rows, math_dtype)
 from asteria.optim.blocking import ParamLayout, soap_layout
 from asteria.optim.results import all_finite, outputs_checked, stack_results, to_device
 from asteria.runtime.pipeline import RefreshJob
@@ -174,8 +175,10 @@ class EigenbasisOptimizer(BlockOptimizer):
             with ops.compute_dtype(group.get("compute_dtype")):
                 done = self._compute_rows(bucket, rows, t, group)
         self.commit_rows(rows, done.finite, done.updates, done.W, done.W_new)
-        if bucket.factored and self._refresh_due(t, group):
-            self._submit_refresh(bucket, rows, t, group)
+        if bucket.factored:
+            due = self.refresh_rows(rows, t, group)
+            if due:
+                self._submit_refresh(bucket, rows, t, group, due)
 
     def _precompute(self, bucket: Bucket, rows: _Rows, key: Any, group: dict[str, Any]) -> RowsUpdate | None:
         """What ``fold_statistics="backward"`` computes during backward for a bucket whose gradients are final: the
@@ -204,6 +207,7 @@ class EigenbasisOptimizer(BlockOptimizer):
     # -- step ----------------------------------------------------------------------------------------------------
     def _step_rows(self, work: list[tuple[Bucket, _Rows, Any]]) -> None:
         boundary = 1
+        first: list[tuple[Bucket, _Rows, dict[str, Any]]] = []
         for bucket, rows, (initialized, step) in work:
             group = self.param_groups[bucket.group_index]
             if not initialized:
@@ -215,23 +219,43 @@ class EigenbasisOptimizer(BlockOptimizer):
                     self.accept_rows(rows, ok, updates)
                     self.count_rejected(rows, ok)
                     rows.commit()
-                    self._submit_initial_bases(bucket, rows, group)
+                    first.append((bucket, rows, group))
                 continue
             t = step + 1
             boundary = max(boundary, t + 1)
             self._update_rows(bucket, rows, t, group, self.precomputed(bucket, rows, (initialized, step)))
+        if first:
+            self._initial_bases(first)
         # the results are used from the next step on: their installs may overlap the next forward and backward (with
         # fold_statistics="backward", the work computed during backward runs after them on the same helper thread)
         self.runtime.install_due(boundary, overlap=True)
 
-    def _submit_initial_bases(self, bucket: Bucket, rows: _Rows, group: dict[str, Any]) -> None:
+    def _initial_bases(self, first: list[tuple[Bucket, _Rows, dict[str, Any]]]) -> None:
+        """Submits the first bases of the blocks of a first call (installed at the end of the call, deadline 1). With
+        staggered phases (`RuntimeConfig.refresh_phases`), one phase at a time, each installed before the next is
+        snapshot: the snapshots then hold the factors of one phase, about 1/f of them, not all at once."""
+        if not self.runtime.staggered:
+            for bucket, rows, group in first:
+                self._submit_initial_bases(bucket, rows, group, list(range(len(rows.rows))))
+            return
+        phases = sorted({m.phase for _, rows, _ in first for m in rows.members})
+        for phase in phases:
+            for bucket, rows, group in first:
+                due = [k for k, m in enumerate(rows.members) if m.phase == phase]
+                if due:
+                    self._submit_initial_bases(bucket, rows, group, due)
+            if phase != phases[-1]:
+                self.runtime.install_due(1)  # waits for this phase's bases (nothing reads them before step 2)
+
+    def _submit_initial_bases(self, bucket: Bucket, rows: _Rows, group: dict[str, Any], due: list[int]) -> None:
         jobs = []
+        members = [rows.members[k] for k in due]
         for i, d in enumerate(bucket.shape):
-            x = rows.stored(f"factor_{i}")  # (bfloat16 state: the snapshot makes the float32 copy)
+            x = contiguous_rows(rows.stored(f"factor_{i}"), due)  # (bfloat16 state: the snapshot makes the float32 copy)
             snap = self.runtime.snapshot(x, route=self.runtime.route(d, x.device), later=False)
             # the first basis is computed synchronously anyway: reading the traces here costs no overlap
             traces = torch.diagonal(x, dim1=-2, dim2=-1).sum(-1, dtype=torch.float64).tolist()
-            for k, m in enumerate(rows.members):
+            for k, m in enumerate(members):
                 jobs.append(
                     RefreshJob(
                         "eigh", m.block_id, i, 0, 1, snap.matrices[0][k],
@@ -239,30 +263,34 @@ class EigenbasisOptimizer(BlockOptimizer):
                         ready=snap.ready, copy=snap.copy,
                     )
                 )
-        tag = {"what": "initial", "version": 0, "blocks": self.member_keys(rows)}
+        tag = {"what": "initial", "version": 0, "blocks": self.member_keys(members)}
         self.runtime.submit(jobs, self.installer(tag), tag=tag)
 
-    def _refresh_due(self, t: int, group: dict[str, Any]) -> bool:
-        """Whether step t snapshots a basis refresh (every f steps, minus those skipped while one is pending)."""
+    def _refresh_due(self, t: int, group: dict[str, Any], phase: int | None = None, block: Any = None) -> bool:
+        """Whether step t snapshots a basis refresh of the blocks of ``phase`` (every f steps from f, shifted by the
+        phase, minus those skipped while one is pending; ``block``: its stable key)."""
         f = group["precondition_frequency"]
-        return self.runtime.accepts(t, lambda x: x % f == 0, f, f)
+        return self.runtime.accepts(t, lambda x: x % f == 0, f, f, phase, block)
 
-    def _submit_refresh(self, bucket: Bucket, rows: _Rows, t: int, group: dict[str, Any]) -> None:
-        """Snapshots the rows' factors and installed bases at step t and submits the refresh jobs."""
+    def _submit_refresh(self, bucket: Bucket, rows: _Rows, t: int, group: dict[str, Any], due: list[int]) -> None:
+        """Snapshots the factors and installed bases of the rows at positions ``due`` at step t and submits their
+        refresh jobs."""
         jobs = []
         deadline = self.runtime.deadline(t)
+        members = [rows.members[k] for k in due]
         for i, d in enumerate(bucket.shape):
-            x = rows.stored(f"factor_{i}")  # (bfloat16 state: the snapshot makes the float32 copies)
-            snap = self.runtime.snapshot(x, rows.stored(f"basis_{i}"), route=self.runtime.route(d, x.device))
+            x = contiguous_rows(rows.stored(f"factor_{i}"), due)  # (bfloat16 state: the snapshot makes the float32 copies)
+            q0 = contiguous_rows(rows.stored(f"basis_{i}"), due)
+            snap = self.runtime.snapshot(x, q0, route=self.runtime.route(d, x.device))
             a, q = snap.matrices
-            for k, m in enumerate(rows.members):
+            for k, m in enumerate(members):
                 jobs.append(
                     RefreshJob(
                         "eigenbasis_refresh", m.block_id, i, t, deadline, a[k], q[k], self._refresh_options(),
                         ready=snap.ready, copy=snap.copy,
                     )
                 )
-        tag = {"what": "basis", "version": t, "blocks": self.member_keys(rows)}
+        tag = {"what": "basis", "version": t, "blocks": self.member_keys(members)}
         self.runtime.submit(jobs, self.installer(tag), tag=tag)
 
     def _install_batch(self, tag: dict[str, Any], results: Sequence[Any]) -> None:

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from asteria.optim import tensor_ops as ops
-from asteria.optim.base import BlockOptimizer, Bucket, _Rows, check_betas, check_compute_dtype, check_dtype, check_range, math_dtype
+from asteria.optim.base import (BlockOptimizer, Bucket, _Rows, check_betas, check_compute_dtype, check_dtype, check_range,
+                                contiguous_rows, math_dtype)
 from asteria.optim.blocking import ParamLayout, shampoo_layout
 from asteria.optim.results import output_finite, stack_results, to_device
 from asteria.runtime.config import RuntimeConfig
@@ -348,8 +349,9 @@ class Shampoo(BlockOptimizer):
                 ok = self.acceptance(finite, updates)
                 self.accept_rows(rows, ok, updates)
             rows.commit()
-            if dims and self._refresh_due(t, group):
-                self._submit_roots(bucket, rows, dims, exps, t, group)
+            due = self.refresh_rows(rows, t, group) if dims else []
+            if due:
+                self._submit_roots(bucket, rows, dims, exps, t, group, due)
             staged.append((bucket, rows.rows, G, ok, t))
         self.runtime.install_due(max_t)
         for bucket, row_list, G, ok, t in staged:
@@ -383,27 +385,32 @@ class Shampoo(BlockOptimizer):
         new = update_factors([rows.state[f"factor_{i}"] for i in dims], G, dims, group["betas"][1], None)
         return {f"factor_{i}": L for i, L in zip(dims, new)}
 
-    def _refresh_due(self, t: int, group: dict[str, Any]) -> bool:
+    def _refresh_due(self, t: int, group: dict[str, Any], phase: int | None = None, block: Any = None) -> bool:
+        """Whether step t snapshots the factors of the blocks of ``phase`` for new roots (`is_refresh_step`, shifted
+        by the phase, minus the steps skipped while a refresh is pending; ``block``: its stable key)."""
         f, start = group["precondition_frequency"], group["start_preconditioning_step"]
-        return self.runtime.accepts(t, lambda x: is_refresh_step(x, f, start), start, f)
+        return self.runtime.accepts(t, lambda x: is_refresh_step(x, f, start), start, f, phase, block)
 
     def _bias_correction2(self, group: dict[str, Any], t: int) -> float:
         beta2 = group["betas"][1]
         return 1.0 - beta2**t if group["use_bias_correction"] and beta2 < 1.0 else 1.0
 
-    def _submit_roots(self, bucket: Bucket, rows: _Rows, dims: list[int], exps: tuple[float, ...], t: int, group: dict[str, Any]) -> None:
+    def _submit_roots(self, bucket: Bucket, rows: _Rows, dims: list[int], exps: tuple[float, ...], t: int,
+                      group: dict[str, Any], due: list[int]) -> None:
+        """Snapshots the bias-corrected factors of the rows at positions ``due`` and submits their root jobs."""
         bc2 = self._bias_correction2(group, t)
         deadline = self.runtime.deadline(t)
         jobs: list[RefreshJob] = []
+        members = [rows.members[k] for k in due]
         for i in dims:
-            A = rows.state[f"factor_{i}"]
+            A = contiguous_rows(rows.state[f"factor_{i}"], due)
             route = self.runtime.route(int(A.shape[-1]), A.device, group["root_method"])
             if bucket.upcast is not None:  # bfloat16 factors: A/bc2 + the ridge of their resolution, in float32
                 A = bf16_root_input(A, bc2)
             elif bc2 != 1.0:
                 A = A / bc2
             snap = self.runtime.snapshot(A, route=route)
-            for k, m in enumerate(rows.members):
+            for k, m in enumerate(members):
                 jobs.append(
                     RefreshJob(
                         "inverse_root", m.block_id, i, t, deadline, snap.matrices[0][k],
@@ -411,7 +418,7 @@ class Shampoo(BlockOptimizer):
                         ready=snap.ready, copy=snap.copy,
                     )
                 )
-        tag = {"what": "roots", "version": t, "blocks": self.member_keys(rows)}
+        tag = {"what": "roots", "version": t, "blocks": self.member_keys(members)}
         self.runtime.submit(jobs, self.installer(tag), tag=tag)
 
     def _install_batch(self, tag: dict[str, Any], results: Sequence[Any]) -> None:

@@ -1,7 +1,7 @@
 """asteria's runtime: configuration, the shared worker pool, the refresh pipeline in front of it, and the
 memory tiers of the optimizer state."""
 
-from asteria.runtime.config import DEFAULT_STALENESS, RuntimeConfig
+from asteria.runtime.config import DEFAULT_STALENESS, DEFAULT_STALENESS_STAGGERED, RuntimeConfig
 from asteria.runtime.pinned import PinnedMemoryWarning
 from asteria.runtime.pipeline import RefreshFailureWarning, RefreshJob, RefreshPipeline, accepted_refresh_step
 from asteria.runtime.platform import Platform
@@ -12,6 +12,7 @@ from asteria.runtime.workers import Runtime
 __all__ = [
     "BudgetError",
     "DEFAULT_STALENESS",
+    "DEFAULT_STALENESS_STAGGERED",
     "PinnedMemoryWarning",
     "Platform",
     "RefreshFailureWarning",

@@ -20,11 +20,17 @@ _REFRESH_MODES = ("sync", "async")
 _INSTALL_MODES = ("deterministic", "eager")
 _REFRESH_DEVICES = ("auto", "host", "gpu")
 _FOLD_MODES = ("step", "backward")
+_PHASES = ("aligned", "staggered")
 
 
 DEFAULT_STALENESS = 5
 """The bound S ``staleness="auto"`` starts with, while it measures the first refresh rounds (the paper's default;
 its sweep saw the wall-clock gain saturate from S = 3 with final losses within 0.02 across S in {1, 2, 3, 5, 10})."""
+
+DEFAULT_STALENESS_STAGGERED = 2
+"""The bound S ``staleness="auto"`` starts with under staggered phases (``refresh_phases="staggered"``, the default):
+a step then snapshots about 1/f of a round, whose refreshes take about 1/f of a round's time, and the snapshots in
+flight, ``(o + S + 1)/f`` of a round, stay a small part of the state while S is measured."""
 
 AUTO_STALENESS_ROUNDS = 2
 """Refresh rounds ``staleness="auto"`` measures before it chooses S."""
@@ -49,7 +55,8 @@ class RuntimeConfig:
             exceeds ``precondition_frequency``, a block's refresh steps that fall while its previous refresh is
             pending are skipped (a rule of s, o, S and f only, never of timing). ``"auto"``: the smallest S whose
             deadlines the measured refresh latency meets with a margin. The first ``AUTO_STALENESS_ROUNDS`` (2)
-            refresh rounds run with ``DEFAULT_STALENESS`` (5) and are timed (submission to completion of each
+            refresh rounds run with ``DEFAULT_STALENESS`` (5; ``DEFAULT_STALENESS_STAGGERED``, 2, with staggered
+            ``refresh_phases``, the default, whose rules for choosing are in `asteria.runtime.staleness`) and are timed (submission to completion of each
             round's slowest job, against the median time between steps); at the first refresh step after
             them with no refresh in flight, S becomes ``max(1, ceil(AUTO_STALENESS_MARGIN · latency /
             step period))`` (margin 1.5) and stays fixed: ``opt.runtime.stats()["staleness"]`` and
@@ -58,6 +65,19 @@ class RuntimeConfig:
             depends on the machine's speed, so two fresh runs may differ in S; pass an int for runs that must
             be reproducible across machines. In distributed runs every rank takes the largest S any rank
             chose.
+        refresh_phases: When each block's refreshes happen within the ``precondition_frequency`` f steps.
+            ``"aligned"``: every block refreshes at the same steps (multiples of f; Shampoo's from
+            ``start_preconditioning_step``), as the reference algorithms do, so one step snapshots and one step
+            installs the whole model's refresh round. ``"staggered"``: each block of a parameter group has a
+            phase φ in ``[0, f)``, chosen so that every phase holds about 1/f of the group's refresh work (the
+            blocks in parameter order, weighted by the squares of their dims), and refreshes at the aligned
+            steps shifted by φ. Each step then snapshots and installs about 1/f of a round, so the snapshot
+            buffers hold about ``(o + S + 1) / f`` of a round instead of all of it, and the refresh work reaches
+            the workers evenly. Each block keeps the aligned rule's period and staleness; blocks with φ > 0
+            take their first refresh φ steps later. None (the default): ``"staggered"`` with ``refresh="async"``
+            and S != 0, ``"aligned"`` otherwise (``refresh="sync"`` and ``staleness=0`` stay the reference
+            algorithm bit for bit; ``"staggered"`` is refused with ``refresh="sync"``). The phases are a pure
+            function of the parameter shapes and f: every run, resume and rank has the same ones.
         install: ``"deterministic"`` installs exactly at ``s + o + S`` (waiting for a late result, which
             is counted as a stall), so a run is reproducible whatever the thread timing; ``"eager"``
             installs a result at the first step boundary after it is ready, and never later than
@@ -162,6 +182,7 @@ class RuntimeConfig:
     refresh_device: str = "auto"
     gpu_refresh_min_dim: int = 2048
     fold_statistics: str = "step"
+    refresh_phases: str | None = None
 
     def __post_init__(self) -> None:
         if self.refresh_device not in _REFRESH_DEVICES:
@@ -235,6 +256,15 @@ class RuntimeConfig:
             object.__setattr__(self, "staleness", 0)
         elif self.staleness is None:
             object.__setattr__(self, "staleness", "auto")
+        if self.refresh_phases is not None and self.refresh_phases not in _PHASES:
+            raise ValueError(f"RuntimeConfig.refresh_phases must be None, 'aligned' or 'staggered', got {self.refresh_phases!r}")
+        if self.refresh == "sync" and self.refresh_phases == "staggered":
+            raise ValueError(
+                "RuntimeConfig(refresh='sync', refresh_phases='staggered'): the synchronous runtime is the reference "
+                "algorithm, whose refreshes are aligned; use refresh='async' for staggered phases"
+            )
+        if self.refresh_phases is None:
+            object.__setattr__(self, "refresh_phases", "aligned" if self.staleness == 0 else "staggered")
 
         if not (self.process_group is None or self.process_group == "auto" or _is_process_group(self.process_group)):
             raise ValueError(
@@ -253,6 +283,11 @@ class RuntimeConfig:
             isinstance(self.local_world_size, bool) or not isinstance(self.local_world_size, int) or self.local_world_size < 1
         ):
             raise ValueError(f"RuntimeConfig.local_world_size must be None or an int >= 1, got {self.local_world_size!r}")
+
+    @property
+    def staggered(self) -> bool:
+        """Whether blocks refresh at staggered phases (``refresh_phases="staggered"``)."""
+        return self.refresh_phases == "staggered"
 
     @property
     def auto_staleness(self) -> bool:

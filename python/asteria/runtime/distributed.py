@@ -1045,7 +1045,8 @@ def merge_state_dicts(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Merges the per-rank ``state_dict()``s of one distributed optimizer into one single-process state.
 
     Per block, the state of the rank that holds it (with sharded state, its owner); per parameter, the
-    scalar state of a rank that holds one of its blocks; the refreshes in flight with every owner's results.
+    scalar state of a rank that holds one of its blocks; the refreshes in flight with every owner's results; with
+    staggered phases, every rank's last refresh steps of its blocks.
     """
     base = states[0]
     out: dict[str, Any] = {"param_groups": base["param_groups"], "state": {}}
@@ -1085,6 +1086,9 @@ def merge_state_dicts(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 raise ValueError("asteria.gather_state_dict: a refresh result in flight is missing on every rank")
             pending.append({k: v for k, v in e.items() if k != "plan"} | {"results": results})
     header["pending"] = pending
+    if header.get("staleness") is not None:  # staggered phases: each rank's last refresh steps of the blocks it held
+        taken = {tuple(k): t for st in states for k, t in (st["asteria"].get("staleness") or {}).get("last_taken", [])}
+        header["staleness"] = dict(header["staleness"], last_taken=[[list(k), t] for k, t in sorted(taken.items())])
     out["asteria"] = header
     return out
 

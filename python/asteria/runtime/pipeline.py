@@ -273,7 +273,7 @@ class RefreshPipeline:
         self.exchange: Any = None
         # Makes the ranks agree on an S chosen from measurement (the largest); set by asteria.runtime.distributed.
         self.agree_max: Callable[[int], int] = lambda value: value
-        self.schedule = StalenessSchedule(self.config.staleness, offset)
+        self.schedule = StalenessSchedule(self.config.staleness, offset, self.config.staggered)
         self._last_begin: float | None = None
         self._closed = False
         self._stats_sources: dict[str, Callable[[], Any]] = {}
@@ -311,10 +311,17 @@ class RefreshPipeline:
         """Returns the step boundary at which a snapshot of step ``version`` is installed."""
         return version + self.offset + self.schedule.staleness_at(version)
 
-    def accepts(self, t: int, is_refresh: Callable[[int], bool], first: int | float, frequency: int) -> bool:
-        """Whether refresh step ``t`` is taken (`accepted_refresh_step` with ``gap = o + S``; with
-        ``staleness="auto"``, the first refresh step with nothing in flight after the measured rounds chooses S)."""
-        return self.schedule.accepts(t, is_refresh, first, frequency, lambda: not self._pending, self.agree_max)
+    @property
+    def staggered(self) -> bool:
+        """Whether blocks refresh at staggered phases (``RuntimeConfig.refresh_phases``)."""
+        return self.config.staggered
+
+    def accepts(self, t: int, is_refresh: Callable[[int], bool], first: int | float, frequency: int,
+                phase: int | None = None, block: Any = None) -> bool:
+        """Whether refresh step ``t`` is taken (`accepted_refresh_step` with ``gap = o + S``, applied to ``t − phase``
+        for the block ``block`` (its stable key) of staggered phase ``phase``; with ``staleness="auto"``, S is chosen once the measured rounds are
+        in, see `asteria.runtime.staleness.StalenessSchedule.accepts`)."""
+        return self.schedule.accepts(t, is_refresh, first, frequency, lambda: not self._pending, self.agree_max, phase, block)
 
     def recalibrate_staleness(self) -> None:
         """With ``RuntimeConfig(staleness="auto")``: times the next refresh rounds and chooses S again from them (the

@@ -10,6 +10,13 @@ new epoch with ``S = max(1, ceil(AUTO_STALENESS_MARGIN · latency / period))``. 
 steps follow `asteria.runtime.pipeline.accepted_refresh_step` from the epoch's first refresh step (nothing is
 pending when an epoch starts, so the rule's chain restarts there). The epochs are part of checkpoints
 (`export`/`load`), so a resumed run installs at the same steps.
+
+Staggered phases (``RuntimeConfig.refresh_phases="staggered"``, the asynchronous default) change three things:
+a block of phase φ takes the refresh steps of the aligned schedule shifted by φ; since every step is then some
+block's refresh step and something is always in flight, the at-most-one-in-flight rule is kept per block (its last
+taken refresh step, also checkpointed); and ``"auto"`` starts with ``DEFAULT_STALENESS_STAGGERED``, measures until
+the timed snapshot steps span ``AUTO_STALENESS_ROUNDS`` rounds of f steps, and starts the new epoch at the step
+after the decision, whatever is in flight.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from asteria.runtime.config import AUTO_STALENESS_MARGIN, AUTO_STALENESS_ROUNDS, DEFAULT_STALENESS
+from asteria.runtime.config import AUTO_STALENESS_MARGIN, AUTO_STALENESS_ROUNDS, DEFAULT_STALENESS, DEFAULT_STALENESS_STAGGERED
 
 __all__ = ["StalenessSchedule", "choose_staleness"]
 
@@ -50,17 +57,21 @@ class StalenessSchedule:
     Args:
         staleness: An int >= 0 (fixed) or ``"auto"``.
         offset: The optimizer's install offset o.
+        staggered: Staggered refresh phases: ``"auto"`` starts with `DEFAULT_STALENESS_STAGGERED`.
     """
 
-    def __init__(self, staleness: int | str, offset: int) -> None:
+    def __init__(self, staleness: int | str, offset: int, staggered: bool = False) -> None:
         self.auto = staleness == "auto"
         self.offset = offset
-        self.epochs: list[tuple[int, int]] = [(0, DEFAULT_STALENESS if self.auto else int(staleness))]
+        start = DEFAULT_STALENESS_STAGGERED if staggered else DEFAULT_STALENESS
+        self.epochs: list[tuple[int, int]] = [(0, start if self.auto else int(staleness))]
         self.calibrating = self.auto
         self.rounds: dict[int, float] = {}  # snapshot step -> latency (s) of the rounds measured while calibrating
         self._open: dict[int, list] = {}  # snapshot step -> [batches not installed yet, latency so far]
         self._periods: deque[float] = deque(maxlen=64)
         self.chosen: dict[str, Any] | None = None  # how the current S was chosen (auto only)
+        # staggered phases: the last refresh step taken per block (stable block key)
+        self.last_taken: dict[Any, int] = {}
 
     # -- the rule ------------------------------------------------------------------------------------------------
     @property
@@ -82,27 +93,57 @@ class StalenessSchedule:
         return 0
 
     def accepts(self, t: int, is_refresh: Callable[[int], bool], first: int | float, frequency: int,
-                idle: Callable[[], bool], agree: Callable[[int], int]) -> bool:
+                idle: Callable[[], bool], agree: Callable[[int], int], phase: int | None = None,
+                block: Any = None) -> bool:
         """Whether refresh step ``t`` is taken; may start a new epoch first (auto, calibrated, nothing in flight).
 
         Args:
             t: The step (1-based).
-            is_refresh: The optimizer's refresh-step predicate.
+            is_refresh: The optimizer's refresh-step predicate (of the aligned schedule).
             first: The first refresh step of the optimizer (``math.inf``: never).
             frequency: The refresh interval f.
             idle: Whether no refresh is in flight (the pipeline's).
             agree: Makes the ranks of a distributed run agree on a chosen S (the largest); identity otherwise.
+            phase: None for aligned phases; with ``refresh_phases="staggered"``, the block's phase φ: its refresh
+                steps are the aligned ones shifted by φ.
+            block: With a phase: the block's stable key, under which its last taken refresh step is kept.
         """
         from asteria.runtime.pipeline import accepted_refresh_step  # noqa: PLC0415 - the rule lives with the pipeline
 
-        if not is_refresh(t):
+        if phase is None:
+            if not is_refresh(t):
+                return False
+            if self.calibrating and self._measured() and t > self.epochs[-1][0] and idle():
+                self._decide(t, agree)
+            start = self.epoch_start(t)
+            if start > 0:  # a later epoch begins at the refresh step that chose it: the rule's chain restarts there
+                first = start
+            return accepted_refresh_step(t, is_refresh, first, frequency, self.offset + self.staleness_at(t))
+        # Staggered phases: every step is some phase's refresh step and something is always in flight, so the rule
+        # is kept per block: a refresh step of the block is taken when its previous refresh is installed by then
+        # (the at-most-one-in-flight rule itself; within an epoch the same steps as `accepted_refresh_step`). A
+        # new S may therefore start at any step; it applies from the next step on, so that all blocks of this step
+        # keep the S the step began with, and is decided before the block's own test, at the first call of the
+        # step, whichever blocks a rank holds.
+        if self.calibrating and self._measured(frequency) and t >= self.epochs[-1][0]:
+            self._decide(t + 1, agree)
+        u = t - phase
+        if u < first or not is_refresh(u):
             return False
-        if self.calibrating and len(self.rounds) >= AUTO_STALENESS_ROUNDS and t > self.epochs[-1][0] and idle():
-            self._decide(t, agree)
-        start = self.epoch_start(t)
-        if start > 0:  # a later epoch begins at the refresh step that chose it: the rule's chain restarts there
-            first = start
-        return accepted_refresh_step(t, is_refresh, first, frequency, self.offset + self.staleness_at(t))
+        prev = self.last_taken.get(block)
+        if prev is not None and prev != t and t < prev + self.offset + self.staleness_at(prev):
+            return False
+        self.last_taken[block] = t
+        return True
+
+    def _measured(self, frequency: int | None = None) -> bool:
+        """Whether enough rounds are timed: `AUTO_STALENESS_ROUNDS` of them; with staggered phases (``frequency``
+        given: f), where every snapshot step holds some phases' part of a round, also spanning at least
+        ``(AUTO_STALENESS_ROUNDS - 1) · f + 1`` steps, so that every phase is in and the queueing of the
+        refreshes of consecutive steps shows in the latencies."""
+        if len(self.rounds) < AUTO_STALENESS_ROUNDS:
+            return False
+        return frequency is None or max(self.rounds) - min(self.rounds) >= (AUTO_STALENESS_ROUNDS - 1) * frequency
 
     def _decide(self, t: int, agree: Callable[[int], int]) -> None:
         latency = max(self.rounds.values())
@@ -149,10 +190,15 @@ class StalenessSchedule:
     # -- checkpoints -----------------------------------------------------------------------------------------------
     def export(self) -> dict[str, Any]:
         return {"auto": self.auto, "epochs": [list(e) for e in self.epochs], "calibrating": self.calibrating,
-                "chosen": dict(self.chosen) if self.chosen else None}
+                "chosen": dict(self.chosen) if self.chosen else None,
+                "last_taken": [[list(k), t] for k, t in sorted(self.last_taken.items())]}
 
     def load(self, saved: dict[str, Any] | None) -> None:
-        """Restores a schedule from `export` (a checkpoint of a run with the same ``staleness`` setting)."""
+        """Restores a schedule from `export` (a checkpoint of a run with the same ``staleness`` setting; the staggered
+        phases' last refresh steps whatever the setting, so that a resumed run keeps at most one refresh per block in
+        flight)."""
+        if saved:
+            self.last_taken = {tuple(int(x) for x in k): int(t) for k, t in saved.get("last_taken", [])}
         if not saved or bool(saved.get("auto")) != self.auto:
             return  # a fixed S given now wins over what the checkpoint's run measured
         self.epochs = [(int(a), int(b)) for a, b in saved["epochs"]]
